@@ -1,0 +1,108 @@
+"""What every benchmark shares: timing done right, the device's ceilings, and one record format.
+
+A per-op benchmark module (``bench/bench_<op>.py``) exposes ``run(ctx: BenchContext) -> list[dict]``
+and builds its records with :meth:`BenchContext.record`, so the harness can put every op in one
+JSON file, one table and one set of plots.
+
+Timing on a GPU is ``triton.testing.do_bench`` asked for the median (its default is the mean),
+which clears the L2 cache before every repetition: GPT-2-sized tensors fit in an H100's 50 MB L2,
+and a figure measured from L2 is not HBM's. On the CPU (``--quick``) timings only check that the
+harness runs end to end; they are no performance claim.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+@dataclass
+class BenchContext:
+    device: str
+    quick: bool
+    copy_gbps: float | None = None  # measured device-to-device copy bandwidth, bytes read + written
+    matmul_tflops: dict[str, float] = field(default_factory=dict)  # measured matmul rate per dtype name
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def time(self, fn: Callable[[], object]) -> Timing:
+        """Median time of ``fn()`` with warm-up excluded (and on a GPU, L2 flushed before each rep)."""
+        if self.is_gpu:
+            import triton.testing
+
+            median, p20, p80 = triton.testing.do_bench(
+                fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8], return_mode="median"
+            )
+            return Timing(median, p20, p80)
+        fn()  # warm-up: first-call work (compilation, allocation) is not what we time
+        samples = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        samples.sort()
+        return Timing(statistics.median(samples), samples[0], samples[-1])
+
+    def peak_memory_mb(self, fn: Callable[[], object]) -> float | None:
+        """Peak device memory allocated while ``fn()`` runs, above what was allocated before it."""
+        if not self.is_gpu:
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+    def record(
+        self,
+        *,
+        op: str,
+        case: str,
+        dtype: torch.dtype | str,
+        pass_: str,
+        impl: str,
+        timing: Timing,
+        bytes_moved: float | None = None,
+        flops: float | None = None,
+        peak_memory_mb: float | None = None,
+        **extra,
+    ) -> dict:
+        """One row: time, and GB/s (from the fewest bytes the pass must move) or TFLOP/s, with the
+        fraction of this device's measured ceiling. ``pass_`` is 'forward', 'backward' or 'forward+backward'."""
+        dtype_name = str(dtype).replace("torch.", "")
+        seconds = timing.median_ms / 1e3
+        row = {
+            "op": op,
+            "case": case,
+            "dtype": dtype_name,
+            "pass": pass_,
+            "impl": impl,
+            "median_ms": timing.median_ms,
+            "p20_ms": timing.p20_ms,
+            "p80_ms": timing.p80_ms,
+            "peak_memory_mb": peak_memory_mb,
+        }
+        if bytes_moved is not None:
+            row["gb_per_s"] = bytes_moved / seconds / 1e9
+            row["fraction_of_copy_bw"] = row["gb_per_s"] / self.copy_gbps if self.copy_gbps else None
+        if flops is not None:
+            row["tflop_per_s"] = flops / seconds / 1e12
+            ceiling = self.matmul_tflops.get(dtype_name)
+            row["fraction_of_matmul"] = row["tflop_per_s"] / ceiling if ceiling else None
+        row.update(extra)
+        return row
+

@@ -1,0 +1,1 @@
+"""GPT-2: the model, its presets, tokenizer, data, checkpoints and the training-loop pieces."""

@@ -1,0 +1,257 @@
+"""GPT-2, written to be read top to bottom (after nanoGPT's model.py).
+
+Every op that has a Triton kernel (LayerNorm, attention, GELU, the loss) is called through
+``kernels.registry.ops``, so switching a kernel on or off never touches this file.
+
+Two things differ from a textbook GPT-2, both for speed and neither for the math:
+* the embedding (tied to lm_head) has 50304 rows, a multiple of 64, while the loss and the
+  returned logits cover only the 50257 real tokens;
+* each LayerNorm also adds the residual branch that precedes it (``ln(x + branch)`` and the new
+  stream in one op), so a block passes its last branch on instead of adding it itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.config import GPTConfig
+from kernels.registry import is_triton, ops
+
+__all__ = ["GPT", "GPTConfig"]
+
+LAYER_NORM_EPS = 1e-5
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias; ``forward(x, residual)`` returns ``(ln(x + residual), x + residual)``."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x, residual=None):
+        return ops.layer_norm(x, self.weight, self.bias, LAYER_NORM_EPS, residual=residual)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, H, T, D) views: the attention kernel reads them through their strides.
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = ops.attention(q, k, v, causal=True)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # c_fc's bias is added inside the GELU op, which reads the pre-activation once.
+        h = ops.gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """A pre-norm block: ``x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))``.
+
+    Each residual add is done by the LayerNorm that follows it, so the block takes the stream
+    ``x`` with the previous block's last branch still to be added, and returns the same pair.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, branch):
+        if branch is None:
+            h = self.ln_1(x)
+        else:
+            h, x = self.ln_1(branch, residual=x)
+        h, x = self.ln_2(self.attn(h), residual=x)
+        return x, self.mlp(h)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2·n_layer),
+        # since 2·n_layer of them add up in the stream.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        """All parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6·N + 6·L·T·C.
+
+        N counts the parameters that take part in a matmul (all but the position embedding, which
+        is only added): each costs 2 FLOPs forward and 4 backward. Causal attention adds
+        QKᵀ and AV, 2·2·T·C FLOPs per token per layer forward, halved by the causal mask, times 3
+        for forward + backward: 6·L·T·C.
+        """
+        n = self.num_parameters() - self.transformer.wpe.weight.numel()
+        return 6 * n + 6 * self.config.n_layer * seq_len * self.config.n_embd
+
+    def forward(self, idx, targets=None, ignore_index=-100):
+        """Returns ``(logits, loss)``: logits (B, T, vocab_size) and the mean loss over non-ignored targets.
+
+        With ``targets`` and the fused ``linear_cross_entropy`` kernel on, the loss comes straight
+        from the hidden states and the logits are never materialized: ``logits`` is then None.
+        """
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be a (B, T) tensor of int64/int32 token ids, got {tuple(idx.shape)} {idx.dtype}")
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds the model's block size {self.config.block_size}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        branch = None
+        for block in self.transformer.h:
+            x, branch = block(x, branch)
+        h, _ = self.transformer.ln_f(branch, residual=x)
+
+        V = self.config.vocab_size
+        if targets is not None and is_triton("linear_cross_entropy", h.device):
+            weight = self.lm_head.weight[:V]  # the padding rows never score a token
+            loss = ops.linear_cross_entropy(h.view(B * T, -1), weight, targets.view(-1), ignore_index=ignore_index)
+            return None, loss
+        logits = self.lm_head(h)[..., :V]
+        loss = None
+        if targets is not None:
+            loss = ops.cross_entropy(logits.view(B * T, -1), targets.view(-1), ignore_index=ignore_index)
+        return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> "GPT":
+        """GPT-2 weights in the HuggingFace layout, from a local ``.safetensors``/``.bin`` file or a folder
+        holding one (and optionally its ``config.json``). Nothing is downloaded."""
+        state, hf_config = _read_hf_checkpoint(Path(path))
+        wte = state["wte.weight"]
+        n_layer = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("h."))
+        n_embd = wte.shape[1]
+        n_head = hf_config.get("n_head") or _GPT2_HEADS_BY_WIDTH.get(n_embd)
+        if n_head is None:
+            raise ValueError(
+                f"{path}: cannot tell n_head for width {n_embd} without a config.json; pass n_head=..."
+            )
+        values = dict(
+            block_size=state["wpe.weight"].shape[0],
+            vocab_size=wte.shape[0],
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            bias=True,
+            dropout=0.0,
+        )
+        values.update(overrides)
+        model = cls(GPTConfig(**values))
+
+        # HF's GPT-2 uses Conv1D layers, whose weights are stored (in, out): ours are (out, in).
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        ours = model.state_dict()
+        with torch.no_grad():
+            for key, value in state.items():
+                target_key = f"transformer.{key}"
+                if target_key not in ours:
+                    raise ValueError(f"{path}: unexpected tensor {key!r} for a GPT-2 checkpoint")
+                if key.endswith(conv1d):
+                    value = value.t()
+                target = ours[target_key]
+                if key == "wte.weight":
+                    target[: value.shape[0]].copy_(value)
+                    target[value.shape[0] :].zero_()
+                elif target.shape != value.shape:
+                    raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+                else:
+                    target.copy_(value)
+        missing = {k for k in ours if k.startswith("transformer.")} - {f"transformer.{k}" for k in state}
+        if missing:
+            raise ValueError(f"{path}: missing tensors {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
+        return model
+
+
+# GPT-2's released sizes, so a weights file without its config.json still loads.
+_GPT2_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
+
+
+def _read_hf_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors keyed without the ``transformer.`` prefix, lm_head and attention-mask buffers dropped."""
+    hf_config = {}
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            hf_config = json.loads((path / "config.json").read_text())
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw = load_file(str(path))
+    else:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    state = {}
+    for key, value in raw.items():
+        key = key.removeprefix("transformer.")
+        if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # lm_head is tied to wte; the others are causal-mask buffers, not weights
+        state[key] = value.float()
+    if "wte.weight" not in state or "wpe.weight" not in state:
+        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte/wpe embeddings)")
+    return state, hf_config

@@ -1,0 +1,85 @@
+"""The training loop's pieces: learning-rate schedule, optimizer groups, evaluation, throughput."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+
+import numpy as np
+import torch
+
+from kernels.registry import ops
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), FLOP/s, for MFU.
+DATASHEET_BF16_PEAK = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+
+def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warm-up to ``max_lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-8):
+    """AdamW through the registry, with weight decay on matrices and embeddings only: biases and
+    LayerNorm gains are not decayed (decaying them only pulls them toward zero)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return ops.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast on CUDA; a no-op in fp32 or on the CPU."""
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, loader, batches: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Mean loss over the first ``batches`` batches of ``loader`` (reset first, so every eval sees the same data)."""
+    was_training = model.training
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(batches):
+        x, y = loader.next_batch()
+        with autocast(device, dtype):
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        total += loss.float()
+    model.train(was_training)
+    return (total / batches).item()
+
+
+def datasheet_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_BF16_PEAK.items() if key in name), None)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,204 @@
+"""Which implementation each op runs: its Triton kernel or its pure-PyTorch reference.
+
+One syntax everywhere: ``all``, ``none``, or a comma list of op names, where a name
+prefixed with ``-`` switches that op off (``all,-attention`` = every kernel but attention).
+It can be set three ways:
+
+* the CLI flag ``--kernels SPEC`` (``train_gpt2.py`` and ``python -m bench`` call :func:`set_kernels`),
+* the environment variable ``GPT_KERNELS=SPEC`` (read once, at import),
+* the context manager ``with use_kernels(SPEC): ...``.
+
+A requested Triton kernel still falls back to its reference when it cannot run: the op has no
+Triton version yet, or the tensors live on the CPU and Triton's interpreter is off. Each
+fallback is reported once (a warning), and :func:`report` prints the whole table.
+
+Callers reach ops through ``ops``: ``ops.layer_norm(x, w, b)`` picks the implementation from the
+switch and the device of its first tensor argument at call time, so a model never changes when
+a kernel is swapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+# Registry name -> the public function's name. The order is the order of every table we print.
+OP_FUNCTIONS = {
+    "layernorm": "layer_norm",
+    "attention": "attention",
+    "gelu": "gelu",
+    "cross_entropy": "cross_entropy",
+    "linear_cross_entropy": "linear_cross_entropy",
+    "adamw": "AdamW",
+}
+OPS = tuple(OP_FUNCTIONS)
+
+# Triton picks its interpreter when a kernel is *decorated*, so what counts is the setting
+# at the time the kernel modules were imported, not whatever the environment says later.
+TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class _Entry:
+    reference: Callable
+    triton: Callable | None = None
+
+
+_entries: dict[str, _Entry] = {}
+_requested: frozenset[str] = frozenset(OPS)
+_warned: set[tuple[str, str]] = set()
+
+
+def register(op: str, *, reference: Callable, triton: Callable | None = None) -> None:
+    """Called once by each op module: its reference, and its Triton version where one exists."""
+    if op not in OP_FUNCTIONS:
+        raise ValueError(f"unknown op {op!r}; the registry knows {', '.join(OPS)}")
+    _entries[op] = _Entry(reference=reference, triton=triton)
+
+
+def parse_kernels(spec: str | None) -> frozenset[str]:
+    """``'all'`` / ``'none'`` / ``'layernorm,attention'`` / ``'all,-gelu'`` -> the set of ops asked on Triton."""
+    if spec is None or spec.strip() == "":
+        return frozenset(OPS)
+    chosen: set[str] = set()
+    for raw in spec.split(","):
+        name = raw.strip().lower()
+        if not name:
+            continue
+        remove = name.startswith("-")
+        name = name.lstrip("-")
+        if name == "all":
+            names = set(OPS)
+        elif name == "none":
+            names = set()
+            if remove:
+                raise ValueError(f"kernel spec {spec!r}: '-none' means nothing; use 'all'")
+            chosen.clear()
+        elif name in OP_FUNCTIONS:
+            names = {name}
+        else:
+            raise ValueError(
+                f"kernel spec {spec!r}: unknown op {name!r}; expected 'all', 'none' or a comma list of "
+                f"{', '.join(OPS)} (prefix a name with '-' to switch it off)"
+            )
+        chosen = chosen - names if remove else chosen | names
+    return frozenset(chosen)
+
+
+def set_kernels(spec: str | None) -> frozenset[str]:
+    """Switch the given ops onto Triton and every other op onto its reference; returns the set."""
+    global _requested
+    _requested = parse_kernels(spec)
+    return _requested
+
+
+def requested_kernels() -> frozenset[str]:
+    return _requested
+
+
+@contextlib.contextmanager
+def use_kernels(spec: str | None) -> Iterator[frozenset[str]]:
+    """``with use_kernels("none"): ...`` runs the block on the references, then restores the switches."""
+    global _requested
+    saved = _requested
+    _requested = parse_kernels(spec)
+    try:
+        yield _requested
+    finally:
+        _requested = saved
+
+
+def triton_runs_on(device: torch.device | str) -> bool:
+    device_type = torch.device(device).type
+    return device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETER)
+
+
+def implementation(op: str, device: torch.device | str) -> tuple[str, str]:
+    """('triton' | 'torch', why) for ``op`` on ``device`` under the current switches."""
+    entry = _entries[op]
+    if op not in _requested:
+        return "torch", "switched off"
+    if entry.triton is None:
+        return "torch", "no Triton kernel yet"
+    if not triton_runs_on(device):
+        return "torch", f"Triton cannot run on {torch.device(device).type} (no CUDA; TRITON_INTERPRET=1 was not set at import)"
+    if torch.device(device).type == "cpu":
+        return "triton", "Triton interpreter (CPU, slow: for testing)"
+    return "triton", "Triton kernel"
+
+
+def is_triton(op: str, device: torch.device | str) -> bool:
+    """Whether ``op`` runs its Triton kernel on ``device`` now (e.g. to pick the fused-loss path)."""
+    return implementation(op, device)[0] == "triton"
+
+
+def resolve(op: str, device: torch.device | str) -> Callable:
+    """The callable that ``op`` runs on ``device`` now; warns once per fallback reason."""
+    impl, why = implementation(op, device)
+    entry = _entries[op]
+    if impl == "triton":
+        return entry.triton
+    if op in _requested and (op, why) not in _warned:
+        _warned.add((op, why))
+        warnings.warn(f"kernel {op!r} asked on Triton runs its PyTorch reference: {why}", stacklevel=3)
+    return entry.reference
+
+
+def report(device: torch.device | str) -> str:
+    """A table of which implementation each op uses on ``device``, for the start of a run."""
+    rows = [("op", "implementation", "why")]
+    rows += [(op, *implementation(op, device)) for op in OPS]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _first_device(args, kwargs) -> torch.device:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+            return value[0].device
+    raise TypeError("cannot tell the device of this call: no tensor argument")
+
+
+def _params_device(params) -> torch.device:
+    params = list(params)
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    first = params[0]
+    return first["params"][0].device if isinstance(first, dict) else first.device
+
+
+class _Ops:
+    """``ops.layer_norm(...)`` etc.: each call runs the implementation the switches pick for its device."""
+
+    def layer_norm(self, *args, **kwargs):
+        return resolve("layernorm", _first_device(args, kwargs))(*args, **kwargs)
+
+    def attention(self, *args, **kwargs):
+        return resolve("attention", _first_device(args, kwargs))(*args, **kwargs)
+
+    def gelu(self, *args, **kwargs):
+        return resolve("gelu", _first_device(args, kwargs))(*args, **kwargs)
+
+    def cross_entropy(self, *args, **kwargs):
+        return resolve("cross_entropy", _first_device(args, kwargs))(*args, **kwargs)
+
+    def linear_cross_entropy(self, *args, **kwargs):
+        return resolve("linear_cross_entropy", _first_device(args, kwargs))(*args, **kwargs)
+
+    def AdamW(self, params, *args, **kwargs):
+        params = list(params)
+        return resolve("adamw", _params_device(params))(params, *args, **kwargs)
+
+
+ops = _Ops()
+
+set_kernels(os.environ.get("GPT_KERNELS"))

@@ -1,0 +1,28 @@
+"""Test setup shared by every file: Triton runs natively on a GPU and in its interpreter on the CPU.
+
+TRITON_INTERPRET must be set before any kernel module is imported (Triton decides at decoration
+time), which is why it happens here, before pytest imports the test files.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    # Fresh random inputs per test, but reproducible from the test's name when one fails.
+    torch.manual_seed(abs(hash(os.environ.get("PYTEST_CURRENT_TEST", ""))) % (2**31))
+    yield

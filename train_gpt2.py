@@ -1,0 +1,238 @@
+"""Train GPT-2 with switchable Triton kernels.
+
+    python train_gpt2.py                       # GPU: GPT-2 124M, every Triton kernel; CPU: the tiny preset
+    python train_gpt2.py --preset gpt2 --data DIR --kernels all,-attention --compile
+
+Without --data it trains on the embedded corpus (the Python standard library's sources, tokenized
+on first use). Run ``python train_gpt2.py --help`` for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gpt import checkpoint as ckpt
+from gpt.config import PRESETS, preset
+from gpt.data import DataLoader, ensure_default_corpus
+from gpt.generate import generate
+from gpt.model import GPT
+from gpt.tokenizer import decode, encode
+from gpt.training import (
+    autocast,
+    cosine_lr,
+    datasheet_peak_flops,
+    evaluate,
+    make_optimizer,
+    rng_state,
+    set_rng_state,
+)
+from kernels import registry
+
+# What a run does when an option is left out: a real GPT-2 124M run on a GPU (build-nanogpt's
+# 10B-token schedule, 0.5M tokens per step); a few-minute run of the tiny preset on a CPU.
+GPU_DEFAULTS = dict(preset="gpt2", batch_size=16, seq_len=1024, total_batch_tokens=524288, max_steps=19073,
+                    lr=6e-4, warmup_steps=715, eval_every=250, eval_batches=20, sample_every=1000,
+                    checkpoint_every=1000, dtype="bfloat16")
+CPU_DEFAULTS = dict(preset="tiny", batch_size=16, seq_len=128, total_batch_tokens=None, max_steps=300,
+                    lr=2e-3, warmup_steps=20, eval_every=50, eval_batches=8, sample_every=0,
+                    checkpoint_every=0, dtype="float32")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), help="model size (default: gpt2 on a GPU, tiny on a CPU)")
+    p.add_argument("--data", help="folder (or glob) of token shards; default: the embedded corpus")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (at most the preset's block size)")
+    p.add_argument("--total-batch-tokens", type=int,
+                   help="tokens per optimizer step; gradient accumulation = this / (batch-size * seq-len)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+    p.add_argument("--kernels", help="ops on Triton: 'all', 'none', or a list such as 'layernorm,attention' "
+                                     "or 'all,-gelu' (default: $GPT_KERNELS, else all)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--eval-every", type=int, help="validation loss every N steps (0: only at the end)")
+    p.add_argument("--eval-batches", type=int, help="batches per validation")
+    p.add_argument("--sample-every", type=int, help="print a sample every N steps (0: only at the end)")
+    p.add_argument("--sample-prompt", default="def ", help="prompt for the samples")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --out-dir")
+    p.add_argument("--out-dir", default="out", help="checkpoints and log.jsonl go here")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    defaults = GPU_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+class RunError(ValueError):
+    """A problem with the run's options, reported as one line."""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    dtype = DTYPES[args.dtype]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu" and dtype != torch.float32:
+        raise RunError(f"--dtype {args.dtype} needs CUDA; on the CPU training runs in float32")
+
+    if args.kernels is not None:
+        registry.set_kernels(args.kernels)  # otherwise $GPT_KERNELS (read at import), else all
+    config = preset(args.preset)
+    if args.seq_len > config.block_size:
+        raise RunError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's block size {config.block_size}")
+    tokens_per_micro = args.batch_size * args.seq_len
+    total = args.total_batch_tokens or tokens_per_micro
+    if total % tokens_per_micro:
+        raise RunError(f"--total-batch-tokens {total} is not a multiple of batch-size*seq-len = {tokens_per_micro}")
+    grad_accum = total // tokens_per_micro
+
+    data = args.data or ensure_default_corpus()
+    train_loader = DataLoader(data, "train", args.batch_size, args.seq_len, seed=args.seed, vocab_size=config.vocab_size)
+    val_loader = DataLoader(data, "val", args.batch_size, args.seq_len, seed=args.seed, vocab_size=config.vocab_size)
+
+    torch.manual_seed(args.seed)
+    model = GPT(config).to(device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    train_model = torch.compile(model) if args.compile else model
+    out_dir = Path(args.out_dir)
+    log_path = out_dir / "log.jsonl"
+
+    start_step = 0
+    found = ckpt.latest_checkpoint(out_dir) if args.resume else None
+    if found:
+        path, state = found
+        ckpt.check_compatible(state["config"], config, path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        train_loader.load_state_dict(state["train_loader"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        print(f"resuming from {path} at step {start_step}")
+        _truncate_log(log_path, start_step)
+    elif args.resume:
+        print(f"--resume: no checkpoint in {out_dir}, starting from step 0")
+    if not found:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)
+
+    _print_header(args, config, model, device, dtype, grad_accum, total, data)
+    max_lr, min_lr = args.lr, args.lr * args.min_lr_ratio
+    flops_per_step = model.flops_per_token(args.seq_len) * total
+    peak = datasheet_peak_flops(device)
+    sampler = torch.Generator(device=device).manual_seed(args.seed)
+    skipped = 0
+
+    from tqdm import tqdm
+
+    progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+                    dynamic_ncols=True, disable=None)
+    with open(log_path, "a") as log:
+        for step in progress:
+            record = {"step": step}
+            if args.eval_every and step % args.eval_every == 0:
+                record["val_loss"] = evaluate(train_model, val_loader, args.eval_batches, device, dtype)
+                progress.write(f"step {step}: val loss {record['val_loss']:.4f}")
+            if args.sample_every and step > 0 and step % args.sample_every == 0:
+                progress.write(_sample(model, args.sample_prompt, sampler, device, dtype))
+
+            start = time.perf_counter()
+            lr = cosine_lr(step, max_lr, min_lr, args.warmup_steps, args.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(grad_accum):
+                x, y = train_loader.next_batch()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, dtype):
+                    _, loss = train_model(x, y)
+                (loss / grad_accum).backward()
+                loss_sum += loss.detach().float()
+            grad_norm = optimizer.clip_grad_norm_(args.grad_clip)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            train_loss = (loss_sum / grad_accum).item()  # the one host sync per step
+            elapsed = time.perf_counter() - start
+
+            tokens_per_sec = total / elapsed
+            record.update(train_loss=train_loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_sec=tokens_per_sec,
+                          step_ms=elapsed * 1e3, skipped_steps=skipped)
+            if peak:
+                record["mfu"] = flops_per_step / elapsed / peak
+            postfix = dict(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+            postfix["mfu"] = f"{record['mfu']:.1%}" if peak else "n/a"
+            progress.set_postfix(postfix, refresh=False)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+            done = step + 1
+            if (args.checkpoint_every and done % args.checkpoint_every == 0) or done == args.max_steps:
+                state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=done,
+                             train_loader=train_loader.state_dict(), rng=rng_state(), config=config.to_dict(),
+                             args={k: str(v) for k, v in vars(args).items()})
+                ckpt.save_checkpoint(out_dir, done, state, keep_last=args.keep_last)
+
+        final = {"step": args.max_steps, "val_loss": evaluate(train_model, val_loader, args.eval_batches, device, dtype)}
+        log.write(json.dumps(final) + "\n")
+    print(f"step {args.max_steps}: val loss {final['val_loss']:.4f}" + (f" ({skipped} steps skipped: non-finite gradients)" if skipped else ""))
+    print("sample:\n" + _sample(model, args.sample_prompt, sampler, device, dtype))
+    return 0
+
+
+def _sample(model, prompt, generator, device, dtype, max_new_tokens=48) -> str:
+    idx = torch.tensor([encode(prompt)], dtype=torch.long, device=device)
+    with autocast(device, dtype):
+        out = generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=generator)
+    return decode(out[0].tolist())
+
+
+def _truncate_log(log_path: Path, start_step: int) -> None:
+    """Drop records of steps the resumed run will redo, so the log reads as one uninterrupted run."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start_step]
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+
+def _print_header(args, config, model, device, dtype, grad_accum, total, data) -> None:
+    print(f"model: {args.preset}, {model.num_parameters():,} parameters ({config.n_layer} layers, "
+          f"{config.n_head} heads, width {config.n_embd}, vocab {config.vocab_size} padded to {config.padded_vocab_size})")
+    print(f"device: {device}, dtype {str(dtype).replace('torch.', '')}; data: {data}")
+    print(f"batch: {args.batch_size} x {args.seq_len} tokens, {grad_accum} micro-steps, {total:,} tokens per step")
+    if device.type != "cuda" and not registry.TRITON_INTERPRETER:
+        print("kernels: no CUDA GPU here, so every op runs its PyTorch reference "
+              "(Triton kernels need a GPU; the tests run them in Triton's slow interpreter)")
+    print(registry.report(device))
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
