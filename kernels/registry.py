@@ -35,6 +35,7 @@ OP_FUNCTIONS = {
     "cross_entropy": "cross_entropy",
     "linear_cross_entropy": "linear_cross_entropy",
     "adamw": "AdamW",
+    "decode_attention": "decode_attention",
 }
 OPS = tuple(OP_FUNCTIONS)
 
@@ -193,6 +194,9 @@ class _Ops:
 
     def linear_cross_entropy(self, *args, **kwargs):
         return resolve("linear_cross_entropy", _first_device(args, kwargs))(*args, **kwargs)
+
+    def decode_attention(self, *args, **kwargs):
+        return resolve("decode_attention", _first_device(args, kwargs))(*args, **kwargs)
 
     def AdamW(self, params, *args, **kwargs):
         params = list(params)

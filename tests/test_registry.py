@@ -10,7 +10,9 @@ from kernels import registry
 
 
 def test_every_op_registered_and_exported():
-    assert registry.OPS == ("layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw")
+    assert registry.OPS == (
+        "layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention"
+    )
     for op, function in registry.OP_FUNCTIONS.items():
         assert op in registry._entries
         assert hasattr(kernels, f"{function}_reference")

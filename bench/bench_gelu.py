@@ -1,0 +1,148 @@
+"""GELU benchmark: the Triton op vs eager PyTorch and torch.compile, at GPT-2's MLP activation.
+
+The tensor is the MLP's pre-activation, ``(B·T, 4·C)``. Each case runs with the fused bias (the
+model's path: ``gelu(x, b)`` vs the eager pair ``F.gelu(x + b)``) and without one (``F.gelu(x)``).
+Bytes are the fewest each pass must move, whatever the implementation actually moves:
+
+* forward: read x, write y (plus read the bias),
+* backward: read dy and x, write dx (plus read the bias, write dbias),
+* forward+backward: both, x read twice (the forward's output is not needed by the backward).
+
+Liger-Kernel has no plain GELU (only the GEGLU product), so it has no row here.
+
+``python -m bench.bench_gelu [--quick]``: on a GPU, GPT-2 shapes in bf16 and fp32; ``--quick`` (or
+no GPU) a toy size on the CPU through Triton's interpreter, which only checks the harness.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+from bench.common import BenchContext  # noqa: E402
+from kernels import registry  # noqa: E402
+from kernels.gelu import gelu  # noqa: E402
+
+OP = "gelu"
+# (B·T, 4·C): GPT-2 small with B·T = 16·1024 tokens (the issue's target shape), and GPT-2 XL's width.
+GPU_SHAPES = [(16384, 3072), (8192, 6400)]
+QUICK_SHAPES = [(64, 384)]
+PASSES = ("forward", "backward", "forward+backward")
+
+
+def eager_gelu(x, bias=None):
+    """The unfused baseline: a bias add (one full pass) and then F.gelu (another)."""
+    if bias is not None:
+        x = x + bias
+    return F.gelu(x, approximate="tanh")
+
+
+def bytes_moved(pass_: str, n_rows: int, n_cols: int, dtype: torch.dtype, with_bias: bool) -> int:
+    activation = n_rows * n_cols * dtype.itemsize
+    bias = n_cols * dtype.itemsize if with_bias else 0
+    if pass_ == "forward":
+        return 2 * activation + bias
+    if pass_ == "backward":
+        return 3 * activation + 2 * bias
+    return 5 * activation + 3 * bias
+
+
+def _pass_fn(pass_: str, fn, x, bias, dy):
+    """A no-argument callable that runs ``pass_`` of ``fn`` once (the backward reuses one graph)."""
+    inputs = (x,) if bias is None else (x, bias)
+    if pass_ == "forward":
+        return lambda: fn(x, bias)
+    if pass_ == "backward":
+        y = fn(x, bias)
+        return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
+    return lambda: torch.autograd.grad(fn(x, bias), inputs, dy)
+
+
+def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
+    """The competitors that can run on ``ctx.device`` (fresh ones: call once per case), and why any
+    others cannot."""
+    impls, skipped = {"eager": eager_gelu}, []
+    if registry.triton_runs_on(ctx.device):
+        impls["triton"] = gelu
+    else:
+        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
+    if ctx.is_gpu:
+        # Dynamo keeps compiled variants on eager_gelu's code object and falls back to eager past
+        # its recompile limit: start each case from an empty cache so every row is really compiled.
+        torch._dynamo.reset()
+        impls["torch.compile"] = torch.compile(eager_gelu, fullgraph=True, dynamic=False)
+    else:
+        skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
+    return impls, skipped
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    for reason in implementations(ctx)[1]:
+        print(f"bench_gelu: {reason}")
+    shapes = QUICK_SHAPES if ctx.quick else GPU_SHAPES
+    dtypes = [torch.float32] if ctx.quick else [torch.bfloat16, torch.float32]
+    rows = []
+    for n_rows, n_cols in shapes:
+        for dtype in dtypes:
+            for with_bias in (True, False):
+                x = torch.randn(n_rows, n_cols, device=ctx.device, dtype=dtype, requires_grad=True)
+                bias = torch.randn(n_cols, device=ctx.device, dtype=dtype, requires_grad=True) if with_bias else None
+                dy = torch.randn_like(x)
+                case = f"({n_rows}, {n_cols})" + (" +bias" if with_bias else "")
+                impls = implementations(ctx)[0]
+                for pass_ in PASSES:
+                    eager_ms = None
+                    for impl, fn in impls.items():
+                        step = _pass_fn(pass_, fn, x, bias, dy)
+                        step()  # compiles (Triton JIT, torch.compile) outside the timed region
+                        timing = ctx.time(step)
+                        eager_ms = timing.median_ms if impl == "eager" else eager_ms
+                        rows.append(
+                            ctx.record(
+                                op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl, timing=timing,
+                                bytes_moved=bytes_moved(pass_, n_rows, n_cols, dtype, with_bias),
+                                peak_memory_mb=ctx.peak_memory_mb(step),
+                                speedup_vs_eager=eager_ms / timing.median_ms,
+                            )
+                        )
+    return rows
+
+
+def measure_copy_gbps(ctx: BenchContext) -> float | None:
+    """Device-to-device copy bandwidth (bytes read + written), the ceiling for a memory-bound kernel."""
+    if not ctx.is_gpu:
+        return None
+    src = torch.randn(2**28 // 4, device=ctx.device)  # 256 MiB, far beyond L2
+    dst = torch.empty_like(src)
+    timing = ctx.time(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (timing.median_ms / 1e3) / 1e9
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager"]
+    cells = [columns] + [
+        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv or not torch.cuda.is_available()
+    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
+    ctx.copy_gbps = measure_copy_gbps(ctx)
+    if ctx.copy_gbps:
+        print(f"copy bandwidth: {ctx.copy_gbps:.0f} GB/s")
+    print(format_table(run(ctx)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

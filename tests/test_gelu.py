@@ -1,0 +1,270 @@
+"""The Triton GELU (tanh approximation, optional fused bias) against float64 PyTorch.
+
+Launchers are tested with NaN-poisoned output buffers, so an element a kernel skips fails; the
+custom op is tested through autograd, opcheck and torch.compile. bf16 runs in the interpreter too:
+only ``tl.dot`` on bf16 is broken there, and this kernel has none.
+"""
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import kernels.gelu as gelu_module
+from bench.bench_gelu import PASSES, run as run_bench
+from bench.common import BenchContext
+from conftest import DEVICE
+from kernels import registry
+from kernels.gelu import gelu, gelu_backward, gelu_forward, gelu_reference
+from model_parity import assert_model_parity
+from numerics import assert_close, poisoned_like
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1,), (1023,), (3, 4, 768), (257, 3072)] + (
+    [(4096, 3072), (1000, 6400), (3, 1, 50257)] if DEVICE == "cuda" else []
+)
+# The issue's large-magnitude ranges (bf16 has fp32's exponent range, so it gets fp32's).
+LARGE_RANGE = {torch.float32: 30.0, torch.float16: 10.0, torch.bfloat16: 30.0}
+
+
+def make_inputs(shape, dtype, with_bias, bias_dtype=None):
+    """x, bias and an upstream gradient dy. Errors are relative to the largest expected value, so a
+    tensor of a few elements stays where GELU and its slope are normal numbers in fp16 (above -3);
+    larger ones span GELU's tail, which their largest values keep in scale."""
+    tiny = math.prod(shape) < 64
+    x = (torch.rand(shape, device=DEVICE) * 4 - 2 if tiny else torch.randn(shape, device=DEVICE) * 3).to(dtype)
+    bias = None
+    if with_bias:
+        bias = torch.rand(shape[-1], device=DEVICE) * 2 - 1 if tiny else torch.randn(shape[-1], device=DEVICE)
+        bias = bias.to(bias_dtype or dtype)
+    dy = torch.randn(shape, device=DEVICE)
+    if tiny:
+        dy = (torch.rand(shape, device=DEVICE) + 0.5) * dy.sign()
+    return x, bias, dy.to(dtype)
+
+
+def expected_forward_backward(x, bias, dy):
+    """y, dx, dbias of gelu_tanh(x + bias) in float64: gelu_reference (F.gelu) and PyTorch's autograd."""
+    x64 = x.detach().double().requires_grad_()
+    bias64 = bias.detach().double().requires_grad_() if bias is not None else None
+    y = gelu_reference(x64, bias64)
+    y.backward(dy.double())
+    return y.detach(), x64.grad, (bias64.grad if bias is not None else None)
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_and_backward_match_float64(shape, dtype, with_bias):
+    x, bias, dy = make_inputs(shape, dtype, with_bias)
+    y = gelu_forward(x, bias, out=poisoned_like(x))
+    dx, dbias = gelu_backward(dy, x, bias, dx=poisoned_like(x))
+    y_ref, dx_ref, dbias_ref = expected_forward_backward(x, bias, dy)
+
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, dx_ref, dtype, "dx")
+    if with_bias:
+        assert dbias.dtype == bias.dtype
+        assert_close(dbias, dbias_ref, dtype, "dbias")
+    else:
+        assert dbias is None
+
+
+def test_backward_row_strips(monkeypatch):
+    # Small inputs give one row tile per backward program; allow long strips, so that programs
+    # loop over several tiles, the last strip is ragged, and dbias sums several partial rows.
+    monkeypatch.setattr(gelu_module, "MIN_PROGRAMS", 1)
+    assert gelu_module._tiles_per_strip(row_tiles=19, col_blocks=1) == gelu_module.MAX_TILES_PER_STRIP
+    x, bias, dy = make_inputs((300, 130), torch.float32, True)  # 19 tiles of 16 rows: strips of 8, 8, 3
+    dx, dbias = gelu_backward(dy, x, bias, dx=poisoned_like(x))
+    _, dx_ref, dbias_ref = expected_forward_backward(x, bias, dy)
+    assert_close(dx, dx_ref, torch.float32, "dx")
+    assert_close(dbias, dbias_ref, torch.float32, "dbias")
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_magnitudes(dtype, with_bias):
+    limit = LARGE_RANGE[dtype]
+    x = (torch.rand(67, 301, device=DEVICE) * 2 - 1).mul(limit).to(dtype)
+    bias = torch.randn(301, device=DEVICE).to(dtype) if with_bias else None
+    dy = torch.randn_like(x)
+    y, (dx, dbias) = gelu_forward(x, bias), gelu_backward(dy, x, bias)
+    y_ref, dx_ref, dbias_ref = expected_forward_backward(x, bias, dy)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, dx_ref, dtype, "dx")
+    if with_bias:
+        assert_close(dbias, dbias_ref, dtype, "dbias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extreme_values_saturate_without_nan(dtype):
+    # Where x³ or x² overflow even fp32, gelu(x) is exactly x (x > 0) or 0 (x < 0), and so is
+    # its slope 1 or 0: no inf - inf or 0 · inf may leak out as NaN.
+    biggest = torch.finfo(dtype).max
+    x = torch.tensor([biggest, -biggest, 1e4, -1e4, 100.0, -100.0, 30.0, -30.0], device=DEVICE).to(dtype)
+    dy = torch.rand_like(x) + 0.5
+    y, (dx, _) = gelu_forward(x, out=poisoned_like(x)), gelu_backward(dy, x)
+    assert torch.equal(y, torch.where(x > 0, x, torch.zeros_like(x)))
+    assert torch.equal(dx, torch.where(x > 0, dy, torch.zeros_like(dy)))
+
+
+@pytest.mark.parametrize(
+    "x_dtype, bias_dtype",
+    [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32),
+     (torch.bfloat16, torch.float32)],
+    ids=["fp32", "fp16", "fp16+fp32bias", "bf16+fp32bias"],
+)
+def test_autograd_dtypes_match_reference(x_dtype, bias_dtype):
+    """The autocast case: x in half precision, bias an fp32 parameter. Output and dx take x's dtype,
+    dbias the bias's, in the op and in the reference alike."""
+    x, bias, dy = make_inputs((5, 7, 96), x_dtype, True, bias_dtype)
+    results = {}
+    for name, fn in (("triton", gelu), ("reference", gelu_reference)):
+        xg, bg = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        y = fn(xg, bg)
+        y.backward(dy)
+        assert (y.dtype, xg.grad.dtype, bg.grad.dtype) == (x_dtype, x_dtype, bias_dtype), name
+        results[name] = (y, xg.grad, bg.grad)
+    y_ref, dx_ref, dbias_ref = expected_forward_backward(x, bias, dy)
+    for name, (y, dx, dbias) in results.items():
+        assert_close(y, y_ref, x_dtype, f"{name} y")
+        assert_close(dx, dx_ref, x_dtype, f"{name} dx")
+        assert_close(dbias, dbias_ref, x_dtype, f"{name} dbias")
+
+
+def _spread(*shape):
+    return torch.randn(shape, device=DEVICE) * 3
+
+
+NON_CONTIGUOUS = {
+    "transposed": lambda: _spread(130, 45).t(),
+    "column_slice": lambda: _spread(45, 135)[:, :130],  # read in place through the row stride
+    "every_other_row": lambda: _spread(4, 90, 130)[:, ::2],
+}
+
+
+@pytest.mark.parametrize("layout", NON_CONTIGUOUS)
+def test_non_contiguous_inputs(layout):
+    x = NON_CONTIGUOUS[layout]()
+    assert not x.is_contiguous()
+    bias = torch.randn(x.shape[-1], device=DEVICE)
+    dy = torch.randn(x.shape, device=DEVICE).transpose(0, 1).contiguous().transpose(0, 1)  # strided too
+    xg, bg = x.clone().requires_grad_(), bias.clone().requires_grad_()
+    y = gelu(xg, bg)
+    y.backward(dy)
+    y_ref, dx_ref, dbias_ref = expected_forward_backward(x, bias, dy)
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(xg.grad, dx_ref, torch.float32, "dx")
+    assert_close(bg.grad, dbias_ref, torch.float32, "dbias")
+
+
+def test_broadcast_gradient_and_empty_input():
+    # .sum() hands the backward an expanded dy with stride 0.
+    x, bias, _ = make_inputs((33, 70), torch.float32, True)
+    xg, bg = x.clone().requires_grad_(), bias.clone().requires_grad_()
+    gelu(xg, bg).sum().backward()
+    _, dx_ref, dbias_ref = expected_forward_backward(x, bias, torch.ones_like(x))
+    assert_close(xg.grad, dx_ref, torch.float32, "dx")
+    assert_close(bg.grad, dbias_ref, torch.float32, "dbias")
+
+    empty = torch.randn(0, 70, device=DEVICE, requires_grad=True)
+    bg = bias.clone().requires_grad_()
+    y = gelu(empty, bg)
+    y.sum().backward()
+    assert y.shape == (0, 70) and torch.equal(bg.grad, torch.zeros_like(bias))
+
+
+def test_bad_inputs_raise_value_error():
+    x = torch.randn(4, 8, device=DEVICE)
+    cases = [
+        (lambda: gelu(x, torch.randn(7, device=DEVICE)), "bias must be 1-D with x's last dimension"),
+        (lambda: gelu(x, torch.randn(1, 8, device=DEVICE)), "bias must be 1-D"),
+        (lambda: gelu(torch.randn((), device=DEVICE), torch.randn(1, device=DEVICE)), "bias must be 1-D"),
+        (lambda: gelu(x.double()), "x must be float32, float16 or bfloat16, got torch.float64"),
+        (lambda: gelu(torch.ones(4, 8, dtype=torch.int32, device=DEVICE)), "x must be float32"),
+        (lambda: gelu(x, torch.ones(8, dtype=torch.int64, device=DEVICE)), "bias must be float32"),
+        (lambda: gelu(x, torch.randn(8, device="meta")), "same device"),
+        (lambda: gelu(x, [0.0] * 8), "bias must be a tensor"),
+        (lambda: gelu_forward(x, out=torch.empty(4, 9, device=DEVICE)),
+         "out must be a contiguous torch.float32 tensor of shape (4, 8)"),
+        (lambda: gelu_forward(x, out=torch.empty(8, 4, device=DEVICE).t()), "non-contiguous"),
+        (lambda: gelu_backward(torch.randn(4, 9, device=DEVICE), x), "dy must be a float tensor shaped like x"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+def test_opcheck(with_bias):
+    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    bias = torch.randn(40, device=DEVICE, requires_grad=True) if with_bias else None
+    torch.library.opcheck(torch.ops.gpt_triton.gelu.default, (x, bias))
+    dy = torch.randn(6, 40, device=DEVICE)
+    # The backward op has no autograd of its own (no double backward), so its inputs are detached.
+    detached_bias = bias.detach() if with_bias else None
+    torch.library.opcheck(torch.ops.gpt_triton.gelu_backward.default, (dy, x.detach(), detached_bias))
+
+
+class TinyMLP(nn.Module):
+    """GPT-2's MLP as the model writes it: the first linear without its bias, fused into the GELU."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x, activation=gelu):
+        return self.c_proj(activation(F.linear(x, self.c_fc.weight), self.c_fc.bias))
+
+
+def test_torch_compile_fullgraph():
+    # The CPU uses aot_eager: it checks what matters for the op (one graph holding it, its fake and
+    # autograd registrations) in well under a second, where inductor spends ~15 s compiling C++ for
+    # the surrounding matmuls on a 2-core machine. The GPU compiles with inductor.
+    counter = CompileCounterWithBackend("inductor" if DEVICE == "cuda" else "aot_eager")
+    torch._dynamo.reset()
+    mlp = TinyMLP(16).to(DEVICE)
+    compiled = torch.compile(mlp, fullgraph=True, backend=counter)
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in mlp.parameters()]
+    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
+    assert counter.frame_count == 1 and "gpt_triton.gelu" in called, called
+    mlp.zero_grad()
+    mlp(x, activation=gelu_reference).square().sum().backward()
+    for grad, param in zip(grads, mlp.parameters()):
+        assert_close(grad, param.grad, torch.float32, "compiled grad", factor=10)
+
+
+def test_gpt_model_parity():
+    assert_model_parity("gelu")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 matmuls need CUDA; the CPU covers the dtypes in "
+                    "test_autograd_dtypes_match_reference")
+def test_mlp_under_bf16_autocast():
+    mlp = TinyMLP(64).to(DEVICE)
+    x = torch.randn(4, 32, 64, device=DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h = F.linear(x, mlp.c_fc.weight)
+        y = gelu(h, mlp.c_fc.bias)
+        y_ref = gelu_reference(h, mlp.c_fc.bias)
+    assert h.dtype == y.dtype == torch.bfloat16
+    assert_close(y, y_ref, torch.bfloat16, "y")
+    y.float().square().sum().backward()
+    assert mlp.c_fc.bias.grad.dtype == torch.float32
+
+
+def test_bench_quick_rows():
+    rows = run_bench(BenchContext(device="cpu", quick=True))
+    impls = {row["impl"] for row in rows}
+    assert "eager" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
+    assert {row["pass"] for row in rows} == set(PASSES)
+    for row in rows:
+        assert row["op"] == "gelu" and row["median_ms"] > 0 and row["gb_per_s"] > 0

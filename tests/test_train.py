@@ -1,0 +1,95 @@
+"""The training job end to end on the CPU: logs, checkpoints, resume, and its errors."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt.data import write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+# The reference ops keep these runs fast; the kernels' own parity with the references is tested per op.
+FAST = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--kernels", "none", "--device", "cpu",
+        "--eval-batches", "2", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A corpus with structure to learn: a few hundred short 'sentences' drawn from a small vocabulary."""
+    rng = np.random.default_rng(0)
+    sentences = [rng.integers(0, 2000, size=rng.integers(5, 12)) for _ in range(50)]
+    stream = np.concatenate([sentences[i] for i in rng.integers(0, 50, size=3000)]).astype(np.uint16)
+    folder = tmp_path_factory.mktemp("data")
+    write_shard(folder / "synthetic_train_000000.bin", stream[:-2000])
+    write_shard(folder / "synthetic_val_000000.bin", stream[-2000:])
+    return folder
+
+
+def train(*args):
+    import train_gpt2  # imported here: nothing in the package imports the training script
+
+    return train_gpt2.main([*FAST, *map(str, args)])
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_logs_and_learns(data_dir, tmp_path, capsys):
+    assert train("--data", data_dir, "--out-dir", tmp_path, "--max-steps", 40, "--eval-every", 20, "--lr", 3e-3) == 0
+    records = read_log(tmp_path)
+    steps = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in steps] == list(range(40))
+    for key in ("train_loss", "lr", "tokens_per_sec", "grad_norm"):
+        assert all(np.isfinite(r[key]) for r in steps), key
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0] - 1.0, vals  # steps 0 and 20, and the final one
+    assert (tmp_path / "ckpt_0000040.pt").exists()
+    out = capsys.readouterr().out
+    assert "layernorm" in out and "switched off" in out  # the table of implementations
+    assert "sample:" in out
+
+
+def test_resume_gives_the_same_losses(data_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--data", data_dir, "--max-steps", 8, "--checkpoint-every", 4, "--eval-every", 0]
+    train(*common, "--out-dir", straight)
+    train(*common, "--out-dir", resumed)
+    (resumed / "ckpt_0000008.pt").unlink()  # as if the run had died after its step-4 checkpoint
+    train(*common, "--out-dir", resumed, "--resume")
+    losses = lambda d: [(r["step"], r["train_loss"]) for r in read_log(d) if "train_loss" in r]  # noqa: E731
+    assert losses(resumed) == losses(straight)
+
+
+def test_resume_refuses_another_config(data_dir, tmp_path):
+    train("--data", data_dir, "--out-dir", tmp_path, "--max-steps", 1, "--eval-every", 0)
+    import train_gpt2
+
+    with pytest.raises(ValueError, match="another model config.*n_layer"):
+        train_gpt2.main(["--preset", "small", "--batch-size", "2", "--seq-len", "32", "--kernels", "none",
+                         "--device", "cpu", "--data", str(data_dir), "--out-dir", str(tmp_path), "--resume"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seq-len", "4096"], "exceeds the tiny preset's block size"),
+        (["--total-batch-tokens", "100"], "not a multiple"),
+        (["--kernels", "flash"], "unknown op 'flash'"),
+        (["--data", "{empty}"], "no .*shards|No .*shards|no shard"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, extra, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    extra = [e.replace("{empty}", str(empty)) for e in extra]
+    args = [sys.executable, str(ROOT / "train_gpt2.py"), *FAST, "--out-dir", str(tmp_path / "out"), "--max-steps", "1", *extra]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ")
+    assert re.search(message, result.stderr), result.stderr
