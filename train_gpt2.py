@@ -10,14 +10,18 @@ on first use). Run ``python train_gpt2.py --help`` for every option.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from gpt import checkpoint as ckpt
+from gpt import distributed
 from gpt.config import PRESETS, preset
 from gpt.data import DataLoader, ensure_default_corpus
 from gpt.generate import generate
@@ -69,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, help="batches per validation")
     p.add_argument("--sample-every", type=int, help="print a sample every N steps (0: only at the end)")
     p.add_argument("--sample-prompt", default="def ", help="prompt for the samples")
+    p.add_argument("--sample-tokens", type=int, default=48, help="tokens per sample")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --out-dir")
     p.add_argument("--out-dir", default="out", help="checkpoints and log.jsonl go here")
@@ -76,8 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
 
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    defaults = GPU_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS
+    device_type = torch.device(args.device).type if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = GPU_DEFAULTS if device_type == "cuda" else CPU_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -90,7 +95,15 @@ class RunError(ValueError):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = args.device
+    dist_info, device = distributed.setup(args.device)
+    try:
+        return train(args, dist_info, device)
+    finally:
+        distributed.teardown()
+
+
+def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
+    say = print if dist_info.is_main else _silent
     dtype = DTYPES[args.dtype]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -103,20 +116,23 @@ def main(argv=None) -> int:
     config = preset(args.preset)
     if args.seq_len > config.block_size:
         raise RunError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's block size {config.block_size}")
-    tokens_per_micro = args.batch_size * args.seq_len
+    tokens_per_micro = args.batch_size * args.seq_len * dist_info.world_size
     total = args.total_batch_tokens or tokens_per_micro
     if total % tokens_per_micro:
-        raise RunError(f"--total-batch-tokens {total} is not a multiple of batch-size*seq-len = {tokens_per_micro}")
+        raise RunError(f"--total-batch-tokens {total} is not a multiple of batch-size*seq-len*world-size = "
+                       f"{args.batch_size}*{args.seq_len}*{dist_info.world_size} = {tokens_per_micro}")
     grad_accum = total // tokens_per_micro
 
-    data = args.data or ensure_default_corpus()
-    train_loader = DataLoader(data, "train", args.batch_size, args.seq_len, seed=args.seed, vocab_size=config.vocab_size)
-    val_loader = DataLoader(data, "val", args.batch_size, args.seq_len, seed=args.seed, vocab_size=config.vocab_size)
+    data = args.data or (ensure_default_corpus() if dist_info.is_main else None)
+    if dist_info.enabled and not args.data:
+        data = distributed.broadcast_object(data)  # rank 0 prepared the embedded corpus; the others wait for it
+    loader_args = dict(rank=dist_info.rank, world_size=dist_info.world_size, seed=args.seed, vocab_size=config.vocab_size)
+    train_loader = DataLoader(data, "train", args.batch_size, args.seq_len, **loader_args)
+    val_loader = DataLoader(data, "val", args.batch_size, args.seq_len, **loader_args)
 
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    train_model = torch.compile(model) if args.compile else model
     out_dir = Path(args.out_dir)
     log_path = out_dir / "log.jsonl"
 
@@ -130,42 +146,52 @@ def main(argv=None) -> int:
         train_loader.load_state_dict(state["train_loader"])
         set_rng_state(state["rng"])
         start_step = state["step"]
-        print(f"resuming from {path} at step {start_step}")
-        _truncate_log(log_path, start_step)
+        say(f"resuming from {path} at step {start_step}")
+        if dist_info.is_main:
+            _truncate_log(log_path, start_step)
     elif args.resume:
-        print(f"--resume: no checkpoint in {out_dir}, starting from step 0")
-    if not found:
+        say(f"--resume: no checkpoint in {out_dir}, starting from step 0")
+    if not found and dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)
 
-    _print_header(args, config, model, device, dtype, grad_accum, total, data)
+    # DDP averages the gradients across ranks during the backward of the last micro-step.
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.enabled else None
+    train_model = ddp_model or model
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    if dist_info.is_main:
+        _print_header(args, config, model, device, dtype, grad_accum, total, data, dist_info)
     max_lr, min_lr = args.lr, args.lr * args.min_lr_ratio
     flops_per_step = model.flops_per_token(args.seq_len) * total
     peak = datasheet_peak_flops(device)
+    if peak:
+        peak *= dist_info.world_size
     sampler = torch.Generator(device=device).manual_seed(args.seed)
     skipped = 0
 
-    from tqdm import tqdm
-
     progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-                    dynamic_ncols=True, disable=None)
-    with open(log_path, "a") as log:
+                    dynamic_ncols=True, disable=None if dist_info.is_main else True)
+    with (open(log_path, "a") if dist_info.is_main else contextlib.nullcontext()) as log:
         for step in progress:
             record = {"step": step}
             if args.eval_every and step % args.eval_every == 0:
                 record["val_loss"] = evaluate(train_model, val_loader, args.eval_batches, device, dtype)
                 progress.write(f"step {step}: val loss {record['val_loss']:.4f}")
-            if args.sample_every and step > 0 and step % args.sample_every == 0:
-                progress.write(_sample(model, args.sample_prompt, sampler, device, dtype))
+            if args.sample_every and step > 0 and step % args.sample_every == 0 and dist_info.is_main:
+                progress.write(_sample(model, args, sampler, device, dtype))
 
             start = time.perf_counter()
             lr = cosine_lr(step, max_lr, min_lr, args.warmup_steps, args.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            for _ in range(grad_accum):
+            for micro in range(grad_accum):
                 x, y = train_loader.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if ddp_model is not None:  # all-reduce only once, after the last micro-step
+                    ddp_model.require_backward_grad_sync = micro == grad_accum - 1
                 with autocast(device, dtype):
                     _, loss = train_model(x, y)
                 (loss / grad_accum).backward()
@@ -176,7 +202,7 @@ def main(argv=None) -> int:
             else:
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            train_loss = (loss_sum / grad_accum).item()  # the one host sync per step
+            train_loss = distributed.mean_across_ranks(loss_sum / grad_accum).item()  # the one host sync per step
             elapsed = time.perf_counter() - start
 
             tokens_per_sec = total / elapsed
@@ -187,27 +213,35 @@ def main(argv=None) -> int:
             postfix = dict(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
             postfix["mfu"] = f"{record['mfu']:.1%}" if peak else "n/a"
             progress.set_postfix(postfix, refresh=False)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if log:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
 
             done = step + 1
-            if (args.checkpoint_every and done % args.checkpoint_every == 0) or done == args.max_steps:
+            if dist_info.is_main and ((args.checkpoint_every and done % args.checkpoint_every == 0) or done == args.max_steps):
                 state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=done,
                              train_loader=train_loader.state_dict(), rng=rng_state(), config=config.to_dict(),
                              args={k: str(v) for k, v in vars(args).items()})
                 ckpt.save_checkpoint(out_dir, done, state, keep_last=args.keep_last)
 
         final = {"step": args.max_steps, "val_loss": evaluate(train_model, val_loader, args.eval_batches, device, dtype)}
-        log.write(json.dumps(final) + "\n")
-    print(f"step {args.max_steps}: val loss {final['val_loss']:.4f}" + (f" ({skipped} steps skipped: non-finite gradients)" if skipped else ""))
-    print("sample:\n" + _sample(model, args.sample_prompt, sampler, device, dtype))
+        if log:
+            log.write(json.dumps(final) + "\n")
+    say(f"step {args.max_steps}: val loss {final['val_loss']:.4f}"
+        + (f" ({skipped} steps skipped: non-finite gradients)" if skipped else ""))
+    if dist_info.is_main:
+        say("sample:\n" + _sample(model, args, sampler, device, dtype))
     return 0
 
 
-def _sample(model, prompt, generator, device, dtype, max_new_tokens=48) -> str:
-    idx = torch.tensor([encode(prompt)], dtype=torch.long, device=device)
+def _silent(*args, **kwargs):
+    pass
+
+
+def _sample(model, args, generator, device, dtype) -> str:
+    idx = torch.tensor([encode(args.sample_prompt)], dtype=torch.long, device=device)
     with autocast(device, dtype):
-        out = generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=generator)
+        out = generate(model, idx, args.sample_tokens, temperature=1.0, top_k=50, generator=generator)
     return decode(out[0].tolist())
 
 
@@ -219,11 +253,12 @@ def _truncate_log(log_path: Path, start_step: int) -> None:
     log_path.write_text("".join(line + "\n" for line in kept))
 
 
-def _print_header(args, config, model, device, dtype, grad_accum, total, data) -> None:
+def _print_header(args, config, model, device, dtype, grad_accum, total, data, dist_info) -> None:
     print(f"model: {args.preset}, {model.num_parameters():,} parameters ({config.n_layer} layers, "
           f"{config.n_head} heads, width {config.n_embd}, vocab {config.vocab_size} padded to {config.padded_vocab_size})")
     print(f"device: {device}, dtype {str(dtype).replace('torch.', '')}; data: {data}")
-    print(f"batch: {args.batch_size} x {args.seq_len} tokens, {grad_accum} micro-steps, {total:,} tokens per step")
+    print(f"batch: {args.batch_size} x {args.seq_len} tokens x {dist_info.world_size} ranks, {grad_accum} micro-steps, "
+          f"{total:,} tokens per step")
     if device.type != "cuda" and not registry.TRITON_INTERPRETER:
         print("kernels: no CUDA GPU here, so every op runs its PyTorch reference "
               "(Triton kernels need a GPU; the tests run them in Triton's slow interpreter)")

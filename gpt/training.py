@@ -9,6 +9,7 @@ import random
 import numpy as np
 import torch
 
+from gpt.distributed import mean_across_ranks
 from kernels.registry import ops
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), FLOP/s, for MFU.
@@ -49,7 +50,8 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 @torch.no_grad()
 def evaluate(model, loader, batches: int, device: torch.device, dtype: torch.dtype) -> float:
-    """Mean loss over the first ``batches`` batches of ``loader`` (reset first, so every eval sees the same data)."""
+    """Mean loss over the first ``batches`` batches of ``loader`` (reset first, so every eval sees the
+    same data), averaged over ranks when distributed."""
     was_training = model.training
     model.eval()
     loader.reset()
@@ -60,7 +62,7 @@ def evaluate(model, loader, batches: int, device: torch.device, dtype: torch.dty
             _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         total += loss.float()
     model.train(was_training)
-    return (total / batches).item()
+    return mean_across_ranks(total / batches).item()
 
 
 def datasheet_peak_flops(device: torch.device) -> float | None:

@@ -93,7 +93,7 @@ def test_bad_config():
 def _hf_model(tmp_path, fmt):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=48, n_layer=3, n_head=4,
+    hf_config = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=64, n_layer=3, n_head=4,
                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
     hf.save_pretrained(tmp_path, safe_serialization=(fmt == "safetensors"))
