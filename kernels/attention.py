@@ -1,8 +1,708 @@
-"""Scaled dot-product attention on (B, H, T, D) tensors, causal or not."""
+"""Scaled dot-product attention on (B, H, T, D) tensors, causal or not: FlashAttention-2 in Triton.
 
+``attention(q, k, v, causal=True, scale=None)`` takes the layout of ``F.scaled_dot_product_attention``
+and returns ``softmax(scale · q kᵀ + mask) v`` as (B, H, T, D); ``scale`` defaults to ``1/sqrt(D)``.
+
+Forward (one program per block of BLOCK_M query rows of one head): the query block stays in
+registers while key/value blocks stream past; an online softmax keeps the running row maximum
+``m`` and row sum ``l`` and rescales the fp32 accumulator, so the T×T score matrix never exists.
+It stores O and the per-row log-sum-exp (``lse``, in base 2: ``m + log2(l)`` of the scores times
+``scale·log2(e)``, so the kernels use ``exp2``). With ``causal`` the key blocks above the diagonal
+are never visited, and only the diagonal and the last, partial blocks pay for masking: each loop
+is split into an unmasked part and a masked part.
+
+Backward (FlashAttention-2): a preprocessing kernel computes ``delta = rowsum(dO ∘ O)``; then
+one kernel owns a block of BLOCK_N keys and walks the query blocks to accumulate its ``dK`` and
+``dV``, and a second owns a block of BLOCK_M queries and walks the key blocks to accumulate its
+``dQ``. Every gradient element is summed by exactly one program in a fixed order, with no atomics,
+so the backward is deterministic: two runs give bit-identical gradients (no separate
+deterministic mode is needed). The price is computing ``P = exp2(S - lse)`` twice, once per pass.
+
+Layouts: q, k and v may be any strided views whose last dimension is contiguous (the model's
+views of the fused ``c_attn`` output, strides (T·3C, D, 3C, 1), are read in place); anything else
+is copied first. O and the gradients are allocated as (B, T, H, D) in memory and returned as the
+(B, H, T, D) view, which makes the model's ``y.transpose(1, 2).reshape(B, T, C)`` (and the matching
+reshapes of dq, dk, dv) free instead of a copy.
+
+Dtypes: fp16 and bf16 (the training path) and fp32; q, k and v share one dtype (custom ops are not
+autocast-aware, but under autocast all three come out of the same bf16 matmul). Math is fp32:
+scores, softmax statistics and all accumulators; P and dS are rounded to the input dtype before
+their matmuls, as in FlashAttention. fp32 inputs use IEEE fp32 matmuls (not TF32), so fp32 results
+are accurate to fp32 everywhere. Head dims 16, 32, 64 and 128; any sequence length.
+
+Tiles: ``HOPPER_CONFIGS`` holds block shapes, warps and pipeline stages per (head dim, dtype,
+causal): starting points from Triton's fused-attention tutorial and FlashAttention-2's H100 tiles,
+checked to compile for sm_90a without register spills, but NOT yet timed on a GPU. A GPU session
+must sweep them (``python -m bench.bench_attention``, or ``GPT_ATTENTION_AUTOTUNE=1``) and write the
+winners into the table. ``GPT_ATTENTION_AUTOTUNE=1`` makes the CUDA path autotune instead, keyed on
+(power-of-two bucket of T, head dim, causal, dtype): eight candidates per kernel, compiled and timed
+once per key (tens of seconds in the first training step, then cached on disk by Triton). Under
+Triton's interpreter (CPU tests) small tiles keep the tests fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from kernels import registry
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+AUTOTUNE = os.environ.get("GPT_ATTENTION_AUTOTUNE", "0") == "1"
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2(e))
+PREPROCESS_BLOCK_M = 64
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One kernel's launch shape: BLOCK_M query rows by BLOCK_N key rows, with warps and stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tiles of the three main kernels. ``forward`` and ``dq`` walk key blocks inside a query block
+    (block_m must be a multiple of block_n); ``dkdv`` walks query blocks inside a key block
+    (block_n must be a multiple of block_m). The multiples keep every diagonal inside whole blocks."""
+
+    forward: Tile
+    dkdv: Tile
+    dq: Tile
+
+    def __post_init__(self):
+        for name, tile, outer, inner in (
+            ("forward", self.forward, self.forward.block_m, self.forward.block_n),
+            ("dq", self.dq, self.dq.block_m, self.dq.block_n),
+            ("dkdv", self.dkdv, self.dkdv.block_n, self.dkdv.block_m),
+        ):
+            if min(tile.block_m, tile.block_n) < 16 or outer % inner:
+                raise ValueError(
+                    f"AttentionConfig.{name}: blocks must be >= 16 and nest ({outer} % {inner} != 0): {tile}"
+                )
+
+
+# Starting points for H100/H200, NOT measured on a GPU yet (see the module doc). Chosen from the
+# Triton fused-attention tutorial's and FlashAttention-2's Hopper tiles, then checked statically:
+# every kernel compiled for sm_90a (16-byte-aligned strides, as the model's views have) and put
+# through ptxas -v, keeping tiles with no register spills and, where the choice was free, the larger
+# tile (fewer re-reads of the streamed operand). Registers per thread (causal) and shared memory at
+# 3 stages, fp16/bf16:
+#   forward 128×64, 8 warps: D16 108, D32 126, D64 120, D128 176 regs; 16-131 KB. With 4 warps
+#     D128 spills; 128×128 tiles need ~210 regs at D64 (one program per SM).
+#   dK/dV 32 queries × 128 keys, 8 warps: 122, 118, 178, 245 regs; 15-115 KB. 4 warps spill at D64+.
+#   dQ 128 queries × 64 keys, 8 warps: 122, 119, 128 regs (D16-64); at D128 128×32: 146 regs, 115 KB
+#     (128×64 takes 254 regs and 164 KB).
+# fp32 runs IEEE matmuls on FMA units, whose layouts cost far more registers: its spill-free tiles
+# are much smaller (forward D128 fits only 32×16).
+_HALF_TILES = {
+    16: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
+    32: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
+    64: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
+    128: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
+}
+_FP32_TILES = {
+    16: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
+    32: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
+    64: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
+    128: AttentionConfig(forward=Tile(32, 16, 8, 3), dkdv=Tile(16, 32, 8, 3), dq=Tile(64, 16, 8, 3)),
+}
+HOPPER_CONFIGS: dict[tuple[int, torch.dtype, bool], AttentionConfig] = {
+    (head_dim, dtype, causal): (_FP32_TILES if dtype == torch.float32 else _HALF_TILES)[head_dim]
+    for head_dim in SUPPORTED_HEAD_DIMS
+    for dtype in SUPPORTED_DTYPES
+    for causal in (False, True)
+}
+# The interpreter's cost is per operation, not per FLOP; small tiles still make every masked and
+# unmasked loop run at the tests' sequence lengths (17 ... 200), with query and key blocks of
+# different sizes so the diagonal spans several inner blocks.
+INTERPRETER_CONFIG = AttentionConfig(forward=Tile(32, 16), dkdv=Tile(16, 32), dq=Tile(32, 16))
+
+
+def select_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device) -> AttentionConfig:
+    """The tiles for these inputs: the interpreter's on the CPU, the Hopper table's on a GPU."""
+    if device.type == "cpu":
+        return INTERPRETER_CONFIG
+    return HOPPER_CONFIGS[(head_dim, dtype, bool(causal))]
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _head_offset(bh, n_heads, stride_b, stride_h):
+    # int64: batch · stride passes 2^31 elements for long sequences of wide models.
+    return (bh // n_heads).to(tl.int64) * stride_b + (bh % n_heads).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _forward_inner(
+    acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, lo, hi,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over key blocks [lo, hi). MASKED blocks may hold keys past the end or above
+    the diagonal; unmasked ones are known to be entirely valid, so they skip all mask arithmetic."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt_ptrs = k_head + offs_n[None, :] * stride_kt + offs_d[:, None]  # Kᵀ block (D, BLOCK_N)
+        v_ptrs = v_head + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            in_range = offs_n < seq_len
+            kt = tl.load(kt_ptrs, mask=in_range[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # log2-scaled scores, fp32
+        if MASKED:
+            valid = in_range[None, :]
+            if CAUSAL:
+                valid = valid & (offs_m[:, None] >= offs_n[None, :])
+            s = tl.where(valid, s, float("-inf"))
+        # Every row sees at least one valid key in the first block it visits (key 0, or its own
+        # position on the diagonal), so m_new is finite from then on and no exp2(-inf + inf) occurs.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["T_BUCKET"])
+def _attention_forward_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    n_heads, seq_len, T_BUCKET, qk_scale,  # T_BUCKET only keys the autotuner
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    if CAUSAL:
+        # The last query blocks have the most keys to visit: launch them first (see _grid).
+        start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(1)
+    else:
+        start_m = tl.program_id(1)
+    q_head = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
+    k_head = K + _head_offset(bh, n_heads, stride_kb, stride_kh)
+    v_head = V + _head_offset(bh, n_heads, stride_vb, stride_vh)
+    o_head = O + _head_offset(bh, n_heads, stride_ob, stride_oh)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        # Keys before this block's first row are visible to every row; the diagonal block is masked.
+        diag = start_m * BLOCK_M
+        acc, m_i, l_i = _forward_inner(
+            acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, diag,
+            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+        )
+        acc, m_i, l_i = _forward_inner(
+            acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale,
+            diag, tl.minimum(diag + BLOCK_M, seq_len),
+            HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+        )
+    else:
+        full = (seq_len // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _forward_inner(
+            acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, full,
+            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+        )
+        acc, m_i, l_i = _forward_inner(
+            acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, full, seq_len,
+            HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+        )
+
+    o = acc / l_i[:, None]
+    tl.store(o_head + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _backward_preprocess_kernel(
+    O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
+    n_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO ∘ O), the softmax backward's ``Σ_j P_ij dP_ij`` without P."""
+    bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    o_ptrs = O + _head_offset(bh, n_heads, stride_ob, stride_oh) + offs_m[:, None] * stride_ot + offs_d[None, :]
+    do_ptrs = DO + _head_offset(bh, n_heads, stride_dob, stride_doh) + offs_m[:, None] * stride_dot + offs_d[None, :]
+    o = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale, lo, hi,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate one key block's dK and dV over query blocks [lo, hi), in transposed form
+    (keys along rows), so the key block's K and V stay in registers."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qt_ptrs = q_head + offs_m[None, :] * stride_qt + offs_d[:, None]  # Qᵀ block (D, BLOCK_M)
+        do_ptrs = do_head + offs_m[:, None] * stride_dot + offs_d[None, :]
+        if MASKED:
+            row_ok = offs_m < seq_len
+            qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_row + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
+        else:
+            qt = tl.load(qt_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_row + offs_m)
+            delta = tl.load(delta_row + offs_m)
+        pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # Pᵀ
+        if MASKED:
+            valid = row_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_m[None, :] >= offs_n[:, None])
+            pt = tl.where(valid, pt, 0.0)  # before any product: a masked exp2 may be inf
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["T_BUCKET"])
+def _attention_backward_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+    n_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Under causal masking the first key blocks are seen by the most queries; the natural order
+    # already launches the longest programs first.
+    bh = tl.program_id(0)
+    start_n = tl.program_id(1)
+    q_head = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
+    do_head = DO + _head_offset(bh, n_heads, stride_dob, stride_doh)
+    lse_row = LSE + bh.to(tl.int64) * seq_len
+    delta_row = DELTA + bh.to(tl.int64) * seq_len
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n[:, None] < seq_len
+    k_ptrs = K + _head_offset(bh, n_heads, stride_kb, stride_kh) + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + _head_offset(bh, n_heads, stride_vb, stride_vh) + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=key_ok, other=0.0)
+    v = tl.load(v_ptrs, mask=key_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # Query blocks in three runs: the diagonal (masked), whole blocks below it (unmasked), and the
+    # last partial block (masked). Without causal masking the diagonal run is empty. Rows of keys
+    # past the end compute garbage that is never stored.
+    full = (seq_len // BLOCK_M) * BLOCK_M
+    below = 0
+    if CAUSAL:
+        diag = start_n * BLOCK_N
+        below = diag + BLOCK_N
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
+            diag, tl.minimum(below, seq_len), HEAD_DIM, BLOCK_M, True, CAUSAL, DOT_PRECISION,
+        )
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
+        below, full, HEAD_DIM, BLOCK_M, False, CAUSAL, DOT_PRECISION,
+    )
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
+        tl.maximum(full, below), seq_len, HEAD_DIM, BLOCK_M, True, CAUSAL, DOT_PRECISION,
+    )
+
+    dk *= sm_scale  # S = scale · QKᵀ, so dK = scale · dSᵀ Q
+    dk_ptrs = DK + _head_offset(bh, n_heads, stride_dkb, stride_dkh) + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + _head_offset(bh, n_heads, stride_dvb, stride_dvh) + offs_n[:, None] * stride_dvt + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=key_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, lo, hi,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate one query block's dQ over key blocks [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt_ptrs = k_head + offs_n[None, :] * stride_kt + offs_d[:, None]  # Kᵀ block (D, BLOCK_N)
+        vt_ptrs = v_head + offs_n[None, :] * stride_vt + offs_d[:, None]
+        if MASKED:
+            in_range = offs_n < seq_len
+            kt = tl.load(kt_ptrs, mask=in_range[None, :], other=0.0)
+            vt = tl.load(vt_ptrs, mask=in_range[None, :], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+            vt = tl.load(vt_ptrs)
+        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            valid = in_range[None, :]
+            if CAUSAL:
+                valid = valid & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["T_BUCKET"])
+def _attention_backward_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
+    n_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    if CAUSAL:  # longest programs first, as in the forward
+        start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(1)
+    else:
+        start_m = tl.program_id(1)
+    k_head = K + _head_offset(bh, n_heads, stride_kb, stride_kh)
+    v_head = V + _head_offset(bh, n_heads, stride_vb, stride_vh)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    q_ptrs = Q + _head_offset(bh, n_heads, stride_qb, stride_qh) + offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = DO + _head_offset(bh, n_heads, stride_dob, stride_doh) + offs_m[:, None] * stride_dot + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+    # Rows past the end load lse = delta = 0 and dO = 0: finite values, their dQ is never stored.
+    lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        diag = start_m * BLOCK_M
+        dq = _dq_inner(
+            dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, diag,
+            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale,
+            diag, tl.minimum(diag + BLOCK_M, seq_len), HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+        )
+    else:
+        full = (seq_len // BLOCK_N) * BLOCK_N
+        dq = _dq_inner(
+            dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, full,
+            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, full, seq_len,
+            HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+        )
+
+    dq *= sm_scale
+    dq_ptrs = DQ + _head_offset(bh, n_heads, stride_dqb, stride_dqh) + offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# Autotuned variants (GPT_ATTENTION_AUTOTUNE=1). The key is (T bucket, head dim, causal) plus every
+# tensor argument's dtype, which Triton's autotuner appends by itself. Eight candidates per kernel
+# at most: each costs a compilation (seconds) the first time a key is seen, and the first training
+# step pays for all of them; Triton caches the winners on disk for later runs.
+def _configs(*candidates):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+
+
+_TUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
+_forward_autotuned = triton.autotune(
+    _configs(
+        (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3),
+        (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3),
+    ),
+    key=_TUNE_KEY, cache_results=True,
+)(_attention_forward_kernel)
+_dkdv_autotuned = triton.autotune(
+    _configs(
+        (32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 4, 3), (64, 128, 8, 3),
+        (16, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3),
+    ),
+    key=_TUNE_KEY, cache_results=True,
+)(_attention_backward_dkdv_kernel)
+_dq_autotuned = triton.autotune(
+    _configs(
+        (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 32, 4, 3),
+        (128, 16, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3),
+    ),
+    key=_TUNE_KEY, cache_results=True,
+)(_attention_backward_dq_kernel)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _describe(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{t.dtype} {tuple(t.shape)} on {t.device}"
+
+
+def _check_inputs(q, k, v, scale) -> None:
+    """ValueError for anything the kernels cannot take, saying what was expected."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"attention: {name} must be a 4-D (B, H, T, D) tensor, got {_describe(t)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"attention: q, k and v must have the same (B, H, T, D) shape, got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"attention: q, k, v must be float16, bfloat16 or float32, got {q.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if not registry.triton_runs_on(q.device):
+        raise ValueError(
+            "attention: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before import, for CPU), "
+            f"got tensors on {q.device}"
+        )
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"attention: head dim D = {q.shape[-1]} is not supported; supported head dims are "
+            f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
+        )
+    is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if scale is not None and not (is_number and math.isfinite(scale)):
+        raise ValueError(f"attention: scale must be None (1/sqrt(D)) or a finite number, got {scale!r}")
+
+
+def _check_buffer(buffer, shape, dtype, device, name, contiguous=False) -> None:
+    ok = isinstance(buffer, torch.Tensor) and tuple(buffer.shape) == tuple(shape) and buffer.dtype == dtype
+    ok = ok and buffer.device == device and (buffer.is_contiguous() if contiguous else buffer.stride(-1) == 1)
+    if not ok:
+        layout = "contiguous" if contiguous else "last-dim-contiguous"
+        raise ValueError(
+            f"attention: {name} must be a {layout} {dtype} tensor of shape {tuple(shape)} on {device}, "
+            f"got {_describe(buffer)}"
+        )
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but need the last dimension contiguous: copy only otherwise."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bthd_empty(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized (B, H, T, D) tensor laid out as (B, T, H, D) in memory (see the module doc)."""
+    B, H, T, D = like.shape
+    return torch.empty((B, T, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _grid(n_heads_total: int, seq_len: int, block: str):
+    """(B·H, blocks along T). Heads on the first axis: it has no 65535 limit, and since the GPU
+    launches programs in order of that axis first, under causal masking every head's heaviest block
+    starts before any lighter one (longest first, the shortest tail)."""
+    return lambda meta: (n_heads_total, triton.cdiv(seq_len, meta[block]))
+
+
+def _launch(kernel, autotuned, tile: Optional[Tile], grid, args, constexprs) -> None:
+    """Run ``kernel`` with ``tile`` (block shape, warps, stages), or its autotuned variant without one."""
+    if tile is None:
+        autotuned[grid](*args, **constexprs)
+    else:
+        kernel[grid](
+            *args, **constexprs, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+
+
+def _resolve(q: torch.Tensor, causal: bool, config: Optional[AttentionConfig]) -> Optional[AttentionConfig]:
+    """The tiles to launch with; None means autotune."""
+    if config is not None:
+        return config
+    if AUTOTUNE and q.device.type == "cuda":
+        return None
+    return select_config(q.shape[-1], q.dtype, causal, q.device)
+
+
+def _constexprs(q: torch.Tensor, causal: bool) -> dict:
+    # fp32 inputs get IEEE matmuls (Triton's default for them is TF32, a 10-bit mantissa); the
+    # setting is ignored for fp16/bf16 inputs.
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return dict(HEAD_DIM=q.shape[-1], CAUSAL=bool(causal), DOT_PRECISION=precision)
+
+
+def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: Optional[float] = None,
+    out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, config: Optional[AttentionConfig] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: ``(O, lse)``, O (B, H, T, D) in q's dtype and lse (B, H, T) fp32 in
+    base 2 (see the module doc), into ``out`` / ``lse`` if given. ``config`` overrides the tile table."""
+    _check_inputs(q, k, v, scale)
+    B, H, T, _ = q.shape
+    out = _bthd_empty(q) if out is None else out
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device) if lse is None else lse
+    _check_buffer(out, q.shape, q.dtype, q.device, "out")
+    _check_buffer(lse, (B, H, T), torch.float32, q.device, "lse", contiguous=True)
+    if out.numel() == 0:
+        return out, lse
+    q, k, v = _readable(q), _readable(k), _readable(v)
+    sm_scale = _default_scale(q, scale)
+    config = _resolve(q, causal, config)
+    _launch(
+        _attention_forward_kernel, _forward_autotuned, config and config.forward,
+        _grid(B * H, T, "BLOCK_M"),
+        (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+         H, T, triton.next_power_of_2(T), sm_scale * LOG2E),
+        _constexprs(q, causal),
+    )
+    return out, lse
+
+
+def attention_backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    causal: bool = True, scale: Optional[float] = None,
+    dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None,
+    config: Optional[AttentionConfig] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels: ``(dq, dk, dv)`` from dO and the forward's inputs, O and lse,
+    into the given buffers if any. Deterministic (no atomics)."""
+    _check_inputs(q, k, v, scale)
+    B, H, T, D = q.shape
+    for name, t in (("dO (the output gradient)", do), ("o", o)):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(
+                f"attention backward: {name} must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
+                f"got {_describe(t)}"
+            )
+    _check_buffer(lse, (B, H, T), torch.float32, q.device, "lse", contiguous=True)
+    grads = []
+    for name, buffer in (("dq", dq), ("dk", dk), ("dv", dv)):
+        buffer = _bthd_empty(q) if buffer is None else buffer
+        _check_buffer(buffer, q.shape, q.dtype, q.device, name)
+        grads.append(buffer)
+    dq, dk, dv = grads
+    if q.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    q, k, v, o, do = _readable(q), _readable(k), _readable(v), _readable(o), _readable(do)
+    sm_scale = _default_scale(q, scale)
+    config = _resolve(q, causal, config)
+    constexprs = _constexprs(q, causal)
+
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    _backward_preprocess_kernel[(B * H, triton.cdiv(T, PREPROCESS_BLOCK_M))](
+        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4,
+    )
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    tail = (H, T, triton.next_power_of_2(T), sm_scale, sm_scale * LOG2E)
+    _launch(
+        _attention_backward_dkdv_kernel, _dkdv_autotuned, config and config.dkdv,
+        _grid(B * H, T, "BLOCK_N"),
+        (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), *tail), constexprs,
+    )
+    _launch(
+        _attention_backward_dq_kernel, _dq_autotuned, config and config.dq,
+        _grid(B * H, T, "BLOCK_M"),
+        (q, k, v, do, lse, delta, dq, *common, *_strides(dq), *tail), constexprs,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("gpt_triton::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, causal, scale)
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, causal, scale):
+    B, H, T, _ = q.shape
+    return _bthd_empty(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt_triton::attention_backward", mutates_args=())
+def _attention_backward_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, o, lse, causal, scale)
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(do, q, k, v, o, lse, causal, scale):
+    return _bthd_empty(q), _bthd_empty(q), _bthd_empty(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.gpt_triton.attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Triton FlashAttention-2: ``softmax(scale · q kᵀ (+ causal mask)) v`` for (B, H, T, D) inputs,
+    differentiable in q, k and v. See the module doc for layouts, dtypes and determinism. Bad inputs
+    raise ValueError before anything is launched."""
+    _check_inputs(q, k, v, scale)
+    return torch.ops.gpt_triton.attention(q, k, v, bool(causal), _default_scale(q, scale))[0]
 
 
 def attention_reference(q, k, v, causal=True, scale=None):
@@ -10,4 +710,4 @@ def attention_reference(q, k, v, causal=True, scale=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
-registry.register("attention", reference=attention_reference)
+registry.register("attention", reference=attention_reference, triton=attention)

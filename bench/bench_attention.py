@@ -1,0 +1,195 @@
+"""Attention benchmark: the Triton FlashAttention-2 vs F.scaled_dot_product_attention (flash backend),
+a torch.compile'd naive attention, and flash-attn when it is installed.
+
+Inputs are laid out as in the model: q, k, v are (B, H, T, D) views of one (B, T, 3·H·D) tensor.
+FLOPs are the matmuls' (the fewest any exact implementation must do): the forward's two matmuls
+``4·B·H·T²·D``, the backward's five ``2.5×`` that, both halved under causal masking (the skipped
+upper triangle). Rows carry the fraction of the device's measured bf16 matmul rate.
+
+Cases: GPT-2's shape (B·H = 8·12 and 16·12, T = 1024, D = 64, causal), and a sweep of T from 512 to
+16384 at D = 64 and 128, causal and not, with B·T = 16k tokens and H·D = 2048 (the FlashAttention
+papers' sweep).
+
+``python -m bench.bench_attention [--quick]``: on a GPU, bf16; ``--quick`` (or no GPU) one toy case
+on the CPU through Triton's interpreter, which only checks the harness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+from bench.common import BenchContext  # noqa: E402
+from kernels import registry  # noqa: E402
+from kernels.attention import attention  # noqa: E402
+
+OP = "attention"
+PASSES = ("forward", "backward", "forward+backward")
+# (B, H, T, D, causal)
+GPT2_CASES = [(8, 12, 1024, 64, True), (16, 12, 1024, 64, True)]
+SWEEP_CASES = [
+    (16384 // T, 2048 // D, T, D, causal)
+    for D in (64, 128) for causal in (True, False) for T in (512, 1024, 2048, 4096, 8192, 16384)
+]
+QUICK_CASES = [(1, 2, 64, 16, True)]
+# The naive attention materializes B·H·T² scores: past this length it only measures the allocator.
+NAIVE_MAX_T = 4096
+
+
+def attention_flops(pass_: str, B: int, H: int, T: int, D: int, causal: bool) -> float:
+    forward = 4.0 * B * H * T * T * D * (0.5 if causal else 1.0)
+    return {"forward": forward, "backward": 2.5 * forward, "forward+backward": 3.5 * forward}[pass_]
+
+
+def naive_attention(q, k, v, causal=True):
+    """Attention as written in a textbook: the T×T scores in memory, softmax in fp32."""
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        T = q.shape[-2]
+        above = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def sdpa(q, k, v, causal=True):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:  # not installed: no flash_attn rows
+    flash_attn_func = None
+
+
+def flash_attn(q, k, v, causal=True):
+    """flash-attn's own kernel, which takes (B, T, H, D): the model's views transposed, no copy."""
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+    return out.transpose(1, 2)
+
+
+def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
+    """The competitors that can run on ``ctx.device`` (fresh ones: call once per case), and why any
+    others cannot."""
+    impls, skipped = {}, []
+    if registry.triton_runs_on(ctx.device):
+        impls["triton"] = attention
+    else:
+        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
+    impls["sdpa"] = sdpa  # on the GPU, run() restricts it to the flash backend
+    if ctx.is_gpu:
+        torch._dynamo.reset()  # a fresh cache per case, so no case falls back to eager past the recompile limit
+        impls["torch.compile naive"] = torch.compile(naive_attention, fullgraph=True, dynamic=False)
+    else:
+        skipped.append("torch.compile naive: skipped on the CPU quick mode (compiling takes longer than the whole run)")
+    if ctx.is_gpu and flash_attn_func is not None:
+        impls["flash_attn"] = flash_attn
+    return impls, skipped
+
+
+def model_layout_inputs(B, H, T, D, dtype, device):
+    """q, k, v as the model makes them: views of the fused c_attn output, with their gradient dO."""
+    C = H * D
+    qkv = torch.randn(B, T, 3 * C, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(C, dim=2))
+    return q, k, v, torch.randn(B, H, T, D, device=device, dtype=dtype)
+
+
+def _pass_fn(pass_: str, fn, q, k, v, do, causal):
+    """A no-argument callable that runs ``pass_`` of ``fn`` once (the backward reuses one graph)."""
+    if pass_ == "forward":
+        return lambda: fn(q, k, v, causal=causal)
+    if pass_ == "backward":
+        out = fn(q, k, v, causal=causal)
+        return lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+    return lambda: torch.autograd.grad(fn(q, k, v, causal=causal), (q, k, v), do)
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    for reason in implementations(ctx)[1]:
+        print(f"bench_attention: {reason}")
+    with contextlib.ExitStack() as stack:
+        if ctx.is_gpu:
+            # SDPA's flash backend, forced: the issue's target compares against it. (Set once here,
+            # not per call, so the switch costs nothing inside the timed loop.) The CPU picks its own.
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION]))
+        return _run_cases(ctx)
+
+
+def _run_cases(ctx: BenchContext) -> list[dict]:
+    cases = QUICK_CASES if ctx.quick else GPT2_CASES + SWEEP_CASES
+    dtype = torch.float32 if ctx.quick else torch.bfloat16
+    rows = []
+    for B, H, T, D, causal in cases:
+        q, k, v, do = model_layout_inputs(B, H, T, D, dtype, ctx.device)
+        case = f"B{B} H{H} T{T} D{D} {'causal' if causal else 'full'}"
+        impls = implementations(ctx)[0]
+        for pass_ in PASSES:
+            sdpa_ms = None
+            for impl, fn in sorted(impls.items(), key=lambda item: item[0] != "sdpa"):  # sdpa first: the baseline
+                if impl == "torch.compile naive" and T > NAIVE_MAX_T:
+                    continue
+                try:
+                    step = _pass_fn(pass_, fn, q, k, v, do, causal)
+                    step()  # compiles (Triton JIT, torch.compile) outside the timed region
+                    timing = ctx.time(step)
+                    peak = ctx.peak_memory_mb(step)
+                except torch.OutOfMemoryError:
+                    print(f"bench_attention: {impl} {case} {pass_}: out of memory, no row")
+                    continue
+                sdpa_ms = timing.median_ms if impl == "sdpa" else sdpa_ms
+                rows.append(
+                    ctx.record(
+                        op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl, timing=timing,
+                        flops=attention_flops(pass_, B, H, T, D, causal), peak_memory_mb=peak,
+                        B=B, H=H, T=T, D=D, causal=causal,
+                        speedup_vs_sdpa=sdpa_ms / timing.median_ms if sdpa_ms else None,
+                    )
+                )
+                del step
+    return rows
+
+
+def measure_matmul_tflops(ctx: BenchContext, dtype: torch.dtype) -> float | None:
+    """The device's dense matmul rate in ``dtype`` (8192³), the ceiling attention's matmuls share."""
+    if not ctx.is_gpu:
+        return None
+    a = torch.randn(8192, 8192, device=ctx.device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=ctx.device, dtype=dtype)
+    timing = ctx.time(lambda: a @ b)
+    return 2 * 8192**3 / (timing.median_ms / 1e3) / 1e12
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "fraction_of_matmul", "speedup_vs_sdpa",
+               "peak_memory_mb"]
+    cells = [columns] + [
+        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv or not torch.cuda.is_available()
+    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
+    rate = measure_matmul_tflops(ctx, torch.bfloat16)
+    if rate:
+        ctx.matmul_tflops["bfloat16"] = rate
+        print(f"bf16 matmul: {rate:.0f} TFLOP/s")
+    print(format_table(run(ctx)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

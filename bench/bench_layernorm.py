@@ -1,0 +1,197 @@
+"""LayerNorm benchmark: the Triton op vs eager PyTorch, torch.compile and Liger-Kernel, at GPT-2 shapes.
+
+Rows are B·T tokens (8·1024 and 16·1024), widths GPT-2's n_embd (768, 1024, 1280, 1600). Each shape
+runs plain (``F.layer_norm(x, w, b)``) and with the fused residual (the model's path,
+``layer_norm(branch, w, b, residual=stream)`` against the eager pair ``s = branch + stream;
+F.layer_norm(s)``), in bf16 and fp32, and on the GPU also as the model runs under bf16 autocast: a
+bf16 branch, an fp32 stream and fp32 parameters ("bf16+fp32").
+
+Bytes are the fewest each pass must move, whatever an implementation actually moves (M = rows·width
+elements; the per-row mean/rstd, 8 bytes a row, are left out):
+
+* forward: read x (and the residual), write y (and the stream), read weight and bias;
+* backward: read dy, the normalized stream (and the stream's own gradient); write dx (and
+  dresidual when its dtype differs from dx's: otherwise it is the same tensor); read weight,
+  write dweight and dbias;
+* forward+backward: both.
+
+So the fused residual's saving is visible as the eager pair's lower GB/s: it moves one more M-sized
+tensor forward (writes the stream, then reads it back) than the bytes counted.
+
+``python -m bench.bench_layernorm [--quick]``: on a GPU the shapes above; ``--quick`` (or no GPU) a
+toy size on the CPU through Triton's interpreter, which only checks the harness.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+from bench.bench_gelu import measure_copy_gbps  # noqa: E402
+from bench.common import BenchContext  # noqa: E402
+from kernels import registry  # noqa: E402
+from kernels.layernorm import layer_norm  # noqa: E402
+
+OP = "layernorm"
+EPS = 1e-5
+GPU_SHAPES = [(rows, width) for rows in (8 * 1024, 16 * 1024) for width in (768, 1024, 1280, 1600)]
+QUICK_SHAPES = [(16, 256)]
+PASSES = ("forward", "backward", "forward+backward")
+# (x dtype, residual/stream dtype, parameter dtype); the last is the model under bf16 autocast.
+GPU_DTYPES = [(torch.bfloat16,) * 3, (torch.float32,) * 3, (torch.bfloat16, torch.float32, torch.float32)]
+QUICK_DTYPES = [(torch.float32,) * 3]
+
+
+def eager_layer_norm(x, weight, bias, eps=EPS, residual=None):
+    """The unfused baseline: the residual add (one full pass) and then F.layer_norm (another)."""
+    if residual is None:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    stream = x + residual
+    return F.layer_norm(stream, (x.shape[-1],), weight, bias, eps), stream
+
+
+def _liger_layer_norm():
+    """Liger-Kernel's LayerNorm (no residual), or None when it is not installed."""
+    try:
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+    except ImportError:
+        return None
+
+    def liger(x, weight, bias, eps=EPS, residual=None):
+        if residual is not None:
+            x = x + residual
+            return LigerLayerNormFunction.apply(x, weight, bias, eps), x
+        return LigerLayerNormFunction.apply(x, weight, bias, eps)
+
+    return liger
+
+
+def bytes_moved(pass_: str, n_rows: int, n_cols: int, dtypes, with_residual: bool) -> int:
+    x_dtype, residual_dtype, param_dtype = dtypes
+    stream_size = (torch.promote_types(x_dtype, residual_dtype) if with_residual else x_dtype).itemsize
+    x_size, residual_size = x_dtype.itemsize, residual_dtype.itemsize
+    m, params = n_rows * n_cols, n_cols * param_dtype.itemsize
+    if with_residual:
+        forward = m * (x_size + residual_size + 2 * stream_size) + 2 * params
+        dresidual = residual_size if residual_dtype != x_dtype else 0
+        backward = m * (3 * stream_size + x_size + dresidual) + 3 * params
+    else:
+        forward = m * 2 * x_size + 2 * params
+        backward = m * 3 * x_size + 3 * params
+    return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[pass_]
+
+
+def _pass_fn(pass_: str, fn, inputs: dict, grads: list):
+    """A no-argument callable that runs ``pass_`` of ``fn`` once (the backward reuses one graph)."""
+    leaves = [t for t in inputs.values() if t is not None]
+
+    def forward():
+        out = fn(inputs["x"], inputs["weight"], inputs["bias"], EPS, residual=inputs["residual"])
+        return list(out) if isinstance(out, tuple) else [out]
+
+    if pass_ == "forward":
+        return forward
+    if pass_ == "backward":
+        outputs = forward()
+        return lambda: torch.autograd.grad(outputs, leaves, grads, retain_graph=True)
+    return lambda: torch.autograd.grad(forward(), leaves, grads)
+
+
+def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[str]]:
+    """The competitors that can run on ``ctx.device`` (fresh ones: call once per case), and why any
+    others cannot."""
+    # Baselines first, so that every later row can report its speedup over them.
+    impls, skipped = {"eager": eager_layer_norm}, []
+    if ctx.is_gpu:
+        # Dynamo keeps compiled variants on eager_layer_norm's code object and falls back to eager
+        # past its recompile limit: start each case from an empty cache so every row is really compiled.
+        torch._dynamo.reset()
+        impls["torch.compile"] = torch.compile(eager_layer_norm, fullgraph=True, dynamic=False)
+        liger = _liger_layer_norm()
+        if liger is not None and not with_residual:
+            impls["liger"] = liger
+    else:
+        skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
+    if registry.triton_runs_on(ctx.device):
+        impls["triton"] = layer_norm
+    else:
+        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
+    return impls, skipped
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    for reason in implementations(ctx, False)[1]:
+        print(f"bench_layernorm: {reason}")
+    shapes = QUICK_SHAPES if ctx.quick else GPU_SHAPES
+    rows = []
+    for n_rows, n_cols in shapes:
+        for dtypes in QUICK_DTYPES if ctx.quick else GPU_DTYPES:
+            x_dtype, residual_dtype, param_dtype = dtypes
+            dtype_name = str(x_dtype).replace("torch.", "") + ("" if len(set(dtypes)) == 1 else "+fp32")
+            for with_residual in (False, True):
+                if not with_residual and len(set(dtypes)) > 1:
+                    continue  # the mixed case exists only with the residual stream
+
+                def randn(*shape, dtype, requires_grad=True):
+                    return torch.randn(shape, device=ctx.device, dtype=dtype, requires_grad=requires_grad)
+
+                inputs = {
+                    "x": randn(n_rows, n_cols, dtype=x_dtype),
+                    "residual": randn(n_rows, n_cols, dtype=residual_dtype) if with_residual else None,
+                    "weight": randn(n_cols, dtype=param_dtype),
+                    "bias": randn(n_cols, dtype=param_dtype),
+                }
+                stream_dtype = torch.promote_types(x_dtype, residual_dtype) if with_residual else x_dtype
+                grads = [randn(n_rows, n_cols, dtype=stream_dtype, requires_grad=False)
+                         for _ in range(2 if with_residual else 1)]
+                case = f"({n_rows}, {n_cols})" + (" +residual" if with_residual else "")
+                impls = implementations(ctx, with_residual)[0]
+                for pass_ in PASSES:
+                    baselines = {}
+                    for impl, fn in impls.items():
+                        step = _pass_fn(pass_, fn, inputs, grads)
+                        step()  # compiles (Triton JIT, torch.compile) outside the timed region
+                        timing = ctx.time(step)
+                        baselines[impl] = timing.median_ms
+                        extra = {"speedup_vs_eager": baselines["eager"] / timing.median_ms}
+                        if "torch.compile" in baselines:
+                            extra["speedup_vs_compile"] = baselines["torch.compile"] / timing.median_ms
+                        rows.append(
+                            ctx.record(
+                                op=OP, case=case, dtype=dtype_name, pass_=pass_, impl=impl, timing=timing,
+                                bytes_moved=bytes_moved(pass_, n_rows, n_cols, dtypes, with_residual),
+                                peak_memory_mb=ctx.peak_memory_mb(step), **extra,
+                            )
+                        )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw",
+               "speedup_vs_eager", "speedup_vs_compile"]
+    cells = [columns] + [
+        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv or not torch.cuda.is_available()
+    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
+    ctx.copy_gbps = measure_copy_gbps(ctx)
+    if ctx.copy_gbps:
+        print(f"copy bandwidth: {ctx.copy_gbps:.0f} GB/s")
+    print(format_table(run(ctx)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,388 @@
+"""The Triton FlashAttention (forward and backward) against float64 PyTorch.
+
+Expected values come from an explicit softmax in float64 computed from the same (rounded) inputs;
+``attention_reference`` (F.scaled_dot_product_attention) is checked against it and against the
+op through autograd. Launchers write into NaN-poisoned buffers, so an element a kernel skips fails.
+Tolerances are numerics.RTOL per dtype (stated once there).
+
+The issue's grid (B, H, T, D, causal, dtype) is too slow as a cross product in Triton's
+interpreter: on the CPU a greedy all-pairs subset covers every pair of values of any two factors
+(so every T with every D, every T causal and not, every D in fp16 ...); on a GPU the full cross
+product runs, plus long sequences (up to 4096) and bf16.
+"""
+
+import itertools
+import math
+import re
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import kernels.attention as attention_module
+from bench.bench_attention import PASSES, run as run_bench
+from bench.common import BenchContext
+from conftest import DEVICE
+from kernels import registry
+from kernels.attention import (
+    HOPPER_CONFIGS,
+    AttentionConfig,
+    Tile,
+    attention,
+    attention_backward,
+    attention_forward,
+    attention_reference,
+)
+from model_parity import assert_model_parity
+from numerics import FLOAT_DTYPES, RTOL, assert_close, poisoned_like
+
+# Triton's interpreter warns on every loop with a runtime bound (numpy deprecates int() of its
+# one-element scalar arrays): thousands of lines of noise, nothing about this code.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+def explicit_attention(q, k, v, causal, scale=None):
+    """softmax(scale · q kᵀ + mask) v and the natural-log log-sum-exp, in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = q @ k.transpose(-1, -2) * scale
+    if causal:
+        T = q.shape[-2]
+        above = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
+
+
+def make_inputs(B, H, T, D, dtype):
+    q, k, v, do = (torch.randn(B, H, T, D, device=DEVICE).to(dtype) for _ in range(4))
+    return q, k, v, do
+
+
+def expected(q, k, v, do, causal, scale=None):
+    """(o, lse, dq, dk, dv) in float64, by autograd through the explicit softmax."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o, lse = explicit_attention(*leaves, causal, scale)
+    o.backward(do.double())
+    return (o.detach(), lse.detach(), *(t.grad for t in leaves))
+
+
+def assert_grads_close(grads, expected_grads, dtype, floor):
+    """assert_close per gradient, except an expected all-zero one (dq and dk at T = 1, where the
+    only key gets all the weight whatever the scores): it must be zero to RTOL of ``floor``."""
+    for name, grad, grad_ref in zip(("dq", "dk", "dv"), grads, expected_grads):
+        if grad_ref.abs().max() == 0:
+            assert grad.abs().max().item() <= RTOL[dtype] * floor, name
+        else:
+            assert_close(grad, grad_ref, dtype, name)
+
+
+def pairwise(factors: dict, cost) -> list[dict]:
+    """A greedy all-pairs design: cases that together hold every pair of values of any two factors,
+    each step taking the case that covers the most new pairs (the cheapest among equals)."""
+    names = list(factors)
+    candidates = [dict(zip(names, values)) for values in itertools.product(*factors.values())]
+
+    def pairs(case):
+        return {(a, case[a], b, case[b]) for a, b in itertools.combinations(names, 2)}
+
+    uncovered = set().union(*(pairs(case) for case in candidates))
+    chosen = []
+    while uncovered:
+        best = max(candidates, key=lambda case: (len(pairs(case) & uncovered), -cost(case)))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
+GRID = dict(
+    B=[1, 2], H=[1, 3], T=[1, 17, 64, 128, 200], D=[16, 32, 64, 128],
+    causal=[True, False], dtype=[torch.float32, torch.float16],
+)
+if DEVICE == "cuda":
+    GRID["dtype"] = FLOAT_DTYPES
+    CASES = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    CASES += [
+        dict(B=2, H=3, T=T, D=D, causal=causal, dtype=dtype)
+        for T in (1000, 1024, 2048, 4096) for D in (64, 128) for causal in (True, False)
+        for dtype in (torch.float16, torch.bfloat16)
+    ]
+else:
+    CASES = pairwise(GRID, cost=lambda case: case["B"] * case["H"] * case["T"] ** 2)
+
+
+def _case_id(case):
+    dtype = str(case["dtype"]).replace("torch.", "")
+    return f"B{case['B']}-H{case['H']}-T{case['T']}-D{case['D']}-{'causal' if case['causal'] else 'full'}-{dtype}"
+
+
+def test_grid_covers_every_pair():
+    # Every T meets every D, both masks and both dtypes; every pair of any other two factors too.
+    for a, b in itertools.combinations(GRID, 2):
+        seen = {(case[a], case[b]) for case in CASES}
+        assert seen >= set(itertools.product(GRID[a], GRID[b])), (a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_forward_and_backward_match_float64(case):
+    B, H, T, D, causal, dtype = (case[name] for name in ("B", "H", "T", "D", "causal", "dtype"))
+    q, k, v, do = make_inputs(B, H, T, D, dtype)
+    lse_buffer = poisoned_like(torch.empty(B, H, T, device=DEVICE))
+    o, lse = attention_forward(q, k, v, causal, out=poisoned_like(q), lse=lse_buffer)
+    grads = attention_backward(
+        do, q, k, v, o, lse, causal, dq=poisoned_like(q), dk=poisoned_like(q), dv=poisoned_like(q)
+    )
+    o_ref, lse_ref, *grads_ref = expected(q, k, v, do, causal)
+
+    assert_close(o, o_ref, dtype, "o")
+    # lse (kept in base 2 by the kernel) is a log: its absolute error is the relative error of the
+    # softmax normalizer exp(lse), so that ratio is what must be 1 to the dtype's tolerance.
+    normalizer_ratio = torch.exp(lse.double() * math.log(2.0) - lse_ref)
+    assert_close(normalizer_ratio, torch.ones_like(lse_ref), dtype, "exp(lse)")
+    assert_grads_close(grads, grads_ref, dtype, floor=grads_ref[2].abs().max().item())
+
+
+def test_reference_is_the_explicit_softmax():
+    for causal in (True, False):
+        q, k, v, _ = make_inputs(2, 3, 37, 16, torch.float64)
+        assert_close(attention_reference(q, k, v, causal), explicit_attention(q, k, v, causal)[0], torch.float64)
+        assert_close(
+            attention_reference(q, k, v, causal, scale=0.3), explicit_attention(q, k, v, causal, 0.3)[0], torch.float64
+        )
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_autograd_matches_sdpa(causal, dtype):
+    """The differentiable op against F.scaled_dot_product_attention (attention_reference), both run
+    on the same inputs and compared with the float64 expectation; also with a non-default scale."""
+    q, k, v, do = make_inputs(2, 3, 45, 32, dtype)
+    for scale in (None, 0.3):
+        o_ref, _, *grads_ref = expected(q, k, v, do, causal, scale)
+        for fn in (attention, attention_reference):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            o = fn(*leaves, causal=causal, scale=scale)
+            o.backward(do)
+            assert o.dtype == dtype and all(t.grad.dtype == dtype for t in leaves)
+            assert_close(o, o_ref, dtype, f"{fn.__name__} o")
+            for name, leaf, grad_ref in zip("qkv", leaves, grads_ref):
+                assert_close(leaf.grad, grad_ref, dtype, f"{fn.__name__} d{name}")
+
+
+def test_model_layout_strided_views(monkeypatch):
+    """The model's call: q, k, v are (B, T, H, D) views of one (B, T, 3C) tensor, read in place, and
+    the output's transpose back to (B, T, C) is a free view."""
+    B, T, H, D = 2, 33, 2, 32
+    C = H * D
+    qkv = torch.randn(B, T, 3 * C, device=DEVICE, requires_grad=True)
+    dy = torch.randn(B, T, C, device=DEVICE)
+
+    def block(fn, qkv):
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(C, dim=2))
+        assert q.stride() == (T * 3 * C, D, 3 * C, 1)
+        y = fn(q, k, v, causal=True)
+        return y, y.transpose(1, 2).reshape(B, T, C)
+
+    copied = []
+    readable = attention_module._readable
+
+    def spy(t):
+        result = readable(t)
+        copied.append(result is not t)
+        return result
+
+    monkeypatch.setattr(attention_module, "_readable", spy)
+    o, y = block(attention, qkv)
+    assert o.transpose(1, 2).is_contiguous()  # so the reshape above copied nothing
+    y.backward(dy)
+    assert copied and not any(copied)  # q, k, v, o and dO were all read in place
+    qkv64 = qkv.detach().double().requires_grad_()
+    _, y_ref = block(lambda q, k, v, causal: explicit_attention(q, k, v, causal)[0], qkv64)
+    y_ref.backward(dy.double())
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(qkv.grad, qkv64.grad, torch.float32, "dqkv")
+
+
+def test_non_unit_last_stride_and_broadcast_gradient():
+    # Every other element of the last dim (copied before launch), and .sum()'s stride-0 gradient.
+    bases = [torch.randn(1, 2, 40, 64, device=DEVICE, requires_grad=True) for _ in range(3)]
+    q, k, v = (base[..., ::2] for base in bases)
+    o = attention(q, k, v, causal=False)
+    o.sum().backward()
+    o_ref, _, *grads_ref = expected(q, k, v, torch.ones_like(q), causal=False)
+    assert_close(o, o_ref, torch.float32, "o")
+    for name, base, grad_ref in zip("qkv", bases, grads_ref):
+        assert_close(base.grad[..., ::2], grad_ref, torch.float32, f"d{name}")
+        assert torch.equal(base.grad[..., 1::2], torch.zeros_like(grad_ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_backward_is_deterministic(dtype):
+    # No atomics: each gradient element is summed by one program in a fixed order.
+    q, k, v, do = make_inputs(2, 3, 77, 32, dtype)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, causal=True).backward(do)
+        runs.append([t.grad for t in leaves])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_empty_batch():
+    q = torch.randn(0, 2, 5, 16, device=DEVICE, requires_grad=True)
+    o = attention(q, q, q)
+    o.sum().backward()
+    assert o.shape == q.shape and torch.equal(q.grad, torch.zeros_like(q))
+
+
+def _x(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.randn(shape, device=device).to(dtype)
+
+
+BAD_INPUTS = {
+    "mismatched_T": (lambda: attention(_x(1, 2, 8, 16), _x(1, 2, 9, 16), _x(1, 2, 8, 16)), "same (B, H, T, D) shape"),
+    "three_dims": (lambda: attention(*(_x(2, 8, 16),) * 3), "q must be a 4-D (B, H, T, D) tensor"),
+    "not_a_tensor": (lambda: attention(_x(1, 2, 8, 16), [0.0], _x(1, 2, 8, 16)), "k must be a 4-D"),
+    "head_dim_48": (lambda: attention(*(_x(1, 2, 8, 48),) * 3), "supported head dims are 16, 32, 64, 128"),
+    "head_dim_256": (lambda: attention(*(_x(1, 1, 4, 256),) * 3), "D = 256 is not supported"),
+    "mixed_dtypes": (
+        lambda: attention(_x(1, 2, 8, 16), _x(1, 2, 8, 16, dtype=torch.float16), _x(1, 2, 8, 16)),
+        "share one dtype, got q torch.float32, k torch.float16",
+    ),
+    "float64": (lambda: attention(*(_x(1, 2, 8, 16, dtype=torch.float64),) * 3), "float16, bfloat16 or float32"),
+    "mixed_devices": (
+        lambda: attention(_x(1, 2, 8, 16), _x(1, 2, 8, 16), _x(1, 2, 8, 16, device="meta")), "must be on one device"
+    ),
+    "nan_scale": (lambda: attention(*(_x(1, 2, 8, 16),) * 3, scale=float("nan")), "scale must be None"),
+    "out_dtype": (
+        lambda: attention_forward(*(_x(1, 2, 8, 16),) * 3, out=_x(1, 2, 8, 16, dtype=torch.float16)), "out must be"
+    ),
+    "lse_shape": (lambda: attention_forward(*(_x(1, 2, 8, 16),) * 3, lse=_x(1, 2, 9)), "lse must be a contiguous"),
+    "grad_shape": (
+        lambda: attention_backward(_x(1, 2, 8, 8), *(_x(1, 2, 8, 16),) * 4, _x(1, 2, 8)),
+        "dO (the output gradient) must be a torch.float32 tensor of shape (1, 2, 8, 16)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_raise_value_error(case):
+    call, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a device where Triton cannot run beside one where it can")
+def test_cpu_tensors_rejected_on_gpu_build():
+    x = torch.randn(1, 2, 8, 16)
+    if registry.triton_runs_on("cpu"):
+        pytest.skip("TRITON_INTERPRET=1 makes the CPU a Triton device")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        attention(x, x, x)
+
+
+def test_config_rules():
+    for config in HOPPER_CONFIGS.values():  # __post_init__ has checked nesting; the table is complete
+        assert isinstance(config, AttentionConfig)
+    assert len(HOPPER_CONFIGS) == 4 * 3 * 2
+    with pytest.raises(ValueError, match="nest"):
+        AttentionConfig(forward=Tile(32, 64), dkdv=Tile(16, 32), dq=Tile(32, 16))
+    with pytest.raises(ValueError, match="nest"):
+        AttentionConfig(forward=Tile(32, 16), dkdv=Tile(32, 16), dq=Tile(32, 16))
+
+
+# Every distinct Hopper table entry, run with its own head dim and dtype (bf16 on the GPU only): the
+# large tiles' edge handling (T = 200 is no multiple of any block) is checked even without a GPU.
+TABLE_CASES = {}
+for (_D, _dtype, _), _config in HOPPER_CONFIGS.items():
+    if _dtype != torch.bfloat16 or DEVICE == "cuda":
+        TABLE_CASES.setdefault((_config, _dtype), _D)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize(
+    "config, D, dtype",
+    [(config, D, dtype) for (config, dtype), D in TABLE_CASES.items()],
+    ids=[f"D{D}-{str(dtype).replace('torch.', '')}" for (_, dtype), D in TABLE_CASES.items()],
+)
+def test_hopper_tiles(config, D, dtype, causal):
+    q, k, v, do = make_inputs(1, 2, 200, D, dtype)
+    o, lse = attention_forward(q, k, v, causal, out=poisoned_like(q), config=config)
+    grads = attention_backward(do, q, k, v, o, lse, causal, dq=poisoned_like(q), dk=poisoned_like(q),
+                               dv=poisoned_like(q), config=config)
+    o_ref, _, *grads_ref = expected(q, k, v, do, causal)
+    assert_close(o, o_ref, dtype, "o")
+    assert_grads_close(grads, grads_ref, dtype, floor=1.0)
+
+
+def test_opcheck():
+    q, k, v = (torch.randn(1, 2, 19, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.gpt_triton.attention.default, (q, k, v, True, 0.25))
+    o, lse = attention_forward(q.detach(), k.detach(), v.detach(), True, 0.25)
+    do = torch.randn_like(q)
+    # The backward op has no autograd of its own (no double backward), so its inputs are detached.
+    torch.library.opcheck(
+        torch.ops.gpt_triton.attention_backward.default,
+        (do, q.detach(), k.detach(), v.detach(), o, lse, True, 0.25),
+    )
+
+
+def test_torch_compile_fullgraph():
+    # aot_eager on the CPU: it checks the op's fake and autograd registrations inside one graph
+    # without inductor's minutes of C++ compilation; the GPU compiles with inductor.
+    counter = CompileCounterWithBackend("inductor" if DEVICE == "cuda" else "aot_eager")
+    torch._dynamo.reset()
+
+    def loss(q, k, v):
+        return attention(q, k, v, causal=True).square().sum()
+
+    q, k, v = (torch.randn(1, 2, 24, 16, device=DEVICE) for _ in range(3))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.compile(loss, fullgraph=True, backend=counter)(*leaves).backward()
+    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
+    assert counter.frame_count == 1 and "gpt_triton.attention" in called, called
+    eager = [t.clone().requires_grad_() for t in (q, k, v)]
+    loss(*eager).backward()
+    for name, compiled_leaf, eager_leaf in zip("qkv", leaves, eager):
+        assert_close(compiled_leaf.grad, eager_leaf.grad, torch.float32, f"compiled d{name}")
+
+
+def test_registered_as_the_triton_attention():
+    assert registry.resolve("attention", DEVICE) is attention
+    with registry.use_kernels("none"):
+        assert registry.resolve("attention", DEVICE) is attention_reference
+
+
+def test_gpt_model_parity():
+    assert_model_parity("attention")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autotuning times kernels on a GPU")
+def test_autotuned_path(monkeypatch):
+    monkeypatch.setattr(attention_module, "AUTOTUNE", True)
+    q, k, v, do = make_inputs(2, 3, 300, 64, torch.bfloat16)
+    o, lse = attention_forward(q, k, v, True, out=poisoned_like(q))
+    grads = attention_backward(do, q, k, v, o, lse, True)
+    o_ref, _, *grads_ref = expected(q, k, v, do, True)
+    assert_close(o, o_ref, torch.bfloat16, "o")
+    assert_grads_close(grads, grads_ref, torch.bfloat16, floor=1.0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 matmuls need CUDA")
+def test_under_bf16_autocast():
+    x = torch.randn(2, 64, 128, device=DEVICE)
+    c_attn = torch.nn.Linear(128, 3 * 128).to(DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        q, k, v = (t.view(2, 64, 2, 64).transpose(1, 2) for t in c_attn(x).split(128, dim=2))
+        y = attention(q, k, v)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, explicit_attention(q, k, v, True)[0], torch.bfloat16, "y")
+
+
+def test_bench_quick_rows():
+    rows = run_bench(BenchContext(device="cpu", quick=True))
+    impls = {row["impl"] for row in rows}
+    assert "sdpa" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
+    assert {row["pass"] for row in rows} == set(PASSES)
+    for row in rows:
+        assert row["op"] == "attention" and row["median_ms"] > 0 and row["tflop_per_s"] > 0

@@ -1,0 +1,384 @@
+"""The Triton LayerNorm (optional fused residual add) against float64 PyTorch.
+
+Launchers are tested with NaN-poisoned output buffers, so an element a kernel skips fails; the
+custom ops are tested through autograd, opcheck and torch.compile. bf16 runs in the interpreter
+too (only ``tl.dot`` on bf16 is broken there, and these kernels have none), on a smaller grid.
+
+The CPU grid takes every width of the issue with two row counts (the interpreter is too slow for
+the full cross product); the GPU runs the full cross product of rows, widths and dtypes.
+"""
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import kernels.layernorm as layernorm_module
+from bench.bench_layernorm import PASSES, run as run_bench
+from bench.common import BenchContext
+from conftest import DEVICE
+from kernels import registry
+from kernels.layernorm import layer_norm, layer_norm_backward, layer_norm_forward, layer_norm_reference
+from model_parity import assert_model_parity
+from numerics import assert_close, poisoned_like
+
+ROWS = [1, 3, 257, 1000]
+WIDTHS = [7, 64, 768, 771, 1024, 1280, 1600, 4096]
+if DEVICE == "cuda":
+    SHAPES = [(rows, width) for rows in ROWS for width in WIDTHS]
+    GRID_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+else:
+    # Every width twice and every row count at least twice; the many rows go to the narrow and the
+    # GPT-2 small widths, as the interpreter's time grows with rows × width.
+    SHAPES = [(1000, 7), (3, 7), (1000, 64), (1, 64), (257, 768), (1, 768), (257, 771), (3, 771),
+              (3, 1024), (1, 1024), (1, 1280), (3, 1280), (3, 1600), (1, 1600), (1, 4096), (3, 4096)]
+    GRID_DTYPES = [torch.float32, torch.float16]
+# (residual, weight, bias): the model's path, no bias (GPT's bias=False), no parameters at all.
+VARIANTS = {"residual": (True, True, True), "residual_no_bias": (True, True, False),
+            "plain": (False, True, True), "plain_no_params": (False, False, False)}
+EPS = 1e-5
+
+
+def make_inputs(shape, dtype, with_residual, with_weight, with_bias, residual_dtype=None, param_dtype=None):
+    """x, residual, weight, bias and the upstream gradients dy (of y) and ds (of the stream), on a
+    few different scales so that the normalization has something to do."""
+    def randn(*size, scale=1.0, shift=0.0, dtype=dtype):
+        return (torch.randn(size, device=DEVICE) * scale + shift).to(dtype)
+
+    x = randn(*shape, scale=2.0, shift=0.5)
+    residual = randn(*shape, scale=3.0, shift=-1.0, dtype=residual_dtype or dtype) if with_residual else None
+    weight = randn(shape[-1], shift=1.0, dtype=param_dtype or dtype) if with_weight else None
+    bias = randn(shape[-1], scale=0.5, dtype=param_dtype or dtype) if with_bias else None
+    stream_dtype = layernorm_module.stream_dtype(x, residual)
+    dy = randn(*shape, dtype=stream_dtype)
+    ds = randn(*shape, scale=0.5, dtype=stream_dtype) if with_residual else None
+    return x, residual, weight, bias, dy, ds
+
+
+def expected(x, residual, weight, bias, dy, ds):
+    """y, stream and the gradients of x, residual, weight and bias, in float64. The
+    stream is rounded to its stored dtype, as the op stores it, before it is normalized."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, residual, weight, bias)]
+    x64, residual64, weight64, bias64 = leaves
+    stream = x64
+    if residual is not None:
+        stream = (x64 + residual64).to(layernorm_module.stream_dtype(x, residual)).double()
+    y = layer_norm_reference(stream, weight64, bias64, EPS)
+    outputs, grads = [y], [dy.double()]
+    if ds is not None:
+        outputs.append(stream)
+        grads.append(ds.double())
+    torch.autograd.backward(outputs, grads)
+    grads = [t.grad if t is not None else None for t in leaves]
+    return y.detach(), (stream.detach() if residual is not None else None), grads
+
+
+def poisoned(shape, dtype):
+    """A contiguous NaN-filled buffer (``poisoned_like`` would copy a strided input's layout)."""
+    return poisoned_like(torch.empty(shape, dtype=dtype, device=DEVICE))
+
+
+def check_launchers(x, residual, weight, bias, dy, ds, tolerance_dtype, factor=1.0):
+    """Forward and backward launchers into poisoned buffers, against float64."""
+    y_ref, stream_ref, (dx_ref, dres_ref, dw_ref, db_ref) = expected(x, residual, weight, bias, dy, ds)
+    stream_out = poisoned(x.shape, dy.dtype) if residual is not None else None
+    y, stream, mean, rstd = layer_norm_forward(x, weight, bias, EPS, residual, out=poisoned(x.shape, dy.dtype),
+                                               stream_out=stream_out)
+    assert y.dtype == dy.dtype
+    assert_close(y, y_ref, tolerance_dtype, "y", factor)
+    if residual is not None:
+        assert stream.dtype == dy.dtype
+        assert_close(stream, stream_ref, tolerance_dtype, "stream")
+    # The statistics of the stream as stored (the interpreter rounds fp32 -> bf16 toward zero, a GPU
+    # to nearest: the stored bf16 stream differs from the float64 one by a rounding).
+    var_ref, mean_ref = torch.var_mean((stream if residual is not None else x).double(), dim=-1, unbiased=False)
+    assert_close(mean, mean_ref, torch.float32, "mean", factor)
+    assert_close(rstd, (var_ref + EPS).rsqrt(), torch.float32, "rstd", factor)
+
+    residual_dtype = residual.dtype if residual is not None else None
+    dresidual_out = poisoned(x.shape, residual_dtype) if residual is not None else None
+    dx, dres, dw, db = layer_norm_backward(
+        dy, stream if residual is not None else x, weight, bias, mean, rstd, ds, x.dtype, residual_dtype,
+        dx=poisoned(x.shape, x.dtype), dresidual=dresidual_out,
+    )
+    assert_close(dx, dx_ref, tolerance_dtype, "dx", factor)
+    if residual is not None:
+        assert_close(dres, dres_ref, tolerance_dtype, "dresidual", factor)
+    for name, grad, grad_ref, param in (("dweight", dw, dw_ref, weight), ("dbias", db, db_ref, bias)):
+        if param is None:
+            assert grad is None, name
+        else:
+            assert grad.dtype == param.dtype, name
+            assert_close(grad, grad_ref, tolerance_dtype, name, factor)
+
+
+@pytest.mark.parametrize("dtype", GRID_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_model_path_matches_float64(shape, dtype):
+    """The model's call: fused residual, weight and bias, upstream gradients into both outputs."""
+    check_launchers(*make_inputs(shape, dtype, True, True, True), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_variants_match_float64(variant, dtype):
+    check_launchers(*make_inputs((67, 771), dtype, *VARIANTS[variant]), dtype)
+
+
+WIDE_SHAPES = [(3, 8192), (1, 8192)] + ([(1000, 8192), (64, 65536)] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("shape", WIDE_SHAPES, ids=str)
+def test_wide_rows(shape):
+    check_launchers(*make_inputs(shape, torch.float32, True, True, True), torch.float32)
+
+
+def test_backward_loops_over_many_tiles(monkeypatch):
+    # A couple of programs for 300 rows of 10 (tiles of 204 rows): each program loops over
+    # tiles, the last tile is ragged, and dweight/dbias add several partial rows.
+    monkeypatch.setattr(layernorm_module, "BACKWARD_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(layernorm_module, "INTERPRETER_BACKWARD_PROGRAMS", 3)
+    layernorm_module._max_backward_programs.cache_clear()
+    try:
+        check_launchers(*make_inputs((300, 10), torch.float32, True, True, True), torch.float32)
+    finally:
+        layernorm_module._max_backward_programs.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "x_dtype, residual_dtype, param_dtype",
+    [(torch.float32, torch.float32, torch.float32), (torch.float16, torch.float16, torch.float16),
+     (torch.float16, torch.float16, torch.float32), (torch.bfloat16, torch.float32, torch.float32),
+     (torch.float16, None, torch.float32), (torch.bfloat16, None, torch.bfloat16)],
+    ids=["fp32", "fp16", "fp16+fp32params", "bf16+fp32stream (the model under autocast)", "fp16 plain+fp32params",
+         "bf16 plain"],
+)
+def test_autograd_dtypes_match_reference(x_dtype, residual_dtype, param_dtype):
+    """Outputs in the stream's dtype, every gradient in its input's dtype, in the op and in the
+    reference alike; both match float64."""
+    with_residual = residual_dtype is not None
+    inputs = make_inputs((5, 7, 96), x_dtype, with_residual, True, True, residual_dtype, param_dtype)
+    x, residual, weight, bias, dy, ds = inputs
+    stream_dtype = dy.dtype
+    tolerance_dtype = x_dtype  # the least precise input bounds the error
+    y_ref, stream_ref, grads_ref = expected(*inputs)
+    for name, fn in (("triton", layer_norm), ("reference", layer_norm_reference)):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, residual, weight, bias)]
+        xg, rg, wg, bg = leaves
+        out = fn(xg, wg, bg, EPS, residual=rg)
+        if with_residual:
+            y, stream = out
+            assert stream.dtype == stream_dtype, name
+            torch.autograd.backward([y, stream], [dy, ds])
+            assert_close(stream, stream_ref, tolerance_dtype, f"{name} stream")
+        else:
+            y = out
+            y.backward(dy)
+        assert y.dtype == stream_dtype, name
+        assert_close(y, y_ref, tolerance_dtype, f"{name} y")
+        for leaf, grad_ref, label in zip(leaves, grads_ref, ("dx", "dresidual", "dweight", "dbias")):
+            if leaf is None:
+                continue
+            assert leaf.grad.dtype == leaf.dtype, f"{name} {label}"
+            assert_close(leaf.grad, grad_ref, tolerance_dtype, f"{name} {label}")
+
+
+def test_only_one_output_used():
+    # ln_f's stream output is dropped (its gradient is None, not a zero tensor), and a caller may
+    # use the stream alone (then y's gradient is None and the stream's passes straight through).
+    x, residual, weight, bias, dy, ds = make_inputs((9, 33), torch.float32, True, True, True)
+    leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+    y, _ = layer_norm(leaves[0], leaves[2], leaves[3], EPS, residual=leaves[1])
+    y.backward(dy)
+    _, _, grads_ref = expected(x, residual, weight, bias, dy, None)
+    for leaf, grad_ref, label in zip(leaves, grads_ref, ("dx", "dresidual", "dweight", "dbias")):
+        assert_close(leaf.grad, grad_ref, torch.float32, label)
+
+    leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+    _, stream = layer_norm(leaves[0], leaves[2], leaves[3], EPS, residual=leaves[1])
+    stream.backward(ds)
+    assert torch.equal(leaves[0].grad, ds) and torch.equal(leaves[1].grad, ds)
+    assert leaves[2].grad is None and leaves[3].grad is None
+
+
+def _spread(*shape):
+    return torch.randn(shape, device=DEVICE) * 2 + 0.5
+
+
+NON_CONTIGUOUS = {
+    "transposed": lambda: _spread(130, 45).t(),
+    "column_slice": lambda: _spread(45, 135)[:, :130],  # read in place through the row stride
+    "every_other_row": lambda: _spread(4, 90, 130)[:, ::2],
+}
+
+
+@pytest.mark.parametrize("layout", NON_CONTIGUOUS)
+def test_non_contiguous_inputs(layout):
+    x, residual = NON_CONTIGUOUS[layout](), NON_CONTIGUOUS[layout]()
+    assert not x.is_contiguous()
+    width = x.shape[-1]
+    weight, bias = torch.randn(2, width, device=DEVICE)  # rows of one tensor: contiguous 1-D views
+    dy = torch.randn(x.shape, device=DEVICE).transpose(0, 1).contiguous().transpose(0, 1)  # strided too
+    ds = torch.randn(x.shape, device=DEVICE)[..., :].transpose(0, 1).contiguous().transpose(0, 1)
+    check_launchers(x, residual, weight, bias, dy, ds, torch.float32)
+
+    leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+    y, stream = layer_norm(leaves[0], leaves[2], leaves[3], EPS, residual=leaves[1])
+    torch.autograd.backward([y, stream], [dy, ds])
+    y_ref, stream_ref, grads_ref = expected(x, residual, weight, bias, dy, ds)
+    assert_close(y, y_ref, torch.float32, "y")
+    for leaf, grad_ref, label in zip(leaves, grads_ref, ("dx", "dresidual", "dweight", "dbias")):
+        assert_close(leaf.grad, grad_ref, torch.float32, label)
+
+
+def test_broadcast_gradient_empty_input_and_determinism():
+    # .sum() hands the backward an expanded dy with stride 0.
+    x, _, weight, bias, _, _ = make_inputs((33, 70), torch.float32, False, True, True)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    layer_norm(leaves[0], leaves[1], leaves[2]).sum().backward()
+    _, _, grads_ref = expected(x, None, weight, bias, torch.ones_like(x), None)
+    for leaf, grad_ref, label in zip(leaves, [grads_ref[0], *grads_ref[2:]], ("dx", "dweight", "dbias")):
+        assert_close(leaf.grad, grad_ref, torch.float32, label)
+
+    # No atomics: the same inputs give bit-identical gradients.
+    x, residual, weight, bias, dy, ds = make_inputs((300, 40), torch.float32, True, True, True)
+    y, stream, mean, rstd = layer_norm_forward(x, weight, bias, EPS, residual)
+    first, second = (layer_norm_backward(dy, stream, weight, bias, mean, rstd, ds) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second) if a is not None)
+
+    empty = torch.randn(0, 70, device=DEVICE, requires_grad=True)
+    wg, bg = weight.new_ones(70).requires_grad_(), bias.new_zeros(70).requires_grad_()
+    y, stream = layer_norm(empty, wg, bg, residual=torch.randn(0, 70, device=DEVICE))
+    (y.sum() + stream.sum()).backward()
+    assert y.shape == stream.shape == (0, 70)
+    assert torch.equal(wg.grad, torch.zeros(70, device=DEVICE)) and torch.equal(bg.grad, torch.zeros(70, device=DEVICE))
+
+
+def test_bad_inputs_raise_value_error():
+    x = torch.randn(4, 8, device=DEVICE)
+    w = torch.randn(8, device=DEVICE)
+    y, _, mean, rstd = layer_norm_forward(x, w, w)
+    cases = [
+        (lambda: layer_norm(x, torch.randn(7, device=DEVICE), None),
+         "weight must be 1-D with x's last dimension, i.e. shape (8,)"),
+        (lambda: layer_norm(x, w, torch.randn(9, device=DEVICE)), "bias must be 1-D with x's last dimension"),
+        (lambda: layer_norm(x, torch.randn(1, 8, device=DEVICE), None), "weight must be 1-D"),
+        (lambda: layer_norm(torch.randn(4, 0, device=DEVICE), None, None),
+         "last dimension (the one normalized) of 1 to"),
+        (lambda: layer_norm(torch.randn((), device=DEVICE), None, None), "last dimension"),
+        (lambda: layer_norm(torch.randn(2, 65537, device=DEVICE), None, None), "of 1 to 65536 elements"),
+        (lambda: layer_norm(x.double(), None, None), "x must be float32, float16 or bfloat16, got torch.float64"),
+        (lambda: layer_norm(torch.ones(4, 8, dtype=torch.int32, device=DEVICE), None, None), "x must be float32"),
+        (lambda: layer_norm(x, w.half(), None), "weight must be torch.float32 (the normalized stream's dtype"),
+        (lambda: layer_norm(x.half(), w.bfloat16(), None), "weight must be torch.float16 or torch.float32"),
+        (lambda: layer_norm(x, w, w.long()), "bias must be torch.float32"),
+        (lambda: layer_norm(x, torch.randn(8, device="meta"), None), "weight is on meta but x is on"),
+        (lambda: layer_norm(x, w, torch.randn(8, device="meta")), "same device"),
+        (lambda: layer_norm(x, [1.0] * 8, None), "weight must be a tensor or None"),
+        (lambda: layer_norm(x, w, w, residual=torch.randn(4, 8, device="meta")), "residual is on meta"),
+        (lambda: layer_norm(x, w, w, residual=torch.randn(8, device=DEVICE)), "residual must have x's shape (4, 8)"),
+        (lambda: layer_norm(x, w, w, residual=x.long()), "residual must be a float32, float16 or bfloat16 tensor"),
+        (lambda: layer_norm(x.half(), w.half(), None, residual=x), "weight must be torch.float32"),
+        (lambda: layer_norm(x, w, w, eps=-1.0), "eps must be a non-negative number"),
+        (lambda: layer_norm_forward(x, w, w, out=torch.empty(4, 9, device=DEVICE)),
+         "out must be a contiguous torch.float32 tensor of shape (4, 8)"),
+        (lambda: layer_norm_forward(x, w, w, out=torch.empty(8, 4, device=DEVICE).t()), "non-contiguous"),
+        (lambda: layer_norm_forward(x.half(), w, w, residual=x, stream_out=torch.empty_like(x.half())),
+         "stream_out must be a contiguous torch.float32 tensor"),
+        (lambda: layer_norm_backward(torch.randn(4, 9, device=DEVICE), x, w, w, mean, rstd),
+         "dy must be a float tensor shaped like the stream (4, 8)"),
+        (lambda: layer_norm_backward(y, x, w, w, mean, rstd, dstream=y[:2]), "dstream must be a float tensor"),
+        (lambda: layer_norm_backward(y, x, w, w, mean.double(), rstd),
+         "mean must be a contiguous float32 tensor of shape (4,)"),
+        (lambda: layer_norm_backward(y, x, w, w, mean, rstd[:2]), "rstd must be"),
+        (lambda: layer_norm_backward(y, x, w, w, mean, rstd, x_dtype=torch.int8), "x_dtype must be float32"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_opcheck(variant):
+    with_residual, with_weight, with_bias = VARIANTS[variant]
+    x, residual, weight, bias, dy, ds = make_inputs((6, 40), torch.float32, with_residual, with_weight, with_bias)
+    x, residual, weight, bias = (t.requires_grad_() if t is not None else None for t in (x, residual, weight, bias))
+    if with_residual:
+        torch.library.opcheck(torch.ops.gpt_triton.layer_norm_residual.default, (x, residual, weight, bias, EPS))
+        _, stream, mean, rstd = layer_norm_forward(x.detach(), weight, bias, EPS, residual.detach())
+        args = (dy, ds, stream, weight, bias, mean, rstd, torch.float16, torch.float32)
+    else:
+        torch.library.opcheck(torch.ops.gpt_triton.layer_norm.default, (x, weight, bias, EPS))
+        _, _, mean, rstd = layer_norm_forward(x.detach(), weight, bias, EPS)
+        args = (dy, None, x, weight, bias, mean, rstd, torch.float32, None)
+    # The backward op has no autograd of its own (no double backward), so its inputs are detached.
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.gpt_triton.layer_norm_backward.default, args)
+
+
+class TinyBlockTail(nn.Module):
+    """The model's pattern: a linear branch added to the stream by the LayerNorm that follows it."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+        self.ln = nn.LayerNorm(width)
+
+    def forward(self, x, norm=layer_norm):
+        h, x = norm(self.proj(x), self.ln.weight, self.ln.bias, EPS, residual=x)
+        return h, norm(x, self.ln.weight, self.ln.bias, EPS)
+
+
+def test_torch_compile_fullgraph():
+    # The CPU uses aot_eager: it checks what matters for the op (one graph holding it, its fake and
+    # autograd registrations) in about a second, where inductor spends many seconds compiling C++
+    # for the surrounding linear on a 2-core machine. The GPU compiles with inductor.
+    counter = CompileCounterWithBackend("inductor" if DEVICE == "cuda" else "aot_eager")
+    torch._dynamo.reset()
+    module = TinyBlockTail(24).to(DEVICE)
+    compiled = torch.compile(module, fullgraph=True, backend=counter)
+    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+    h, y = compiled(x)
+    (h.square().sum() + (y * torch.linspace(-1, 1, 24, device=DEVICE)).sum()).backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
+    assert counter.frame_count == 1, counter.frame_count
+    assert "gpt_triton.layer_norm_residual" in called and "gpt_triton.layer_norm" in called, called
+
+    x.grad = None
+    module.zero_grad()
+    h, y = module(x, norm=layer_norm_reference)
+    (h.square().sum() + (y * torch.linspace(-1, 1, 24, device=DEVICE)).sum()).backward()
+    for grad, grad_ref in zip(grads, [x.grad] + [p.grad for p in module.parameters()]):
+        assert_close(grad, grad_ref, torch.float32, "compiled grad", factor=10)
+
+
+def test_gpt_model_parity():
+    assert_model_parity("layernorm")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 linears need CUDA; the CPU covers the dtypes in "
+                    "test_autograd_dtypes_match_reference")
+def test_block_tail_under_bf16_autocast():
+    module = TinyBlockTail(768).to(DEVICE)
+    x = torch.randn(4, 64, 768, device=DEVICE)
+    outputs = {}
+    for name, norm in (("triton", layer_norm), ("reference", layer_norm_reference)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outputs[name] = module(x, norm=norm)
+    (h, y), (h_ref, y_ref) = outputs["triton"], outputs["reference"]
+    assert h.dtype == y.dtype == h_ref.dtype == torch.float32  # the fp32 stream, as F.layer_norm gives
+    assert_close(h, h_ref, torch.bfloat16, "h")
+    assert_close(y, y_ref, torch.bfloat16, "y")
+
+
+def test_bench_quick_rows():
+    rows = run_bench(BenchContext(device="cpu", quick=True))
+    impls = {row["impl"] for row in rows}
+    assert "eager" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
+    assert {row["pass"] for row in rows} == set(PASSES)
+    assert {row["case"].endswith("+residual") for row in rows} == {True, False}
+    for row in rows:
+        assert row["op"] == "layernorm" and row["median_ms"] > 0 and row["gb_per_s"] > 0
