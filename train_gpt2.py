@@ -14,6 +14,7 @@ import contextlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state across "
+                                                       "ranks (FSDP2; under torchrun), with sharded checkpoints")
     p.add_argument("--eval-every", type=int, help="validation loss every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, help="batches per validation")
     p.add_argument("--sample-every", type=int, help="print a sample every N steps (0: only at the end)")
@@ -132,17 +135,22 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
 
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
+    if args.fsdp:
+        _shard(model, dist_info)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     out_dir = Path(args.out_dir)
     log_path = out_dir / "log.jsonl"
 
     start_step = 0
-    found = ckpt.latest_checkpoint(out_dir) if args.resume else None
+    found = _latest_checkpoint(args, out_dir) if args.resume else None
     if found:
         path, state = found
         ckpt.check_compatible(state["config"], config, path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if args.fsdp:
+            state.update(distributed.load_sharded_checkpoint(path, model, optimizer))
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         train_loader.load_state_dict(state["train_loader"])
         set_rng_state(state["rng"])
         start_step = state["step"]
@@ -156,7 +164,8 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
         log_path.unlink(missing_ok=True)
 
     # DDP averages the gradients across ranks during the backward of the last micro-step.
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.enabled else None
+    use_ddp = dist_info.enabled and not args.fsdp
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if use_ddp else None
     train_model = ddp_model or model
     if args.compile:
         train_model = torch.compile(train_model)
@@ -179,8 +188,10 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
             if args.eval_every and step % args.eval_every == 0:
                 record["val_loss"] = evaluate(train_model, val_loader, args.eval_batches, device, dtype)
                 progress.write(f"step {step}: val loss {record['val_loss']:.4f}")
-            if args.sample_every and step > 0 and step % args.sample_every == 0 and dist_info.is_main:
-                progress.write(_sample(model, args, sampler, device, dtype))
+            if args.sample_every and step > 0 and step % args.sample_every == 0:
+                sample = _sample(model, args, sampler, device, dtype)  # every rank: FSDP's forward needs them all
+                if dist_info.is_main:
+                    progress.write(sample)
 
             start = time.perf_counter()
             lr = cosine_lr(step, max_lr, min_lr, args.warmup_steps, args.max_steps)
@@ -190,8 +201,11 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
             for micro in range(grad_accum):
                 x, y = train_loader.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                last_micro = micro == grad_accum - 1
                 if ddp_model is not None:  # all-reduce only once, after the last micro-step
-                    ddp_model.require_backward_grad_sync = micro == grad_accum - 1
+                    ddp_model.require_backward_grad_sync = last_micro
+                elif args.fsdp:  # reduce-scatter only once, after the last micro-step
+                    model.set_requires_gradient_sync(last_micro)
                 with autocast(device, dtype):
                     _, loss = train_model(x, y)
                 (loss / grad_accum).backward()
@@ -218,20 +232,46 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
                 log.flush()
 
             done = step + 1
-            if dist_info.is_main and ((args.checkpoint_every and done % args.checkpoint_every == 0) or done == args.max_steps):
-                state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=done,
-                             train_loader=train_loader.state_dict(), rng=rng_state(), config=config.to_dict(),
-                             args={k: str(v) for k, v in vars(args).items()})
-                ckpt.save_checkpoint(out_dir, done, state, keep_last=args.keep_last)
+            if (args.checkpoint_every and done % args.checkpoint_every == 0) or done == args.max_steps:
+                state = dict(step=done, train_loader=train_loader.state_dict(), rng=rng_state(),
+                             config=config.to_dict(), args={k: str(v) for k, v in vars(args).items()})
+                if args.fsdp:  # every rank writes its shards
+                    distributed.save_sharded_checkpoint(out_dir, done, model, optimizer, state, args.keep_last)
+                elif dist_info.is_main:
+                    state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+                    ckpt.save_checkpoint(out_dir, done, state, keep_last=args.keep_last)
 
         final = {"step": args.max_steps, "val_loss": evaluate(train_model, val_loader, args.eval_batches, device, dtype)}
         if log:
             log.write(json.dumps(final) + "\n")
     say(f"step {args.max_steps}: val loss {final['val_loss']:.4f}"
         + (f" ({skipped} steps skipped: non-finite gradients)" if skipped else ""))
-    if dist_info.is_main:
-        say("sample:\n" + _sample(model, args, sampler, device, dtype))
+    sample = _sample(model, args, sampler, device, dtype)
+    say("sample:\n" + sample)
     return 0
+
+
+def _shard(model, dist_info) -> None:
+    """FSDP2: each block is one unit of all-gather / reduce-scatter; the root holds the embeddings
+    (wte and the tied lm_head stay together) and the final LayerNorm."""
+    if not dist_info.enabled:
+        raise RunError("--fsdp needs torch.distributed: launch with torchrun --nproc_per_node=N")
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    # The returned logits are a view (the vocabulary padding sliced off); nothing modifies them in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+def _latest_checkpoint(args, out_dir: Path):
+    if not args.fsdp:
+        return ckpt.latest_checkpoint(out_dir)
+    found = distributed.list_sharded_checkpoints(out_dir)
+    if not found:
+        return None
+    return found[-1], torch.load(found[-1] / "extra.pt", weights_only=False)
 
 
 def _silent(*args, **kwargs):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,10 +21,7 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+    enabled: bool = False  # launched by torchrun (even with one process: DDP/FSDP at world size 1)
 
     @property
     def is_main(self) -> bool:
@@ -37,7 +36,7 @@ def setup(device: str | None) -> tuple[DistInfo, torch.device]:
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
         return DistInfo(), device
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), enabled=True)
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
@@ -74,3 +73,55 @@ def broadcast_object(value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints (--fsdp): every rank writes its own shards with torch.distributed.checkpoint,
+# which can load them back on another world size. The folder is written under a temporary name
+# and renamed by rank 0 once every rank has finished, so a folder under the final name is complete.
+
+
+def _sharded_name(step: int) -> str:
+    return f"ckpt_{step:07d}.dcp"
+
+
+def save_sharded_checkpoint(out_dir: Path, step: int, model, optimizer, extra: dict, keep_last: int) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = out_dir / _sharded_name(step)
+    tmp = out_dir / f".{final.name}.tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        torch.save(extra, tmp / "extra.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if keep_last > 0:
+            for old in list_sharded_checkpoints(out_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def list_sharded_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete sharded checkpoints, oldest first (temporary folders start with a dot and never match)."""
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.glob("ckpt_*.dcp") if (p / "extra.pt").is_file())
+
+
+def load_sharded_checkpoint(path: Path, model, optimizer) -> dict:
+    """Load shards into ``model`` and ``optimizer`` (any world size); returns the unsharded rest."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return torch.load(path / "extra.pt", weights_only=False)

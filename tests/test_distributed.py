@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,10 @@ def data_dir(tmp_path_factory):
     return folder
 
 
-def run(out_dir, data_dir, nproc, *extra):
+def run(out_dir, data_dir, nproc, *extra, torchrun=None):
+    """One training run: plain python for one process unless ``torchrun`` is asked for."""
     script = [str(ROOT / "train_gpt2.py"), *COMMON, "--data", str(data_dir), "--out-dir", str(out_dir), *extra]
-    if nproc == 1:
+    if not (nproc > 1 if torchrun is None else torchrun):
         cmd = [sys.executable, *script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script]
@@ -82,3 +84,17 @@ def test_total_batch_must_divide_across_ranks(data_dir, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert "not a multiple of batch-size*seq-len*world-size" in result.stderr
+
+
+def test_fsdp_matches_single_process_and_resumes_on_another_world_size(data_dir, tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    run(single, data_dir, 1, "--batch-size", "8")
+    run(sharded, data_dir, 2, "--batch-size", "4", "--fsdp", "--checkpoint-every", "3")
+    np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
+    assert (sharded / f"ckpt_{STEPS:07d}.dcp").is_dir()
+
+    # Resume the two-rank run's step-3 shards on one rank (micro-batch 8: the same 256 tokens per step).
+    shutil.rmtree(sharded / f"ckpt_{STEPS:07d}.dcp")
+    result = run(sharded, data_dir, 1, "--batch-size", "8", "--fsdp", "--resume", torchrun=True)
+    assert "resuming from" in result.stdout
+    np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
