@@ -27,6 +27,7 @@ from gpt.config import PRESETS, preset
 from gpt.data import DataLoader, ensure_default_corpus
 from gpt.generate import generate
 from gpt.model import GPT
+from gpt.numerics import ON_NONFINITE, StepGuard
 from gpt.tokenizer import decode, encode
 from gpt.training import (
     autocast,
@@ -78,12 +79,32 @@ def parse_args(argv=None):
     p.add_argument("--sample-prompt", default="def ", help="prompt for the samples")
     p.add_argument("--sample-tokens", type=int, default=48, help="tokens per sample")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --out-dir")
+    p.add_argument("--keep-last", type=int, default=2, help="complete checkpoints kept in --out-dir (0: all)")
     p.add_argument("--out-dir", default="out", help="checkpoints and log.jsonl go here")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.add_argument("--seed", type=int, default=1337)
+    # The numerics watch (gpt/numerics.py): a skipped step leaves the weights and optimizer untouched.
+    p.add_argument("--on-nonfinite", choices=ON_NONFINITE, default="skip",
+                   help="a NaN/inf loss or gradient norm skips the step, or stops the run (default: skip)")
+    p.add_argument("--max-consecutive-skips", type=int, default=10,
+                   help="stop after this many skipped steps in a row, non-finite or spikes (0: never)")
+    p.add_argument("--spike-zscore", type=float, default=6.0,
+                   help="skip a step whose loss z-score over the last --spike-window losses exceeds this (0: off)")
+    p.add_argument("--spike-window", type=int, default=128, help="losses the spike guard compares against")
     args = p.parse_args(argv)
 
+    for name, least in (("batch_size", 1), ("seq_len", 1), ("total_batch_tokens", 1), ("max_steps", 0),
+                        ("warmup_steps", 0), ("eval_every", 0), ("eval_batches", 1), ("sample_every", 0),
+                        ("sample_tokens", 0), ("checkpoint_every", 0), ("keep_last", 0),
+                        ("max_consecutive_skips", 0), ("spike_zscore", 0), ("spike_window", 2)):
+        value = getattr(args, name)
+        if value is not None and not value >= least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if args.device:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device!r} is not a device (expected cuda, cuda:N or cpu)")
     device_type = torch.device(args.device).type if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     defaults = GPU_DEFAULTS if device_type == "cuda" else CPU_DEFAULTS
     for name, value in defaults.items():
@@ -100,7 +121,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dist_info, device = distributed.setup(args.device)
     try:
-        return train(args, dist_info, device)
+        code = train(args, dist_info, device)
+        distributed.barrier()  # ranks leave together: gloo aborts one that tears down while another is busy
+        return code
     finally:
         distributed.teardown()
 
@@ -111,6 +134,8 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
     if device.type == "cpu" and dtype != torch.float32:
         raise RunError(f"--dtype {args.dtype} needs CUDA; on the CPU training runs in float32")
 
@@ -138,6 +163,7 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
     if args.fsdp:
         _shard(model, dist_info)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    guard = StepGuard(args.on_nonfinite, args.max_consecutive_skips, args.spike_zscore, args.spike_window)
     out_dir = Path(args.out_dir)
     log_path = out_dir / "log.jsonl"
 
@@ -153,6 +179,8 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
             optimizer.load_state_dict(state["optimizer"])
         train_loader.load_state_dict(state["train_loader"])
         set_rng_state(state["rng"])
+        if "numerics" in state:
+            guard.load_state_dict(state["numerics"])
         start_step = state["step"]
         say(f"resuming from {path} at step {start_step}")
         if dist_info.is_main:
@@ -178,7 +206,6 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
     if peak:
         peak *= dist_info.world_size
     sampler = torch.Generator(device=device).manual_seed(args.seed)
-    skipped = 0
 
     progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                     dynamic_ncols=True, disable=None if dist_info.is_main else True)
@@ -210,18 +237,23 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
                     _, loss = train_model(x, y)
                 (loss / grad_accum).backward()
                 loss_sum += loss.detach().float()
-            grad_norm = optimizer.clip_grad_norm_(args.grad_clip)
-            if torch.isfinite(grad_norm):
+            grad_norm = optimizer.clip_grad_norm_(args.grad_clip).item()
+            train_loss = distributed.mean_across_ranks(loss_sum / grad_accum).item()
+            verdict = guard.check(step, train_loss, grad_norm)  # NaN/inf and loss spikes skip the update
+            if verdict.update:
                 optimizer.step()
-            else:
-                skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            train_loss = distributed.mean_across_ranks(loss_sum / grad_accum).item()  # the one host sync per step
             elapsed = time.perf_counter() - start
 
             tokens_per_sec = total / elapsed
-            record.update(train_loss=train_loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_sec=tokens_per_sec,
-                          step_ms=elapsed * 1e3, skipped_steps=skipped)
+            record.update(train_loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens_per_sec,
+                          step_ms=elapsed * 1e3, skipped_steps=guard.skipped)
+            if verdict.zscore is not None:
+                record["loss_z"] = verdict.zscore
+            if verdict.skip_reason:
+                record["skipped"] = verdict.skip_reason
+                if dist_info.is_main:
+                    progress.write(verdict.message)
             if peak:
                 record["mfu"] = flops_per_step / elapsed / peak
             postfix = dict(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
@@ -230,11 +262,14 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
             if log:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if verdict.stop:
+                raise RunError(verdict.stop)
 
             done = step + 1
             if (args.checkpoint_every and done % args.checkpoint_every == 0) or done == args.max_steps:
                 state = dict(step=done, train_loader=train_loader.state_dict(), rng=rng_state(),
-                             config=config.to_dict(), args={k: str(v) for k, v in vars(args).items()})
+                             config=config.to_dict(), args={k: str(v) for k, v in vars(args).items()},
+                             numerics=guard.state_dict())
                 if args.fsdp:  # every rank writes its shards
                     distributed.save_sharded_checkpoint(out_dir, done, model, optimizer, state, args.keep_last)
                 elif dist_info.is_main:
@@ -244,8 +279,7 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
         final = {"step": args.max_steps, "val_loss": evaluate(train_model, val_loader, args.eval_batches, device, dtype)}
         if log:
             log.write(json.dumps(final) + "\n")
-    say(f"step {args.max_steps}: val loss {final['val_loss']:.4f}"
-        + (f" ({skipped} steps skipped: non-finite gradients)" if skipped else ""))
+    say(f"step {args.max_steps}: val loss {final['val_loss']:.4f}" + (f" ({guard.summary()})" if guard.skipped else ""))
     sample = _sample(model, args, sampler, device, dtype)
     say("sample:\n" + sample)
     return 0

@@ -53,6 +53,11 @@ def setup(device: str | None) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

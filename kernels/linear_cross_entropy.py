@@ -1,12 +1,385 @@
-"""The lm_head matmul fused with the cross-entropy loss: ``cross_entropy(hidden @ weight.T, targets)``."""
+"""The lm_head matmul fused with the cross-entropy loss: ``cross_entropy(hidden @ weight.T, targets)``
+without the full ``(N, V)`` logits ever existing.
+
+At GPT-2 training shapes the logits are ``(16·1024, 50304)``: 1.6 GB in bf16, and eager PyTorch
+adds an fp32 copy, a softmax-sized tensor for the backward and the gradient of each. Here the rows
+are processed in chunks; for each chunk of ``hidden``:
+
+1. ``logits = hidden_chunk @ weight.T`` (a cuBLAS matmul, fp32 accumulation), a ``(chunk, V)`` block;
+2. the cross-entropy kernel (``kernels.cross_entropy``) writes the chunk's row losses and, over the
+   logits themselves, their gradient. The rule for writing a gradient over logits is that nothing
+   else may read them afterwards: this block is this function's own temporary, so it may;
+3. ``grad_hidden_chunk = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden_chunk``.
+
+So the loss, ``grad_hidden`` and ``grad_weight`` all come out of the forward (as Liger-Kernel's fused
+linear cross-entropy does), and the backward only multiplies them by the incoming gradient, in place,
+for free when it is exactly 1 (see ``kernels.cross_entropy.scale_gradient``). With
+``reduction='none'`` the upstream gradient weighs each row inside the ``grad_weight`` sum, so the
+forward computes the loss only and the backward recomputes the chunks with those weights (one more
+matmul per chunk).
+
+Chunk size (``chunk_size=None``): as many chunks as keep one chunk's logits within
+``CHUNK_LOGITS_BYTES`` (and, on a GPU, within a quarter of the free memory), as even as possible,
+in multiples of ``CHUNK_ROW_MULTIPLE`` rows. Fewer, larger chunks mean fewer passes over the fp32
+``grad_weight`` accumulator (``V × C`` read and written per chunk); smaller ones less memory.
+
+Dtypes: a custom op is not autocast-aware, so the wrapper reads the autocast state of the inputs'
+device before calling it: under autocast the matmuls run in the autocast dtype (bf16 logits from an
+fp32 ``hidden`` and an fp32 ``weight``, like ``hidden @ weight.T`` under autocast), otherwise in the
+inputs' dtype (``hidden`` and ``weight`` must then match). Matmuls accumulate in fp32, and
+``grad_weight`` is accumulated over chunks in fp32. The loss is fp32; ``grad_hidden`` has
+``hidden``'s dtype and ``grad_weight`` ``weight``'s.
+
+Options, the z-loss return (``return_z_loss=True`` -> ``(loss, z_loss)``), ``check_targets`` and the
+input checks are those of ``kernels.cross_entropy.cross_entropy``.
+
+Public: ``linear_cross_entropy`` (the differentiable custom op ``gpt_triton::linear_cross_entropy``),
+``linear_cross_entropy_reference``, ``choose_chunk_rows``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
 
 from kernels import registry
-from kernels.cross_entropy import cross_entropy_reference
+from kernels.cross_entropy import (
+    SUPPORTED_DTYPES,
+    _describe,
+    backward_scale,
+    check_options,
+    check_targets,
+    check_targets_in_range,
+    count_valid,
+    cross_entropy_forward,
+    cross_entropy_reference,
+    folds_mean_into_forward,
+    reduce_rows,
+    scale_gradient,
+)
+
+# One chunk's logits take at most this much memory. 512 MiB is 4096 rows of GPT-2's vocabulary in
+# bf16: 16·1024 tokens in 4 chunks, whose matmuls are large enough for full speed. A starting
+# point; the GPU session measures time and peak memory with bench/bench_cross_entropy.py.
+CHUNK_LOGITS_BYTES = 512 * 2**20
+CHUNK_ROW_MULTIPLE = 128  # whole matmul tiles
 
 
-def linear_cross_entropy_reference(hidden, weight, targets, ignore_index=-100, reduction="mean"):
-    """PyTorch reference: the full (N, V) logits, then the loss in fp32."""
-    return cross_entropy_reference(hidden @ weight.T, targets, ignore_index=ignore_index, reduction=reduction)
+def choose_chunk_rows(n_rows: int, n_classes: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk: the fewest equal chunks whose logits fit the budget (see the module doc)."""
+    budget = CHUNK_LOGITS_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = min(budget, free // 4)
+    n_chunks = max(1, math.ceil(n_rows * n_classes * dtype.itemsize / budget))
+    rows = math.ceil(n_rows / n_chunks)
+    return max(1, min(n_rows, math.ceil(rows / CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE))
 
 
-registry.register("linear_cross_entropy", reference=linear_cross_entropy_reference)
+@functools.cache
+def _cuda_has_fp32_out_matmul() -> bool:
+    """Whether this PyTorch has ``addmm(..., out_dtype=float32)`` for half inputs on CUDA."""
+    try:
+        acc = torch.zeros(1, 1, device="cuda")
+        half = torch.ones(1, 1, device="cuda", dtype=torch.bfloat16)
+        torch.addmm(acc, half, half, out_dtype=torch.float32, out=acc)
+        return acc.item() == 1.0
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc``: inside the matmul where PyTorch can (the same dtype, or
+    CUDA's fp32-output matmul for half inputs); otherwise the product is rounded to ``a``'s dtype
+    once per chunk before the fp32 sum."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _cuda_has_fp32_out_matmul():
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += a @ b
+
+
+def _chunked_loss_and_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: Optional[float],
+    compute_dtype: torch.dtype,
+    grad_scale: Optional[torch.Tensor],
+    want_grad_hidden: bool,
+    want_grad_weight: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Per-row (loss, z_loss), and the gradients asked for, of the rows' losses each weighted by
+    ``grad_scale`` (one element or one per row). The engine of the forward and of the 'none' backward."""
+    n_rows, n_classes = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
+    z_loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
+    compute_grad = grad_scale is not None and (want_grad_hidden or want_grad_weight)
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if compute_grad and want_grad_hidden else None
+    grad_weight_acc = (
+        torch.zeros(weight.shape, dtype=torch.float32, device=device) if compute_grad and want_grad_weight else None
+    )
+    if chunk_size <= 0:
+        chunk_size = choose_chunk_rows(n_rows, n_classes, compute_dtype, device)
+    chunk_size = min(chunk_size, max(n_rows, 1))
+    # One buffer for every chunk's logits: allocating per chunk would hold two chunks at once while
+    # the next matmul's output is allocated before the previous one is released.
+    logits_buffer = torch.empty((chunk_size, n_classes), dtype=compute_dtype, device=device)
+
+    # Our own autocast-free region: the op decides its dtypes itself (compute_dtype).
+    with torch.autocast(device.type, enabled=False):
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        for start in range(0, n_rows, chunk_size):
+            stop = min(start + chunk_size, n_rows)
+            h_chunk = h[start:stop]
+            logits = torch.mm(h_chunk, w.T, out=logits_buffer[: stop - start])
+            chunk_scale = None
+            if compute_grad:
+                chunk_scale = grad_scale if grad_scale.numel() == 1 else grad_scale[start:stop]
+            cross_entropy_forward(
+                logits, targets[start:stop], ignore_index,
+                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+                grad_scale=chunk_scale, grad=logits,  # the gradient overwrites the chunk's own logits
+                loss_rows=loss_rows[start:stop], z_loss_rows=z_loss_rows[start:stop],
+            )
+            if grad_hidden is not None:
+                if grad_hidden.dtype == compute_dtype:
+                    torch.mm(logits, w, out=grad_hidden[start:stop])
+                else:
+                    grad_hidden[start:stop].copy_(logits @ w)
+            if grad_weight_acc is not None:
+                _accumulate_matmul(grad_weight_acc, logits.T, h_chunk)
+    grad_weight = grad_weight_acc.to(weight.dtype) if grad_weight_acc is not None else None
+    return loss_rows, z_loss_rows, grad_hidden, grad_weight
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_inputs(hidden, weight, targets, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+                 chunk_size, autocast_on: bool) -> None:
+    """ValueError for anything the op cannot take, saying what was expected (no device sync)."""
+    op = "linear_cross_entropy"
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be a 2-D tensor ({'(N, C)' if name == 'hidden' else '(V, C)'}), got {_describe(t)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{op}: hidden (N, C) and weight (V, C) must share C, got hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight must have at least one class (V >= 1), got shape {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but hidden is on {hidden.device}; both must be on one device")
+    if not autocast_on and weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"{op}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must have one dtype outside autocast "
+            f"(under autocast the matmul runs in the autocast dtype)"
+        )
+    if not registry.triton_runs_on(hidden.device):
+        raise ValueError(
+            f"{op}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before import for CPU), "
+            f"got hidden on {hidden.device}"
+        )
+    check_targets(op, targets, hidden.shape[0], hidden.device)
+    check_options(op, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be None (automatic) or an int >= 1, got {chunk_size!r}")
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("gpt_triton::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: Optional[float],
+    compute_dtype: torch.dtype,
+    grad_hidden_needed: bool,
+    grad_weight_needed: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, z_loss, grad_hidden, grad_weight), the gradients for an upstream gradient of 1 (empty
+    tensors where not needed, and always for 'none'). ``chunk_size`` 0 means automatic."""
+    n_valid = count_valid(targets, ignore_index)
+    grad_scale = None
+    if reduction != "none" and (grad_hidden_needed or grad_weight_needed):
+        grad_scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
+        if folds_mean_into_forward(reduction, compute_dtype):
+            grad_scale = grad_scale / n_valid.clamp_min(1)
+    loss_rows, z_loss_rows, grad_hidden, grad_weight = _chunked_loss_and_grads(
+        hidden, weight, targets, ignore_index, label_smoothing, lse_square_scale, softcap, compute_dtype,
+        grad_scale, grad_hidden_needed, grad_weight_needed, chunk_size,
+    )
+    return (
+        reduce_rows(loss_rows, n_valid, reduction),
+        reduce_rows(z_loss_rows, n_valid, reduction),
+        grad_hidden if grad_hidden is not None else hidden.new_empty(0),
+        grad_weight if grad_weight is not None else weight.new_empty(0),
+    )
+
+
+@_linear_cross_entropy_op.register_fake
+def _linear_cross_entropy_fake(hidden, weight, targets, ignore_index, reduction, label_smoothing, lse_square_scale,
+                               softcap, compute_dtype, grad_hidden_needed, grad_weight_needed, chunk_size):
+    loss_shape = (hidden.shape[0],) if reduction == "none" else ()
+    in_forward = reduction != "none"
+    return (
+        hidden.new_empty(loss_shape, dtype=torch.float32),
+        hidden.new_empty(loss_shape, dtype=torch.float32),
+        torch.empty_like(hidden, memory_format=torch.contiguous_format) if in_forward and grad_hidden_needed else hidden.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if in_forward and grad_weight_needed else weight.new_empty(0),
+    )
+
+
+@torch.library.custom_op("gpt_triton::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward_op(
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: Optional[float],
+    compute_dtype: torch.dtype,
+    grad_hidden_needed: bool,
+    grad_weight_needed: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """reduction='none': (grad_hidden, grad_weight) for per-row upstream gradients ``grad_loss``,
+    recomputing each chunk's logits (empty tensors where not needed)."""
+    _, _, grad_hidden, grad_weight = _chunked_loss_and_grads(
+        hidden, weight, targets, ignore_index, label_smoothing, lse_square_scale, softcap, compute_dtype,
+        grad_loss.float(), grad_hidden_needed, grad_weight_needed, chunk_size,
+    )
+    return (
+        grad_hidden if grad_hidden is not None else hidden.new_empty(0),
+        grad_weight if grad_weight is not None else weight.new_empty(0),
+    )
+
+
+@_linear_cross_entropy_backward_op.register_fake
+def _linear_cross_entropy_backward_fake(grad_loss, hidden, weight, targets, ignore_index, label_smoothing,
+                                        lse_square_scale, softcap, compute_dtype, grad_hidden_needed,
+                                        grad_weight_needed, chunk_size):
+    return (
+        torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden_needed else hidden.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_weight_needed else weight.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, targets, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+     compute_dtype, grad_hidden_needed, grad_weight_needed, chunk_size) = inputs
+    _, z_loss, grad_hidden, grad_weight = output
+    ctx.mark_non_differentiable(z_loss, grad_hidden, grad_weight)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, targets)
+    else:
+        ctx.save_for_backward(targets, grad_hidden, grad_weight)
+    ctx.options = (ignore_index, label_smoothing, lse_square_scale, softcap, compute_dtype)
+    ctx.reduction, ctx.chunk_size = reduction, chunk_size
+    ctx.grads_needed = (grad_hidden_needed, grad_weight_needed)
+
+
+def _backward(ctx, grad_loss, _grad_z_loss, _grad_grad_hidden, _grad_grad_weight):
+    grad_hidden_needed, grad_weight_needed = ctx.grads_needed
+    ignore_index, label_smoothing, lse_square_scale, softcap, compute_dtype = ctx.options
+    if (ctx.needs_input_grad[0] and not grad_hidden_needed) or (ctx.needs_input_grad[1] and not grad_weight_needed):
+        raise RuntimeError("gpt_triton::linear_cross_entropy was told a gradient is not needed, so it has none")
+    if ctx.reduction == "none":
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden, grad_weight = torch.ops.gpt_triton.linear_cross_entropy_backward(
+            grad_loss, hidden, weight, targets, ignore_index, label_smoothing, lse_square_scale, softcap,
+            compute_dtype, grad_hidden_needed, grad_weight_needed, ctx.chunk_size,
+        )
+    else:
+        targets, grad_hidden, grad_weight = ctx.saved_tensors
+        scale = backward_scale(grad_loss, targets, ignore_index, ctx.reduction, compute_dtype)
+        if grad_hidden_needed:
+            grad_hidden = scale_gradient(grad_hidden, scale)
+        if grad_weight_needed:
+            grad_weight = scale_gradient(grad_weight, scale)
+    return (grad_hidden if grad_hidden_needed else None, grad_weight if grad_weight_needed else None,
+            None, None, None, None, None, None, None, None, None, None)
+
+
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+    return_z_loss: bool = False,
+    check_targets: bool = True,
+    chunk_size: Optional[int] = None,
+):
+    """``cross_entropy(hidden @ weight.T, targets, ...)`` for ``hidden`` (N, C), ``weight`` (V, C) and
+    ``targets`` (N,), differentiable in ``hidden`` and ``weight``, without the (N, V) logits; see the
+    module doc for dtypes and chunking, and ``kernels.cross_entropy`` for the options."""
+    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    autocast_on = torch.is_autocast_enabled(device_type)
+    check_inputs(hidden, weight, targets, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+                 chunk_size, autocast_on)
+    if check_targets:
+        check_targets_in_range("linear_cross_entropy", targets, weight.shape[0], ignore_index)
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else hidden.dtype
+    grad_on = torch.is_grad_enabled()
+    loss, z_loss, _, _ = torch.ops.gpt_triton.linear_cross_entropy(
+        hidden, weight, targets, ignore_index, reduction, float(label_smoothing), float(lse_square_scale),
+        None if softcap is None else float(softcap), compute_dtype,
+        grad_on and hidden.requires_grad, grad_on and weight.requires_grad, chunk_size or 0,
+    )
+    return (loss, z_loss) if return_z_loss else loss
+
+
+def linear_cross_entropy_reference(
+    hidden,
+    weight,
+    targets,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    label_smoothing=0.0,
+    lse_square_scale=0.0,
+    softcap=None,
+    return_z_loss=False,
+    check_targets=True,
+    chunk_size=None,
+):
+    """PyTorch reference: the full (N, V) logits, then the loss in fp32. ``chunk_size`` is accepted
+    (so that either implementation takes the same call) and has no effect here."""
+    return cross_entropy_reference(
+        hidden @ weight.T, targets, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale, softcap=softcap, return_z_loss=return_z_loss, check_targets=check_targets,
+    )
+
+
+registry.register("linear_cross_entropy", reference=linear_cross_entropy_reference, triton=linear_cross_entropy)

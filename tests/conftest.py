@@ -5,6 +5,7 @@ time), which is why it happens here, before pytest imports the test files.
 """
 
 import os
+import zlib
 
 import torch
 
@@ -23,6 +24,7 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _fresh_seed():
-    # Fresh random inputs per test, but reproducible from the test's name when one fails.
-    torch.manual_seed(abs(hash(os.environ.get("PYTEST_CURRENT_TEST", ""))) % (2**31))
+    # Fresh random inputs per test, but reproducible from the test's name when one fails
+    # (crc32, not hash(): Python salts str hashes per process).
+    torch.manual_seed(zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode()))
     yield

@@ -98,3 +98,31 @@ def test_fsdp_matches_single_process_and_resumes_on_another_world_size(data_dir,
     result = run(sharded, data_dir, 1, "--batch-size", "8", "--fsdp", "--resume", torchrun=True)
     assert "resuming from" in result.stdout
     np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["adamw", "none"])
+def test_fsdp_optimizer_and_fused_clipping_match_one_process(tmp_path, kernels):
+    """The Triton AdamW on FSDP2 shards (norm all-reduced across them) against torch's AdamW unsharded."""
+    import fsdp_worker
+    from gpt.model import GPT
+    from gpt.training import make_optimizer
+    from kernels.registry import use_kernels
+
+    out = tmp_path / "result.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "fsdp_worker.py"), str(out), kernels]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the worker imports gpt and kernels
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = torch.load(out, weights_only=False)
+    assert sharded["optimizer"] == ("AdamW" if kernels == "adamw" else "AdamW_reference")
+
+    with use_kernels("none"):
+        torch.manual_seed(0)
+        model = GPT(fsdp_worker.CONFIG)
+        losses, norms = fsdp_worker.train(model, make_optimizer(model, lr=1e-2, weight_decay=0.1))
+    assert norms[0] > 0.05  # the clip was active
+    np.testing.assert_allclose(sharded["losses"], losses, rtol=1e-5)
+    np.testing.assert_allclose(sharded["norms"], norms, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(sharded["params"][name], p.detach(), rtol=1e-4, atol=1e-5, msg=name)

@@ -16,6 +16,8 @@ def test_every_op_registered_and_exported():
     for op, function in registry.OP_FUNCTIONS.items():
         assert op in registry._entries
         assert hasattr(kernels, f"{function}_reference")
+        if registry._entries[op].triton is not None:
+            assert getattr(kernels, function) is registry._entries[op].triton
 
 
 @pytest.mark.parametrize(

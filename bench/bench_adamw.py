@@ -1,0 +1,203 @@
+"""AdamW benchmark: one optimizer step of the Triton AdamW vs torch.optim.AdamW, for GPT-2's parameter sets.
+
+Each implementation runs one step with and without gradient clipping: the Triton optimizer's
+``clip_grad_norm_`` + ``step`` (the clip scale applied as the step reads the gradients) against
+``torch.nn.utils.clip_grad_norm_`` followed by ``torch.optim.AdamW`` with ``foreach=True`` and with
+``fused=True``, and on a GPU the foreach pair under ``torch.compile``.
+
+Bytes are the fewest a step must move: it reads the parameter, the gradient and both fp32 moments
+and writes back the parameter and the moments (3·s + 16 bytes per element, s the parameter's size:
+28 in fp32); clipping adds one read of the gradients for the norm (32 in fp32). torch's clip also
+writes the scaled gradients back and reads them again in the step: it moves more than counted.
+``launches`` is the number of GPU kernels one step runs (from the profiler; copies not counted).
+
+``python -m bench.bench_adamw [--quick]``: on a GPU, the GPT-2 124M (148 tensors) and 350M (292
+tensors) parameter sets in fp32; ``--quick`` (or no GPU) a toy set on the CPU through Triton's
+interpreter, which only checks the harness.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.common import BenchContext  # noqa: E402
+from gpt.config import PRESETS  # noqa: E402
+from gpt.model import GPT  # noqa: E402
+from kernels import registry  # noqa: E402
+from kernels.adamw import AdamW  # noqa: E402
+
+OP = "adamw"
+GPU_MODELS = ("gpt2", "gpt2-medium")
+QUICK_SHAPES = [(1,), (3,), (1000,), (37, 71)]
+MAX_NORM = 1.0  # below the norm of random gradients, so clipping really scales them
+HYPERPARAMETERS = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+WEIGHT_DECAY = 0.1
+
+
+def model_shapes(preset: str) -> list[torch.Size]:
+    """The parameter shapes of a GPT-2 preset, read from the model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = GPT(PRESETS[preset])
+    return [p.shape for p in model.parameters()]
+
+
+def make_parameters(shapes, device: str, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, device=device, dtype=dtype) * 0.02)
+        p.grad = torch.randn_like(p) * 1e-3
+        params.append(p)
+    return params
+
+
+def param_groups(params) -> list[dict]:
+    """The training split: decay for matrices and embeddings, none for biases and LayerNorm gains."""
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def bytes_moved(numel: int, dtype: torch.dtype, clip: bool) -> int:
+    per_element = 3 * dtype.itemsize + 16 + (dtype.itemsize if clip else 0)
+    return numel * per_element
+
+
+def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
+    """name -> factory(params) returning a no-argument ``step(clip)`` closure, and why any are missing."""
+    impls, skipped = {}, []
+    if registry.triton_runs_on(ctx.device):
+        def triton_step(params):
+            opt = AdamW(param_groups(params), **HYPERPARAMETERS)
+
+            def step(clip):
+                if clip:
+                    opt.clip_grad_norm_(MAX_NORM)
+                opt.step()
+            return step
+        impls["triton"] = triton_step
+    else:
+        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
+
+    def torch_step(**options):
+        def factory(params):
+            opt = torch.optim.AdamW(param_groups(params), **HYPERPARAMETERS, **options)
+
+            def step(clip):
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
+                opt.step()
+            return step
+        return factory
+
+    impls["torch foreach"] = torch_step(foreach=True)
+    impls["torch fused"] = torch_step(fused=True)
+    if ctx.is_gpu:
+        def compiled_step(params):
+            step = torch_step(foreach=True)(params)
+            torch._dynamo.reset()  # every case compiled afresh, not past the recompile limit
+            return torch.compile(step)
+        impls["torch.compile foreach"] = compiled_step
+    else:
+        skipped.append("torch.compile: skipped on the CPU quick mode (compiling an optimizer takes minutes there)")
+    return impls, skipped
+
+
+def count_launches(ctx: BenchContext, fn) -> int | None:
+    """GPU kernels launched by one call of ``fn`` (memory copies and sets not counted)."""
+    if not ctx.is_gpu:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [
+        e for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.lower().startswith(("memcpy", "memset"))
+    ]
+    return len(kernels)
+
+
+def _measure(ctx: BenchContext, factory, shapes, dtype: torch.dtype, clip: bool):
+    """(timing, launches) of one step on fresh parameters, or None when this implementation cannot run.
+    The parameters and the optimizer's state are freed on return, before the next implementation."""
+    torch.manual_seed(0)
+    params = make_parameters(shapes, ctx.device, dtype)
+    step = factory(params)
+    run_once = lambda: step(clip)  # noqa: E731
+    run_once()  # first-call work (Triton JIT, state allocation, compilation) is not timed
+    return ctx.time(run_once), count_launches(ctx, run_once)
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    impls, skipped = implementations(ctx)
+    for reason in skipped:
+        print(f"bench_adamw: {reason}")
+    cases = [("toy", QUICK_SHAPES)] if ctx.quick else [(name, model_shapes(name)) for name in GPU_MODELS]
+    dtype = torch.float32
+    rows = []
+    for name, shapes in cases:
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        case = f"{name} ({len(shapes)} tensors, {numel / 1e6:.1f}M params)"
+        for clip in (False, True):
+            pass_ = "clip+step" if clip else "step"
+            case_rows = []
+            for impl, factory in impls.items():
+                try:
+                    timing, launches = _measure(ctx, factory, shapes, dtype, clip)
+                except Exception as e:  # noqa: BLE001 - a competitor that cannot run is reported, not fatal
+                    print(f"bench_adamw: {impl} failed on {case}: {type(e).__name__}: {e}")
+                    continue
+                case_rows.append(
+                    ctx.record(
+                        op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl, timing=timing,
+                        bytes_moved=bytes_moved(numel, dtype, clip), launches=launches,
+                    )
+                )
+            fused_ms = next((row["median_ms"] for row in case_rows if row["impl"] == "torch fused"), None)
+            for row in case_rows:
+                row["speedup_vs_torch_fused"] = fused_ms / row["median_ms"] if fused_ms else None
+            rows += case_rows
+    return rows
+
+
+def measure_copy_gbps(ctx: BenchContext) -> float | None:
+    """Device-to-device copy bandwidth (bytes read + written), the ceiling for a memory-bound kernel."""
+    if not ctx.is_gpu:
+        return None
+    src = torch.randn(2**28 // 4, device=ctx.device)  # 256 MiB, far beyond L2
+    dst = torch.empty_like(src)
+    timing = ctx.time(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (timing.median_ms / 1e3) / 1e9
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ["case", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "launches",
+               "speedup_vs_torch_fused"]
+    cells = [columns] + [
+        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv or not torch.cuda.is_available()
+    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
+    ctx.copy_gbps = measure_copy_gbps(ctx)
+    if ctx.copy_gbps:
+        print(f"copy bandwidth: {ctx.copy_gbps:.0f} GB/s")
+    print(format_table(run(ctx)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

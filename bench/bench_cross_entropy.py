@@ -1,0 +1,145 @@
+"""Cross-entropy benchmark: the Triton op vs eager ``F.cross_entropy``, ``torch.compile`` and Liger-Kernel.
+
+Logits are ``(B·T, 50304)`` for B·T = 8·1024 and 16·1024 tokens (GPT-2's padded vocabulary), plus
+the model's own call, a ``[:, :50257]`` view of them. Passes, and the fewest bytes each must move:
+
+* forward (no gradient: evaluation): read the logits;
+* forward+backward (training): read the logits, write their gradient. With ``loss.backward()`` the
+  upstream gradient is 1 and our backward has nothing to do; the ``upstream=0.5`` case (gradient
+  accumulation) shows the cost of scaling the gradient in the backward.
+
+``python -m bench.bench_cross_entropy [--quick]``: on a GPU, GPT-2 shapes in bf16 and fp32;
+``--quick`` (or no GPU) a toy size on the CPU through Triton's interpreter, which only checks the harness.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+from bench.common import BenchContext  # noqa: E402
+from kernels import registry  # noqa: E402
+from kernels.cross_entropy import cross_entropy  # noqa: E402
+
+OP = "cross_entropy"
+PADDED_VOCAB, VOCAB = 50304, 50257
+# (rows, columns of the tensor, columns the loss sees): the issue's shapes and the model's view.
+GPU_CASES = [(8192, PADDED_VOCAB, PADDED_VOCAB), (16384, PADDED_VOCAB, PADDED_VOCAB), (16384, PADDED_VOCAB, VOCAB)]
+QUICK_CASES = [(8, 1024, 1000)]
+
+
+def eager_cross_entropy(logits, targets):
+    return F.cross_entropy(logits, targets)
+
+
+def bytes_moved(pass_: str, n_rows: int, n_cols: int, dtype: torch.dtype) -> int:
+    logits = n_rows * n_cols * dtype.itemsize
+    return logits if pass_ == "forward" else 2 * logits
+
+
+def _pass_fn(pass_: str, fn, full, logits, targets, upstream):
+    """A no-argument callable running ``pass_`` once: the forward without autograd (evaluation), or
+    forward and backward for an upstream gradient of ``upstream``."""
+    if pass_ == "forward":
+        def step():
+            with torch.no_grad():
+                return fn(logits, targets)
+        return step
+    grad_out = torch.tensor(upstream, device=full.device)
+    return lambda: torch.autograd.grad(fn(logits, targets), full, grad_out)
+
+
+def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
+    """The competitors that can run on ``ctx.device`` (fresh ones: call once per case), and why any
+    others cannot."""
+    impls, skipped = {"eager": eager_cross_entropy}, []
+    if registry.triton_runs_on(ctx.device):
+        impls["triton"] = cross_entropy
+    else:
+        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
+    if ctx.is_gpu:
+        torch._dynamo.reset()  # every case really compiled (see bench_gelu)
+        impls["torch.compile"] = torch.compile(eager_cross_entropy, fullgraph=True, dynamic=False)
+        try:
+            from liger_kernel.transformers.functional import liger_cross_entropy
+
+            impls["liger"] = lambda logits, targets: liger_cross_entropy(logits, targets)
+        except ImportError:
+            pass
+    else:
+        skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
+    return impls, skipped
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    for reason in implementations(ctx)[1]:
+        print(f"bench_cross_entropy: {reason}")
+    cases = QUICK_CASES if ctx.quick else GPU_CASES
+    dtypes = [torch.float32] if ctx.quick else [torch.bfloat16, torch.float32]
+    rows = []
+    for n_rows, n_cols, n_classes in cases:
+        for dtype in dtypes:
+            targets = torch.randint(0, n_classes, (n_rows,), device=ctx.device)
+            shape = f"({n_rows}, {n_cols})" + (f"[:, :{n_classes}]" if n_classes != n_cols else "")
+            impls = implementations(ctx)[0]
+            for pass_, upstream in (("forward", None), ("forward+backward", 1.0), ("forward+backward", 0.5)):
+                case = shape + (f" upstream={upstream:g}" if upstream not in (None, 1.0) else "")
+                eager_ms = None
+                for impl, fn in impls.items():
+                    # Fresh logits for each competitor: Liger writes its gradient over the logits it is given.
+                    full = (torch.randn(n_rows, n_cols, device=ctx.device) * 4).to(dtype).requires_grad_()
+                    logits = full[:, :n_classes] if n_classes != n_cols else full
+                    step = _pass_fn(pass_, fn, full, logits, targets, upstream)
+                    step()  # compiles (Triton JIT, torch.compile) outside the timed region
+                    timing = ctx.time(step)
+                    eager_ms = timing.median_ms if impl == "eager" else eager_ms
+                    rows.append(
+                        ctx.record(
+                            op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl, timing=timing,
+                            bytes_moved=bytes_moved(pass_, n_rows, n_classes, dtype),
+                            peak_memory_mb=ctx.peak_memory_mb(step),
+                            speedup_vs_eager=eager_ms / timing.median_ms,
+                        )
+                    )
+    return rows
+
+
+def measure_copy_gbps(ctx: BenchContext) -> float | None:
+    """Device-to-device copy bandwidth (bytes read + written), the ceiling for a memory-bound kernel."""
+    if not ctx.is_gpu:
+        return None
+    src = torch.randn(2**28 // 4, device=ctx.device)  # 256 MiB, far beyond L2
+    dst = torch.empty_like(src)
+    timing = ctx.time(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (timing.median_ms / 1e3) / 1e9
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    cells = [columns] + [
+        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv or not torch.cuda.is_available()
+    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
+    ctx.copy_gbps = measure_copy_gbps(ctx)
+    if ctx.copy_gbps:
+        print(f"copy bandwidth: {ctx.copy_gbps:.0f} GB/s")
+    columns = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager",
+               "peak_memory_mb"]
+    print(format_table(run(ctx), columns))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

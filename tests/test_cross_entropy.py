@@ -1,0 +1,330 @@
+"""The Triton cross-entropy against float64 PyTorch (``cross_entropy_reference``, ``F.cross_entropy``).
+
+The launcher is tested with NaN-poisoned buffers (per-row losses, z-losses, gradient), so a row
+or column the kernel skips fails; the custom op through autograd (every reduction, a non-uniform
+upstream gradient for 'none'), opcheck, torch.compile and the GPT model. The interpreter runs
+about 10 ms per program, so the CPU grid keeps N small except in one case per vocabulary kind;
+the GPU adds bf16 and GPT-2-sized N.
+"""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import kernels.cross_entropy as ce_module
+from bench.bench_cross_entropy import run as run_bench
+from bench.common import BenchContext
+from conftest import DEVICE
+from kernels import registry
+from kernels.cross_entropy import cross_entropy, cross_entropy_forward, cross_entropy_reference
+from model_parity import assert_model_parity
+from numerics import FLOAT_DTYPES, assert_close, poisoned_like
+
+OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"lse_square_scale": 1e-3},
+    "softcap": {"softcap": 15.0},
+    "all": {"label_smoothing": 0.2, "lse_square_scale": 1e-2, "softcap": 5.0},
+}
+# (V, N, option) for the launcher test, each run in every dtype: every option at V = 5 and 1000,
+# GPT-2's 50257 (not a multiple of the block) and padded 50304 with the model's options and all of
+# them, N = 256 once per small vocabulary (a full grid is too slow for the interpreter).
+LAUNCHER_CASES = [
+    (5, 7, "plain"), (5, 256, "all"), (5, 1, "smoothing"),
+    (1000, 7, "smoothing"), (1000, 7, "z_loss"), (1000, 7, "softcap"), (1000, 1, "plain"), (1000, 256, "plain"),
+    (50257, 3, "plain"), (50257, 2, "all"), (50304, 1, "plain"), (50304, 2, "all"),
+] + ([(50257, 4096, "plain"), (50304, 1024, "all"), (32000, 777, "z_loss")] if DEVICE == "cuda" else [])
+
+
+def make_inputs(n_rows, n_cols, dtype, scale=4.0, n_ignored=1):
+    """Logits spread like a trained model's (std 4) and targets with ``n_ignored`` rows set to -100."""
+    logits = (torch.randn(n_rows, n_cols, device=DEVICE) * scale).to(dtype)
+    targets = torch.randint(0, n_cols, (n_rows,), device=DEVICE)
+    targets[torch.randperm(n_rows, device=DEVICE)[: min(n_ignored, n_rows - 1)]] = -100
+    return logits, targets
+
+
+def expected(logits, targets, upstream=None, **kwargs):
+    """(loss, z_loss, d loss/d logits · upstream) from the reference in float64."""
+    x = logits.detach().double().requires_grad_()
+    loss, z_loss = cross_entropy_reference(x, targets, return_z_loss=True, **kwargs)
+    loss.backward(torch.ones_like(loss) if upstream is None else upstream.double())
+    return loss.detach(), z_loss, x.grad
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("n_cols, n_rows, option", LAUNCHER_CASES, ids=lambda v: str(v))
+def test_launcher_rows_and_gradient(n_cols, n_rows, option, dtype):
+    logits, targets = make_inputs(n_rows, n_cols, dtype)
+    kwargs = OPTIONS[option]
+    loss_rows, z_loss_rows, grad = cross_entropy_forward(
+        logits, targets, grad_scale=torch.ones(1, device=DEVICE), grad=poisoned_like(logits),
+        loss_rows=poisoned_like(torch.empty(n_rows, device=DEVICE)),
+        z_loss_rows=poisoned_like(torch.empty(n_rows, device=DEVICE)), **kwargs,
+    )
+    loss_ref, z_loss_ref, grad_ref = expected(logits, targets, reduction="none", **kwargs)
+    assert loss_rows.dtype == torch.float32 and grad.dtype == dtype
+    # The loss is fp32 from the logits as given: only the fp32 math's rounding, whatever the dtype.
+    assert_close(loss_rows, loss_ref, torch.float32, "loss rows", factor=2)
+    assert_close(z_loss_rows, z_loss_ref, torch.float32, "z-loss rows", factor=2)
+    assert_close(grad, grad_ref, dtype, "grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_autograd_every_reduction(reduction, dtype):
+    logits, targets = make_inputs(9, 1000, dtype, n_ignored=2)
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, targets, reduction=reduction, **OPTIONS["all"])
+    # 'none' gets a non-uniform upstream gradient; the others 0.37, which the in-place scaling must apply.
+    upstream = torch.rand(9, device=DEVICE) + 0.5 if reduction == "none" else torch.tensor(0.37, device=DEVICE)
+    loss.backward(upstream)
+    loss_ref, _, grad_ref = expected(logits, targets, upstream, reduction=reduction, **OPTIONS["all"])
+    assert loss.dtype == torch.float32 and x.grad.dtype == dtype
+    assert_close(loss, loss_ref, torch.float32, "loss", factor=2)
+    assert_close(x.grad, grad_ref, dtype, "grad")
+
+
+def test_matches_torch_cross_entropy():
+    """The op, and the reference, against F.cross_entropy itself where it has the option."""
+    logits, targets = make_inputs(7, 1000, torch.float32, n_ignored=2)
+    for kwargs in ({}, {"label_smoothing": 0.1}):
+        for reduction in ("mean", "sum", "none"):
+            x, x64 = logits.clone().requires_grad_(), logits.double().requires_grad_()
+            loss = cross_entropy(x, targets, reduction=reduction, **kwargs)
+            loss_torch = F.cross_entropy(x64, targets, reduction=reduction, **kwargs)
+            torch.autograd.backward((loss, loss_torch), (torch.ones_like(loss), torch.ones_like(loss_torch)))
+            assert_close(loss, loss_torch, torch.float32, f"loss {reduction} {kwargs}")
+            assert_close(x.grad, x64.grad, torch.float32, f"grad {reduction} {kwargs}")
+            assert_close(cross_entropy_reference(logits.double(), targets, reduction=reduction, **kwargs),
+                         loss_torch.detach(), torch.float64, "reference")
+
+
+def test_padded_vocabulary_view_is_read_in_place():
+    """The model's call: a [:, :50257] view of (N, 50304) logits. The padding columns hold NaN, so a
+    kernel reading past the view's columns would return NaN."""
+    full = torch.randn(3, 50304, device=DEVICE) * 4
+    full[:, 50257:] = float("nan")
+    logits = full[:, :50257]
+    targets = torch.tensor([5, 50256, -100], device=DEVICE)
+    x = logits.clone().requires_grad_()  # the reference's gradient, from the same values
+    view = full.clone().requires_grad_()
+    loss = cross_entropy(view[:, :50257], targets)
+    loss.backward()
+    loss_ref, _, grad_ref = expected(x, targets)
+    assert_close(loss, loss_ref, torch.float32, "loss")
+    assert_close(view.grad[:, :50257], grad_ref, torch.float32, "grad")
+    assert torch.equal(view.grad[:, 50257:], torch.zeros(3, 47, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_extreme_logits(dtype):
+    """±1e4 logits (within every dtype's range): no overflow, no NaN. A row with one dominant logit
+    costs 0 on it, a flat row log V, and the least likely target about 2e4."""
+    n_cols = 1000
+    logits = (torch.rand(6, n_cols, device=DEVICE) * 2 - 1) * 1e4
+    logits[0] = -1e4
+    logits[0, 17] = 1e4
+    logits[1] = 1e4
+    logits = logits.to(dtype)
+    targets = torch.tensor([17, 3, 5, 999, 0, int(logits[5].float().argmin())], device=DEVICE)
+    for name in ("plain", "all"):
+        x = logits.clone().requires_grad_()
+        loss = cross_entropy(x, targets, reduction="none", **OPTIONS[name])
+        loss.backward(torch.ones_like(loss))
+        loss_ref, _, grad_ref = expected(logits, targets, reduction="none", **OPTIONS[name])
+        assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+        assert_close(loss, loss_ref, torch.float32, f"loss {name}")
+        assert_close(x.grad, grad_ref, dtype, f"grad {name}")
+        if name == "plain":
+            assert loss[0] < 1e-3 and abs(loss[1].item() - torch.log(torch.tensor(1000.0)).item()) < 1e-5
+            assert loss[5] > 1e4
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(reduction):
+    logits, _ = make_inputs(4, 50, torch.float32)
+    targets = torch.full((4,), -1, device=DEVICE)
+    x = logits.clone().requires_grad_()
+    loss, z_loss = cross_entropy(x, targets, ignore_index=-1, reduction=reduction, lse_square_scale=0.1,
+                                 return_z_loss=True)
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(z_loss, torch.zeros_like(z_loss))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert torch.equal(cross_entropy_reference(logits, targets, ignore_index=-1, reduction=reduction), loss)
+
+
+def test_z_loss_is_returned_for_logging():
+    logits, targets = make_inputs(7, 300, torch.float32, n_ignored=2)
+    x = logits.clone().requires_grad_()
+    loss, z_loss = cross_entropy(x, targets, lse_square_scale=1e-2, return_z_loss=True)
+    assert not z_loss.requires_grad and z_loss.dtype == torch.float32 and z_loss > 0
+    plain = cross_entropy(logits, targets)
+    assert_close(loss, plain + z_loss, torch.float32, "loss = plain loss + z-loss")
+    _, z_ref, _ = expected(logits, targets, lse_square_scale=1e-2)
+    assert_close(z_loss, z_ref, torch.float32, "z-loss")
+    assert cross_entropy(logits, targets, lse_square_scale=1e-2).shape == ()  # the default: the loss alone
+
+
+def test_int32_targets_and_empty_batch():
+    logits, targets = make_inputs(5, 64, torch.float32)
+    assert_close(cross_entropy(logits, targets.int()), cross_entropy(logits, targets), torch.float32, "int32 targets")
+    empty = torch.randn(0, 64, device=DEVICE, requires_grad=True)
+    targets = torch.empty(0, dtype=torch.long, device=DEVICE)
+    loss = cross_entropy(empty, targets)
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.shape == (0, 64)
+    assert cross_entropy(empty, targets, reduction="none").shape == (0,)
+
+
+def test_no_gradient_pass_without_grad():
+    """Logits that need no gradient (inference, evaluation) skip the kernel's second walk."""
+    logits, targets = make_inputs(4, 100, torch.float32)
+    with torch.no_grad():
+        loss = cross_entropy(logits.clone().requires_grad_(), targets)
+    assert_close(loss, expected(logits, targets)[0], torch.float32, "loss")
+    assert not loss.requires_grad and not cross_entropy(logits, targets).requires_grad
+
+
+def test_upstream_gradient_of_one_is_free_and_others_apply():
+    """The backward skips tiles whose factor is exactly 1; any other factor, scalar or per row, is applied."""
+    grad = torch.randn(37, 300, device=DEVICE)
+    untouched = ce_module.scale_rows_(grad.clone(), torch.ones(1, device=DEVICE))
+    assert torch.equal(untouched, grad)
+    per_row = torch.rand(37, device=DEVICE)
+    per_row[::3] = 1.0
+    assert_close(ce_module.scale_rows_(grad.clone(), per_row), grad * per_row[:, None], torch.float32, "per row")
+    assert_close(ce_module.scale_rows_(grad.clone(), torch.tensor([2.5], device=DEVICE)), grad * 2.5,
+                 torch.float32, "scalar")
+
+
+def test_fp16_mean_gradient_survives_a_grad_scaler():
+    """fp16 cannot hold softmax/n for small probabilities: the mean's 1/n is applied in the backward,
+    together with a GradScaler-sized upstream factor, so small entries keep their precision."""
+    n_rows, n_cols = 7, 2000
+    logits = (torch.randn(n_rows, n_cols, device=DEVICE) * 2).to(torch.float16)
+    logits[:, :1000] -= 8  # probabilities near 1e-8: the mean's gradient p/n is below fp16's subnormals
+    targets = torch.randint(1000, n_cols, (n_rows,), device=DEVICE)
+    x = logits.clone().requires_grad_()
+    upstream = torch.tensor(2.0**16, device=DEVICE)
+    cross_entropy(x, targets).backward(upstream)
+    _, _, grad_ref = expected(logits, targets, upstream)
+    small = grad_ref[:, :1000]
+    assert small.abs().max() < 0.1 * grad_ref.abs().max()
+    assert_close(x.grad[:, :1000], small, torch.float16, "small entries")
+
+
+def test_second_backward_through_the_graph_is_refused():
+    """The backward scales the forward's gradient in place; a second backward must not scale it twice."""
+    logits, targets = make_inputs(3, 40, torch.float32)
+    loss = cross_entropy(logits.clone().requires_grad_(), targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_unchecked_bad_target_gives_nan_not_a_crash():
+    logits, _ = make_inputs(3, 40, torch.float32)
+    targets = torch.tensor([1, 40, -7], device=DEVICE)
+    loss = cross_entropy(logits, targets, reduction="none", check_targets=False)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+
+
+def test_bad_inputs_raise_value_error():
+    logits = torch.randn(4, 10, device=DEVICE)
+    targets = torch.tensor([0, 9, -100, 3], device=DEVICE)
+    cases = [
+        (lambda: cross_entropy(logits, torch.tensor([0, 10, 1, 2], device=DEVICE)),
+         "target 10 is outside [0, 10) and is not ignore_index (-100)"),
+        (lambda: cross_entropy(logits, torch.tensor([0, -1, 1, 2], device=DEVICE)), "target -1 is outside [0, 10)"),
+        (lambda: cross_entropy_reference(logits, torch.tensor([0, 10, 1, 2], device=DEVICE)), "target 10 is outside"),
+        (lambda: cross_entropy(logits, targets[:3]), "targets must have shape (4,)"),
+        (lambda: cross_entropy(logits, targets.view(2, 2)), "targets must have shape (4,)"),
+        (lambda: cross_entropy(logits.view(2, 2, 10), targets), "logits must be a 2-D (N, V) tensor"),
+        (lambda: cross_entropy(logits.double(), targets), "logits must be float32, float16 or bfloat16, got torch.float64"),
+        (lambda: cross_entropy(logits, targets.float()), "targets must be an int64 or int32 tensor"),
+        (lambda: cross_entropy(logits, targets.to("meta")), "targets are on meta"),
+        (lambda: cross_entropy(torch.randn(4, 0, device=DEVICE), targets), "at least one class"),
+        (lambda: cross_entropy(logits, targets, reduction="avg"), "reduction must be one of 'mean', 'sum', 'none'"),
+        (lambda: cross_entropy(logits, targets, label_smoothing=1.5), "label_smoothing must be a float in [0, 1]"),
+        (lambda: cross_entropy(logits, targets, lse_square_scale=-1.0), "lse_square_scale (the z-loss weight)"),
+        (lambda: cross_entropy(logits, targets, softcap=0.0), "softcap must be None or a finite float > 0"),
+        (lambda: cross_entropy(logits, targets, ignore_index=1.5), "ignore_index must be an int"),
+        (lambda: cross_entropy_forward(logits, targets, grad_scale=torch.ones(1, device=DEVICE),
+                                       grad=torch.empty(4, 11, device=DEVICE)), "grad must be a float tensor of shape (4, 10)"),
+        (lambda: cross_entropy_forward(logits, targets, loss_rows=torch.empty(5, device=DEVICE)),
+         "loss_rows must be a contiguous torch.float32 tensor of shape (4,)"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck(reduction):
+    logits, targets = make_inputs(6, 37, torch.float32)
+    x = logits.requires_grad_()
+    op = torch.ops.gpt_triton.cross_entropy.default
+    torch.library.opcheck(op, (x, targets, -100, reduction, 0.1, 1e-3, 4.0, True))
+    torch.library.opcheck(op, (x.detach(), targets, -100, reduction, 0.0, 0.0, None, False))
+
+
+def test_torch_compile_fullgraph():
+    # The CPU uses aot_eager (one graph holding the op, its fake and autograd registrations, the
+    # traced backward's out-of-place scaling) in a second, where inductor compiles C++ for a while.
+    counter = CompileCounterWithBackend("inductor" if DEVICE == "cuda" else "aot_eager")
+    torch._dynamo.reset()
+    logits, targets = make_inputs(6, 300, torch.float32)
+
+    def loss_fn(x, loss=cross_entropy):
+        return loss(x * 2, targets, reduction="none", label_smoothing=0.1).square().sum()
+
+    x = logits.clone().requires_grad_()
+    torch.compile(loss_fn, fullgraph=True, backend=counter)(x).backward()
+    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
+    assert counter.frame_count == 1 and "gpt_triton.cross_entropy" in called, called
+    x_ref = logits.clone().requires_grad_()
+    loss_fn(x_ref, cross_entropy_reference).backward()
+    assert_close(x.grad, x_ref.grad, torch.float32, "compiled grad", factor=10)
+
+
+def test_gpt_model_parity():
+    assert_model_parity("cross_entropy")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPT-2-sized logits and peak memory need CUDA")
+def test_bf16_model_logits_loss_and_memory():
+    """The model's training call in bf16 at GPT-2 size: the loss is fp32 and agrees with the reference,
+    and the forward+backward peak is below the reference's (which keeps an fp32 softmax)."""
+    logits, targets = make_inputs(8192, 50304, torch.bfloat16)
+    targets = targets.clamp_max(50256)
+
+    def peak(fn):
+        x = logits.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss = fn(x[:, :50257], targets)
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.detach(), x.grad, torch.cuda.max_memory_allocated() - before
+
+    loss, grad, ours = peak(cross_entropy)
+    loss_ref, grad_ref, eager = peak(cross_entropy_reference)
+    assert loss.dtype == torch.float32
+    assert_close(loss, loss_ref, torch.float32, "loss", factor=10)
+    assert_close(grad, grad_ref, torch.bfloat16, "grad")
+    assert ours < eager, (ours, eager)
+
+
+def test_bench_quick_rows():
+    rows = run_bench(BenchContext(device="cpu", quick=True))
+    impls = {row["impl"] for row in rows}
+    assert "eager" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
+    assert {row["op"] for row in rows} == {"cross_entropy"}
+    for row in rows:
+        assert row["median_ms"] > 0 and row["gb_per_s"] > 0

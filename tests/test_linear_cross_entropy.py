@@ -1,0 +1,299 @@
+"""The fused lm_head + cross-entropy against ``F.cross_entropy(hidden @ weight.T)`` in float64.
+
+Loss, ``d_hidden`` and ``d_weight`` for chunk sizes that do and do not divide N, every reduction
+(a non-uniform upstream gradient for 'none', whose backward recomputes the chunks), the options,
+bf16 autocast (on the CPU too: the matmuls are PyTorch's, the kernel has no ``tl.dot``), frozen
+inputs, opcheck, torch.compile and the GPT model. The GPU adds GPT-2 sizes and peak memory.
+"""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import kernels.linear_cross_entropy as lce_module
+from bench.bench_linear_cross_entropy import run as run_bench
+from bench.common import BenchContext
+from conftest import DEVICE
+from kernels import registry
+from kernels.linear_cross_entropy import choose_chunk_rows, linear_cross_entropy, linear_cross_entropy_reference
+from model_parity import assert_model_parity
+from numerics import FLOAT_DTYPES, assert_close
+
+ALL_OPTIONS = {"label_smoothing": 0.1, "lse_square_scale": 1e-3, "softcap": 20.0}
+# The d_hidden sums run over V products: fp32 rounding grows with it, for us and for any fp32 matmul.
+LONG_SUM = 10
+
+
+def make_inputs(n_rows, width, n_classes, dtype, n_ignored=1):
+    hidden = torch.randn(n_rows, width, device=DEVICE).to(dtype)
+    weight = (torch.randn(n_classes, width, device=DEVICE) / width**0.5 * 3).to(dtype)
+    targets = torch.randint(0, n_classes, (n_rows,), device=DEVICE)
+    targets[torch.randperm(n_rows, device=DEVICE)[: min(n_ignored, n_rows - 1)]] = -100
+    return hidden, weight, targets
+
+
+def expected(hidden, weight, targets, upstream=None, **kwargs):
+    """(loss, d_hidden, d_weight) of F.cross_entropy-based reference on float64 logits."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    loss = linear_cross_entropy_reference(h, w, targets, **kwargs)
+    loss.backward(torch.ones_like(loss) if upstream is None else upstream.double())
+    return loss.detach(), h.grad, w.grad
+
+
+def run_ours(hidden, weight, targets, upstream=None, **kwargs):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, targets, **kwargs)
+    loss.backward(torch.ones_like(loss) if upstream is None else upstream)
+    return loss.detach(), h.grad, w.grad
+
+
+def assert_all_close(ours, reference, dtype, loss_dtype=torch.float32):
+    """The loss is fp32 math on the logits; against float64 logits it carries their rounding to
+    ``loss_dtype``. The gradients are in ``dtype``."""
+    for name, actual, want in zip(("loss", "d_hidden", "d_weight"), ours, reference):
+        assert_close(actual, want, loss_dtype if name == "loss" else dtype, name, factor=2 if name == "loss" else LONG_SUM)
+
+
+# (N, C, V, chunk_size): chunks that divide N, that do not, one row each, all rows in one; GPT-2's
+# vocabulary with a ragged last chunk.
+CHUNK_CASES = [(8, 32, 1000, 4), (7, 32, 1000, 3), (5, 16, 1000, 1), (7, 32, 1000, None), (5, 16, 50257, 2)] + (
+    [(4096, 768, 50257, 1000), (4096, 768, 50257, None)] if DEVICE == "cuda" else []
+)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("n_rows, width, n_classes, chunk_size", CHUNK_CASES, ids=str)
+def test_chunks_match_full_logits(n_rows, width, n_classes, chunk_size, dtype):
+    hidden, weight, targets = make_inputs(n_rows, width, n_classes, dtype)
+    ours = run_ours(hidden, weight, targets, chunk_size=chunk_size)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == dtype
+    # Against F.cross_entropy itself for the plain case.
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    loss_torch = F.cross_entropy(h @ w.T, targets)
+    loss_torch.backward()
+    # In fp16 the logits are rounded to fp16 before the loss (as in hidden @ weight.T); here they are not.
+    assert_all_close(ours, (loss_torch.detach(), h.grad, w.grad), dtype, loss_dtype=dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_every_reduction_and_option(reduction, options):
+    hidden, weight, targets = make_inputs(7, 24, 500, torch.float32, n_ignored=2)
+    kwargs = dict(reduction=reduction, **(ALL_OPTIONS if options == "all" else {}))
+    upstream = torch.rand(7, device=DEVICE) + 0.5 if reduction == "none" else torch.tensor(0.37, device=DEVICE)
+    ours = run_ours(hidden, weight, targets, upstream, chunk_size=3, **kwargs)
+    assert_all_close(ours, expected(hidden, weight, targets, upstream, **kwargs), torch.float32)
+
+
+def test_z_loss_is_returned_for_logging():
+    hidden, weight, targets = make_inputs(6, 16, 300, torch.float32)
+    loss, z_loss = linear_cross_entropy(hidden, weight, targets, lse_square_scale=1e-2, return_z_loss=True, chunk_size=4)
+    loss_ref, z_ref = linear_cross_entropy_reference(hidden.double(), weight.double(), targets, lse_square_scale=1e-2,
+                                                     return_z_loss=True)
+    assert not z_loss.requires_grad and z_loss > 0
+    assert_close(loss, loss_ref, torch.float32, "loss", factor=2)
+    assert_close(z_loss, z_ref, torch.float32, "z-loss", factor=2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bf16_autocast(reduction):
+    """The model's training call: fp32 hidden and weight under bf16 autocast. The matmuls run in bf16
+    (like ``hidden @ weight.T`` under autocast), the loss is fp32, each gradient has its input's dtype."""
+    hidden, weight, targets = make_inputs(9, 64, 1000, torch.float32)
+    upstream = torch.rand(9, device=DEVICE) + 0.5 if reduction == "none" else None
+    results = {}
+    for name, fn in (("ours", linear_cross_entropy), ("reference", linear_cross_entropy_reference)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = fn(h, w, targets, reduction=reduction)
+        loss.backward(torch.ones_like(loss) if upstream is None else upstream)
+        assert (loss.dtype, h.grad.dtype, w.grad.dtype) == (torch.float32,) * 3, name
+        results[name] = (loss.detach(), h.grad, w.grad)
+    # Both round the same bf16 logits; their gradients differ by bf16 roundings of dlogits.
+    for name, ours, ref in zip(("loss", "d_hidden", "d_weight"), results["ours"], results["reference"]):
+        assert_close(ours, ref, torch.bfloat16, name)
+
+
+def test_frozen_inputs_and_no_grad():
+    hidden, weight, targets = make_inputs(6, 16, 200, torch.float32)
+    loss_ref, dh_ref, dw_ref = expected(hidden, weight, targets)
+    h = hidden.clone().requires_grad_()
+    linear_cross_entropy(h, weight, targets).backward()  # a frozen head: d_hidden only
+    assert_close(h.grad, dh_ref, torch.float32, "d_hidden", factor=LONG_SUM)
+    w = weight.clone().requires_grad_()
+    linear_cross_entropy(hidden, w, targets).backward()  # frozen features: d_weight only
+    assert_close(w.grad, dw_ref, torch.float32, "d_weight", factor=LONG_SUM)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden.clone().requires_grad_(), w, targets)
+    assert not loss.requires_grad
+    assert_close(loss, loss_ref, torch.float32, "loss", factor=2)
+
+
+def test_all_rows_ignored_and_empty_batch():
+    hidden, weight, targets = make_inputs(5, 16, 100, torch.float32)
+    for reduction in ("mean", "sum", "none"):
+        loss, dh, dw = run_ours(hidden, weight, torch.full_like(targets, -100), reduction=reduction, chunk_size=2)
+        assert torch.equal(loss, torch.zeros_like(loss))
+        assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
+    loss, dh, dw = run_ours(hidden[:0], weight, targets[:0])
+    assert loss.item() == 0.0 and dh.shape == (0, 16) and torch.equal(dw, torch.zeros_like(dw))
+
+
+def test_model_weight_slice_and_int32_targets():
+    """The model passes ``lm_head.weight[:V]``, a row slice of the padded (50304-style) table."""
+    hidden, padded, targets = make_inputs(6, 16, 1024, torch.float32)
+    weight = padded[:1000]
+    targets = targets.clamp_max(999)
+    ours = run_ours(hidden, weight, targets.int(), chunk_size=4)
+    assert_all_close(ours, expected(hidden, weight, targets), torch.float32)
+
+
+def test_choose_chunk_rows():
+    # GPT-2 at 16·1024 tokens in bf16: 4 chunks of 4096 rows (512 MiB of logits each); fp32 doubles the count.
+    assert choose_chunk_rows(16384, 50257, torch.bfloat16, torch.device("cpu")) == 4096
+    assert choose_chunk_rows(16384, 50257, torch.float32, torch.device("cpu")) == 2432
+    assert choose_chunk_rows(7, 50257, torch.bfloat16, torch.device("cpu")) == 7
+    assert choose_chunk_rows(0, 50257, torch.bfloat16, torch.device("cpu")) == 1
+
+
+def test_chunk_count_follows_the_budget(monkeypatch):
+    """With a budget of 3 rows of logits, 7 rows run as 3 chunks (the multiple of 1 keeps them even)."""
+    monkeypatch.setattr(lce_module, "CHUNK_LOGITS_BYTES", 3 * 100 * 4)
+    monkeypatch.setattr(lce_module, "CHUNK_ROW_MULTIPLE", 1)
+    assert choose_chunk_rows(7, 100, torch.float32, torch.device("cpu")) == 3
+    hidden, weight, targets = make_inputs(7, 16, 100, torch.float32)
+    assert_all_close(run_ours(hidden, weight, targets), expected(hidden, weight, targets), torch.float32)
+
+
+def test_bad_inputs_raise_value_error():
+    hidden, weight, targets = make_inputs(4, 8, 10, torch.float32)
+    cases = [
+        (lambda: linear_cross_entropy(hidden, weight, torch.tensor([0, 10, 1, 2], device=DEVICE)),
+         "target 10 is outside [0, 10) and is not ignore_index (-100)"),
+        (lambda: linear_cross_entropy(hidden, weight[:, :7], targets), "hidden (N, C) and weight (V, C) must share C"),
+        (lambda: linear_cross_entropy(hidden, weight, targets[:3]), "targets must have shape (4,)"),
+        (lambda: linear_cross_entropy(hidden[0], weight, targets), "hidden must be a 2-D tensor"),
+        (lambda: linear_cross_entropy(hidden, weight.half(), targets), "must have one dtype outside autocast"),
+        (lambda: linear_cross_entropy(hidden.double(), weight.double(), targets), "hidden must be float32, float16"),
+        (lambda: linear_cross_entropy(hidden, weight.to("meta"), targets), "weight is on meta"),
+        (lambda: linear_cross_entropy(hidden, weight, targets.float()), "targets must be an int64 or int32 tensor"),
+        (lambda: linear_cross_entropy(hidden, weight[:0], targets), "at least one class"),
+        (lambda: linear_cross_entropy(hidden, weight, targets, reduction="avg"), "reduction must be one of"),
+        (lambda: linear_cross_entropy(hidden, weight, targets, chunk_size=0), "chunk_size must be None"),
+        (lambda: linear_cross_entropy(hidden, weight, targets, softcap=-1.0), "softcap must be None or a finite float > 0"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+
+
+def test_opcheck():
+    hidden, weight, targets = make_inputs(6, 8, 37, torch.float32)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    op = torch.ops.gpt_triton.linear_cross_entropy.default
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(op, (h, w, targets, -100, reduction, 0.1, 1e-3, 4.0, torch.float32, True, True, 4))
+    torch.library.opcheck(op, (h.detach(), w, targets, -100, "sum", 0.0, 0.0, None, torch.float32, False, True, 0))
+    torch.library.opcheck(
+        torch.ops.gpt_triton.linear_cross_entropy_backward.default,
+        (torch.rand(6, device=DEVICE), h.detach(), w.detach(), targets, -100, 0.0, 0.0, None, torch.float32, True, True, 4),
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(reduction):
+    # aot_eager on the CPU (see test_cross_entropy), inductor on the GPU; autocast is read in the graph.
+    counter = CompileCounterWithBackend("inductor" if DEVICE == "cuda" else "aot_eager")
+    torch._dynamo.reset()
+    hidden, weight, targets = make_inputs(6, 16, 200, torch.float32)
+
+    def loss_fn(h, w, loss=linear_cross_entropy):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return (loss(h * 2, w, targets, reduction=reduction) * 3).sum()
+
+    grads = {}
+    for name, fn in (("compiled", torch.compile(loss_fn, fullgraph=True, backend=counter)),
+                     ("reference", lambda h, w: loss_fn(h, w, linear_cross_entropy_reference))):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        fn(h, w).backward()
+        grads[name] = (h.grad, w.grad)
+    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
+    assert counter.frame_count == 1 and "gpt_triton.linear_cross_entropy" in called, called
+    for ours, ref in zip(grads["compiled"], grads["reference"]):
+        assert_close(ours, ref, torch.bfloat16, "compiled grad")
+
+
+def test_gpt_model_parity():
+    assert_model_parity("linear_cross_entropy")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPT-2-sized logits and peak memory need CUDA")
+def test_gpt2_loss_stage_memory_and_values():
+    """At GPT-2's loss stage (16·1024 tokens, C = 768, V = 50257, bf16 autocast): the values agree
+    with lm_head + F.cross_entropy, and the peak memory is at least 4x lower."""
+    hidden, weight, targets = make_inputs(16384, 768, 50257, torch.float32)
+
+    def peak(fn):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(h, w, targets)
+        loss.backward()
+        torch.cuda.synchronize()
+        return (loss.detach(), h.grad, w.grad), torch.cuda.max_memory_allocated() - before
+
+    ours, ours_peak = peak(linear_cross_entropy)
+    ref, ref_peak = peak(linear_cross_entropy_reference)
+    for name, actual, want in zip(("loss", "d_hidden", "d_weight"), ours, ref):
+        assert_close(actual, want, torch.bfloat16, name)
+    assert 4 * ours_peak <= ref_peak, (ours_peak / 2**20, ref_peak / 2**20)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPT-2-sized activations and peak memory need CUDA")
+def test_gpt_model_peak_memory_lower_with_the_fused_loss():
+    """A 2-layer GPT-2-width model at 8·1024 tokens under bf16 autocast: the same loss with the fused
+    op on (the model skips the full logits) as with the references, and a lower peak."""
+    from gpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=1024, n_layer=2)).to(DEVICE)
+    idx = torch.randint(0, 50257, (8, 1024), device=DEVICE)
+    targets = torch.randint(0, 50257, (8, 1024), device=DEVICE)
+
+    def loss_and_peak(spec):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with registry.use_kernels(spec), torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.detach(), torch.cuda.max_memory_allocated() - before
+
+    fused_loss, fused_peak = loss_and_peak("linear_cross_entropy")
+    loss, peak = loss_and_peak("none")
+    assert_close(fused_loss, loss, torch.bfloat16, "loss")
+    assert fused_peak < peak, (fused_peak / 2**20, peak / 2**20)
+
+
+def test_registered_as_the_triton_op():
+    assert registry.resolve("linear_cross_entropy", DEVICE) is linear_cross_entropy
+    with registry.use_kernels("none"):
+        assert registry.resolve("linear_cross_entropy", DEVICE) is linear_cross_entropy_reference
+
+
+def test_bench_quick_rows():
+    rows = run_bench(BenchContext(device="cpu", quick=True))
+    impls = {row["impl"] for row in rows}
+    assert "eager" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
+    assert {row["op"] for row in rows} == {"linear_cross_entropy"}
+    assert {row["pass"] for row in rows} == {"forward", "forward+backward"}
+    for row in rows:
+        assert row["median_ms"] > 0 and row["tflop_per_s"] > 0
