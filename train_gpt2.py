@@ -141,6 +141,8 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
 
     if args.kernels is not None:
         registry.set_kernels(args.kernels)  # otherwise $GPT_KERNELS (read at import), else all
+    # The table printed below says which ops fell back to their reference and why: no warning per op.
+    warnings.filterwarnings("ignore", message="kernel .* runs its PyTorch reference")
     config = preset(args.preset)
     if args.seq_len > config.block_size:
         raise RunError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's block size {config.block_size}")
