@@ -27,7 +27,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
     # Triton picks its interpreter when kernels are decorated, so this must precede their import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import BenchContext  # noqa: E402
+from bench.common import BenchContext, run_standalone  # noqa: E402
 from gpt.config import PRESETS  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from kernels import registry  # noqa: E402
@@ -170,34 +170,7 @@ def run(ctx: BenchContext) -> list[dict]:
     return rows
 
 
-def measure_copy_gbps(ctx: BenchContext) -> float | None:
-    """Device-to-device copy bandwidth (bytes read + written), the ceiling for a memory-bound kernel."""
-    if not ctx.is_gpu:
-        return None
-    src = torch.randn(2**28 // 4, device=ctx.device)  # 256 MiB, far beyond L2
-    dst = torch.empty_like(src)
-    timing = ctx.time(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / (timing.median_ms / 1e3) / 1e9
-
-
-def format_table(rows: list[dict]) -> str:
-    columns = ["case", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "launches",
-               "speedup_vs_torch_fused"]
-    cells = [columns] + [
-        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
-    ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
-
-
-def main(argv: list[str]) -> None:
-    quick = "--quick" in argv or not torch.cuda.is_available()
-    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
-    ctx.copy_gbps = measure_copy_gbps(ctx)
-    if ctx.copy_gbps:
-        print(f"copy bandwidth: {ctx.copy_gbps:.0f} GB/s")
-    print(format_table(run(ctx)))
-
+COLUMNS = ["case", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "launches", "speedup_vs_torch_fused"]
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_standalone(run, sys.argv[1:], COLUMNS)

@@ -29,7 +29,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import BenchContext  # noqa: E402
+from bench.common import BenchContext, run_standalone  # noqa: E402
 from kernels import registry  # noqa: E402
 from kernels.attention import attention  # noqa: E402
 
@@ -161,35 +161,7 @@ def _run_cases(ctx: BenchContext) -> list[dict]:
     return rows
 
 
-def measure_matmul_tflops(ctx: BenchContext, dtype: torch.dtype) -> float | None:
-    """The device's dense matmul rate in ``dtype`` (8192³), the ceiling attention's matmuls share."""
-    if not ctx.is_gpu:
-        return None
-    a = torch.randn(8192, 8192, device=ctx.device, dtype=dtype)
-    b = torch.randn(8192, 8192, device=ctx.device, dtype=dtype)
-    timing = ctx.time(lambda: a @ b)
-    return 2 * 8192**3 / (timing.median_ms / 1e3) / 1e12
-
-
-def format_table(rows: list[dict]) -> str:
-    columns = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "fraction_of_matmul", "speedup_vs_sdpa",
-               "peak_memory_mb"]
-    cells = [columns] + [
-        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
-    ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
-
-
-def main(argv: list[str]) -> None:
-    quick = "--quick" in argv or not torch.cuda.is_available()
-    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
-    rate = measure_matmul_tflops(ctx, torch.bfloat16)
-    if rate:
-        ctx.matmul_tflops["bfloat16"] = rate
-        print(f"bf16 matmul: {rate:.0f} TFLOP/s")
-    print(format_table(run(ctx)))
-
+COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "fraction_of_matmul", "speedup_vs_sdpa", "peak_memory_mb"]
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_standalone(run, sys.argv[1:], COLUMNS)

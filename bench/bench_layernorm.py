@@ -35,8 +35,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.bench_gelu import measure_copy_gbps  # noqa: E402
-from bench.common import BenchContext  # noqa: E402
+from bench.common import BenchContext, run_standalone  # noqa: E402
 from kernels import registry  # noqa: E402
 from kernels.layernorm import layer_norm  # noqa: E402
 
@@ -174,24 +173,7 @@ def run(ctx: BenchContext) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    columns = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw",
-               "speedup_vs_eager", "speedup_vs_compile"]
-    cells = [columns] + [
-        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
-    ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
-
-
-def main(argv: list[str]) -> None:
-    quick = "--quick" in argv or not torch.cuda.is_available()
-    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
-    ctx.copy_gbps = measure_copy_gbps(ctx)
-    if ctx.copy_gbps:
-        print(f"copy bandwidth: {ctx.copy_gbps:.0f} GB/s")
-    print(format_table(run(ctx)))
-
+COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager", "speedup_vs_compile"]
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_standalone(run, sys.argv[1:], COLUMNS)

@@ -27,8 +27,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.bench_cross_entropy import format_table  # noqa: E402
-from bench.common import BenchContext  # noqa: E402
+from bench.common import BenchContext, run_standalone  # noqa: E402
 from kernels import registry  # noqa: E402
 from kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
@@ -68,7 +67,7 @@ def run(ctx: BenchContext) -> list[dict]:
     shapes = QUICK_SHAPES if ctx.quick else GPU_SHAPES
     # bf16 autocast on the GPU (training); the interpreter cannot time a CPU autocast run usefully.
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if ctx.is_gpu else contextlib.nullcontext
-    dtype_name = "bf16 autocast" if ctx.is_gpu else "float32"
+    dtype = torch.bfloat16 if ctx.is_gpu else torch.float32  # the matmuls' dtype: the ceiling to compare with
     rows = []
     for n_rows, width, n_classes in shapes:
         hidden = torch.randn(n_rows, width, device=ctx.device, requires_grad=True)
@@ -95,22 +94,17 @@ def run(ctx: BenchContext) -> list[dict]:
                     eager = (timing.median_ms, peak)
                 rows.append(
                     ctx.record(
-                        op=OP, case=f"N={n_rows} C={width} V={n_classes}", dtype=dtype_name, pass_=pass_, impl=impl,
+                        op=OP, case=f"N={n_rows} C={width} V={n_classes}", dtype=dtype, pass_=pass_, impl=impl,
                         timing=timing, flops=matmul_flops * (1 if pass_ == "forward" else 3), peak_memory_mb=peak,
                         speedup_vs_eager=eager[0] / timing.median_ms,
                         memory_vs_eager=(eager[1] / peak) if peak and eager[1] else None,
+                        autocast=ctx.is_gpu,
                     )
                 )
     return rows
 
 
-def main(argv: list[str]) -> None:
-    quick = "--quick" in argv or not torch.cuda.is_available()
-    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
-    columns = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "speedup_vs_eager", "peak_memory_mb",
-               "memory_vs_eager"]
-    print(format_table(run(ctx), columns))
-
+COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "speedup_vs_eager", "peak_memory_mb", "memory_vs_eager"]
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_standalone(run, sys.argv[1:], COLUMNS)

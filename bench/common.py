@@ -106,3 +106,28 @@ class BenchContext:
         row.update(extra)
         return row
 
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """Rows as aligned text columns (floats to 4 significant digits)."""
+    cells = [columns] + [
+        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def run_standalone(run: Callable[[BenchContext], list[dict]], argv: list[str], columns: list[str]) -> None:
+    """``python -m bench.bench_<op> [--quick]``: on a GPU, this device's ceilings first (so the rows carry
+    their fractions), then one op's benchmark as a table. Without a GPU, --quick is implied."""
+    from bench.ceilings import measure_ceilings
+
+    quick = "--quick" in argv or not torch.cuda.is_available()
+    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
+    if ctx.is_gpu:
+        ceilings = measure_ceilings(ctx)
+        rates = ", ".join(f"{name} {rate:.0f}" for name, rate in ceilings["matmul_tflops"].items())
+        print(f"copy bandwidth: {ceilings['copy_gbps']:.0f} GB/s; matmul TFLOP/s: {rates}")
+    else:
+        print("CPU quick mode (Triton interpreter, toy sizes): these figures are not performance claims")
+    print(format_table(run(ctx), columns))

@@ -12,9 +12,12 @@ import torch
 from gpt.distributed import mean_across_ranks
 from kernels.registry import ops
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), FLOP/s, for MFU.
+# Dense bf16 tensor-core peaks from the vendors' datasheets, FLOP/s, for MFU. Matched against the
+# device name in this order, so the PCIe and NVL parts are found before the SXM default.
 DATASHEET_BF16_PEAK = {
-    "H100": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM
     "H200": 989e12,
     "A100": 312e12,
 }

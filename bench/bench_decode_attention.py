@@ -1,0 +1,164 @@
+"""Decode-attention benchmark: the Triton flash-decoding kernel vs SDPA, and generation's tokens/s.
+
+Kernel rows: one query row per sequence against a KV cache of T positions, GPT-2's heads (H = 12,
+D = 64), T up to 8192. Every row of the batch is at full length T, so SDPA without a mask does
+exactly the kernel's work on its best (flash / memory-efficient) backend; ``sdpa-masked`` is the
+PyTorch reference, which a batch of different lengths needs (a boolean mask, math backend),
+``torch.compile`` compiles that reference, and flash-attn's ``flash_attn_with_kvcache`` (its own
+split-KV decode) runs when installed. Bytes are the fewest the step must move: K and V read once,
+2·B·H·T·D elements (q and the output are noise).
+
+Generation rows (``generate``): tokens/s of greedy generation of a randomly initialized model
+(speed does not depend on the weights), a batch of prompts of different lengths, with the KV cache
+and without it, with every Triton kernel (so the prefill runs the Triton attention and each step
+the decode kernel) and with none. GPT-2 124M in bf16 on a GPU; a toy model on the CPU.
+
+``python -m bench.bench_decode_attention [--quick]``: on a GPU the sizes above; ``--quick`` (or
+no GPU) toy sizes on the CPU through Triton's interpreter, which only checks the harness.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+from bench.common import BenchContext  # noqa: E402
+from gpt.config import GPTConfig, preset  # noqa: E402
+from gpt.generate import generate_tokens  # noqa: E402
+from gpt.model import GPT  # noqa: E402
+from gpt.training import autocast  # noqa: E402
+from kernels import registry  # noqa: E402
+from kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
+
+try:
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:  # not installed: no flash-attn rows
+    flash_attn_with_kvcache = None
+
+OP = "decode_attention"
+HEADS, HEAD_DIM = 12, 64
+# (B, T): one long sequence (the case flash-decoding exists for), a small batch, a serving-sized batch.
+GPU_CASES = [(1, 1024), (1, 4096), (1, 8192), (8, 2048), (8, 8192), (64, 1024)]
+QUICK_CASES = [(2, 64)]
+GPU_GENERATION = dict(config=preset("gpt2"), prompt_lengths=(64, 40, 17, 64), new_tokens=128, dtype=torch.bfloat16)
+QUICK_GENERATION = dict(config=GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=32),
+                        prompt_lengths=(5, 3), new_tokens=4, dtype=torch.float32)
+
+
+def sdpa(q, k, v, lengths):
+    """Every row at full length: no mask, so SDPA may pick its flash or memory-efficient kernel."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def flash_attn_decode(q, k, v, lengths):
+    """flash-attn's decode kernel, which takes (B, T, H, D) layouts and int32 lengths."""
+    out = flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  cache_seqlens=lengths.int())
+    return out.transpose(1, 2)
+
+
+def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
+    impls, skipped = {"sdpa": sdpa, "sdpa-masked": decode_attention_reference}, []
+    if registry.triton_runs_on(ctx.device):
+        impls["triton"] = decode_attention
+    else:
+        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
+    if ctx.is_gpu:
+        torch._dynamo.reset()
+        impls["torch.compile"] = torch.compile(decode_attention_reference, dynamic=False)
+        if flash_attn_with_kvcache is not None:
+            impls["flash-attn"] = flash_attn_decode
+    else:
+        skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
+    return impls, skipped
+
+
+def kernel_rows(ctx: BenchContext) -> list[dict]:
+    cases = QUICK_CASES if ctx.quick else GPU_CASES
+    heads, head_dim = (2, 16) if ctx.quick else (HEADS, HEAD_DIM)
+    dtypes = [torch.float32] if ctx.quick else [torch.bfloat16, torch.float16]
+    rows = []
+    for B, T in cases:
+        for dtype in dtypes:
+            q = torch.randn(B, heads, 1, head_dim, device=ctx.device, dtype=dtype)
+            k = torch.randn(B, heads, T, head_dim, device=ctx.device, dtype=dtype)
+            v = torch.randn(B, heads, T, head_dim, device=ctx.device, dtype=dtype)
+            lengths = torch.full((B,), T, device=ctx.device, dtype=torch.int32)
+            bytes_moved = 2 * B * heads * T * head_dim * dtype.itemsize
+            sdpa_ms = None
+            for impl, fn in implementations(ctx)[0].items():
+                step = lambda fn=fn: fn(q, k, v, lengths)  # noqa: E731
+                step()  # compiles (Triton JIT, torch.compile) outside the timed region
+                timing = ctx.time(step)
+                sdpa_ms = timing.median_ms if impl == "sdpa" else sdpa_ms
+                rows.append(ctx.record(
+                    op=OP, case=f"B={B} H={heads} T={T} D={head_dim}", dtype=dtype, pass_="forward", impl=impl,
+                    timing=timing, bytes_moved=bytes_moved, peak_memory_mb=ctx.peak_memory_mb(step),
+                    speedup_vs_sdpa=sdpa_ms / timing.median_ms,
+                ))
+    return rows
+
+
+def generation_rows(ctx: BenchContext) -> list[dict]:
+    setup = QUICK_GENERATION if ctx.quick else GPU_GENERATION
+    config, dtype, new_tokens = setup["config"], setup["dtype"], setup["new_tokens"]
+    torch.manual_seed(0)
+    model = GPT(config).to(ctx.device).eval()
+    prompts = [torch.randint(0, config.vocab_size, (n,)).tolist() for n in setup["prompt_lengths"]]
+    # The interpreter would take minutes for a whole model on Triton: the quick mode runs the references.
+    kernel_specs = ["none"] if ctx.quick else ["all", "none"]
+    rows = []
+    for kernels in kernel_specs:
+        for use_cache in (True, False):
+            def step(use_cache=use_cache):
+                with autocast(torch.device(ctx.device), dtype):
+                    generate_tokens(model, prompts, new_tokens, temperature=0.0, use_kv_cache=use_cache)
+
+            with registry.use_kernels(kernels):
+                step()
+                timing = ctx.time(step)
+            impl = ("kv-cache" if use_cache else "no-cache") + ("+triton" if kernels == "all" else "+torch")
+            rows.append(ctx.record(
+                op=OP, case=f"generate L={config.n_layer} C={config.n_embd} B={len(prompts)} new={new_tokens}",
+                dtype=dtype, pass_="forward", impl=impl, timing=timing,
+                tokens_per_s=len(prompts) * new_tokens / (timing.median_ms / 1e3),
+            ))
+    return rows
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    for reason in implementations(ctx)[1]:
+        print(f"bench_decode_attention: {reason}")
+    return kernel_rows(ctx) + generation_rows(ctx)
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ["case", "dtype", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_sdpa", "tokens_per_s"]
+    cells = [columns] + [
+        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def main(argv: list[str]) -> None:
+    from bench.ceilings import measure_copy_gbps
+
+    quick = "--quick" in argv or not torch.cuda.is_available()
+    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
+    if ctx.is_gpu:
+        ctx.copy_gbps = measure_copy_gbps(ctx)
+        print(f"copy bandwidth: {ctx.copy_gbps:.0f} GB/s")
+    print(format_table(run(ctx)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,294 @@
+"""A run's results on disk: one folder per run with ``results.json``, ``results.md`` and the plots,
+and ``python -m bench report``, which renders the latest run into ``bench/RESULTS.md``.
+
+    bench/results/<UTC date>-<device>/results.json   every figure, the ceilings, the environment
+    bench/results/<UTC date>-<device>/results.md     the same as Markdown tables
+    bench/results/<UTC date>-<device>/*.png          per-op bars with the roofline; the ablation
+
+``--quick`` runs go to ``bench/results/quick/`` (not committed) and are never picked as "latest"
+unless asked for: their CPU figures are no performance claim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from bench.plots import render_plots
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+RESULTS_FILE = "results.json"
+QUICK_DISCLAIMER = ("--quick run on the CPU (Triton's interpreter, toy sizes): these figures only check that the "
+                    "harness works end to end. They are not performance claims.")
+SCHEMA_VERSION = 1
+# Row keys shown in their own columns (or merged into one), before any module-specific extras.
+ROW_KEYS = ("op", "case", "dtype", "pass", "impl", "median_ms", "p20_ms", "p80_ms", "gb_per_s", "fraction_of_copy_bw",
+            "tflop_per_s", "fraction_of_matmul", "peak_memory_mb")
+COLUMN_LABELS = {"gb_per_s": "GB/s", "fraction_of_copy_bw": "of copy BW", "tflop_per_s": "TFLOP/s",
+                 "fraction_of_matmul": "of matmul", "peak_memory_mb": "peak MiB"}
+
+# ---------------------------------------------------------------------------------------------- JSON
+
+
+def jsonable(value):
+    """``value`` with non-finite floats as null (JSON has no NaN) and anything unknown as its str."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "device"
+
+
+def write_run(results: dict, root: Path, suffix: str = "") -> Path:
+    """A new folder under ``root`` holding the run's JSON, Markdown and plots; returns it."""
+    stamp = results["environment"]["date_utc"].replace("-", "").replace(":", "").replace("+0000", "Z")
+    name = f"{stamp}-{_slug(results['environment']['device_name'])}" + (f"-{suffix}" if suffix else "")
+    run_dir = root / name
+    count = 1
+    while run_dir.exists():
+        count += 1
+        run_dir = root / f"{name}-{count}"
+    run_dir.mkdir(parents=True)
+    results["plots"] = render_plots(results, run_dir)
+    (run_dir / RESULTS_FILE).write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
+    (run_dir / "results.md").write_text(render_markdown(results, image_prefix=""))
+    return run_dir
+
+
+def read_results(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def find_results(path: Path = RESULTS_DIR, allow_quick: bool = False) -> Path:
+    """The results file ``path`` names: a ``results.json``, a run folder, or a folder of runs (then the
+    latest run by date, --quick runs left out unless ``allow_quick``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / RESULTS_FILE).is_file():
+        return path / RESULTS_FILE
+    candidates = []
+    for file in path.glob(f"**/{RESULTS_FILE}"):
+        try:
+            results = read_results(file)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if results.get("quick") and not allow_quick:
+            continue
+        # A merged run has its latest part's date: on a tie it is the one wanted.
+        candidates.append((results.get("environment", {}).get("date_utc", ""), "merged_from" in results, str(file),
+                           file))
+    if not candidates:
+        skipped = "" if allow_quick else " (--quick runs are left out: pass --allow-quick to render one)"
+        raise FileNotFoundError(f"no results under {path}{skipped}: run `python -m bench` first")
+    return max(candidates)[-1]
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One run from partial runs on the same device (e.g. ``--ablation none`` then ``--ops none``,
+    when the whole suite does not fit one session): later parts win per op and for the end-to-end
+    section. Each row keeps the fractions computed against its own run's ceilings; the merged
+    ceilings (and so the plots' rooflines) are the latest part's."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    parts = sorted(parts, key=lambda r: r["environment"]["date_utc"])
+    devices = {part["environment"]["device_name"] for part in parts}
+    if len(devices) > 1:
+        raise ValueError(f"cannot merge runs from different devices: {', '.join(sorted(devices))}")
+    if len({part["quick"] for part in parts}) > 1:
+        raise ValueError("cannot merge a --quick run with a real one")
+    merged = {**parts[-1], "command": " ; ".join(part["command"] for part in parts), "plots": []}
+    merged["merged_from"] = [part["environment"]["date_utc"] for part in parts]
+    modules, rows_by_op = {}, {}
+    for part in parts:
+        for op, status in part["ops"]["modules"].items():
+            modules[op] = status
+            rows_by_op[op] = [row for row in part["ops"]["rows"] if row.get("op") == op]
+    merged["ops"] = {"rows": [row for op in modules for row in rows_by_op[op]], "modules": modules}
+    merged["e2e"] = next((part["e2e"] for part in reversed(parts) if part["e2e"].get("rows")), parts[-1]["e2e"])
+    return merged
+
+
+def write_merged_run(results_files: list[Path]) -> Path:
+    """Merge the given runs into a new run folder beside the latest of them; returns its results file."""
+    parts = [(read_results(path), Path(path)) for path in results_files]
+    latest = max(parts, key=lambda part: part[0]["environment"]["date_utc"])[1]
+    merged = merge_results([results for results, _ in parts])
+    return write_run(merged, latest.parent.parent, suffix="merged") / RESULTS_FILE
+
+
+# ------------------------------------------------------------------------------------------ Markdown
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "–"
+        if abs(value) >= 10 ** digits:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _time_cell(row: dict) -> str:
+    return f"{fmt(row.get('median_ms'))} ({fmt(row.get('p20_ms'), 3)}–{fmt(row.get('p80_ms'), 3)})"
+
+
+def _environment(results: dict) -> str:
+    env = results["environment"]
+    commit = env["git_commit"] + (" (uncommitted changes)" if env.get("git_dirty") else "")
+    return table(["", ""], [
+        ["device", env["device_name"]],
+        ["driver / CUDA", f"{env.get('driver') or '–'} / {env.get('cuda') or '–'}"],
+        ["torch / triton", f"{env['torch']} / {env['triton']}"],
+        ["commit", commit],
+        ["date (UTC)", env["date_utc"] + (f" (merged from the runs of {', '.join(results['merged_from'])})"
+                                          if results.get("merged_from") else "")],
+        ["command", f"`{results.get('command', 'python -m bench')}`"],
+    ])
+
+
+def _ceilings(results: dict) -> str:
+    ceilings = results.get("ceilings") or {}
+    rows = [["copy bandwidth (read + write)", f"{fmt(ceilings.get('copy_gbps'))} GB/s"]]
+    rows += [[f"{dtype} matmul", f"{fmt(rate)} TFLOP/s"] for dtype, rate in ceilings.get("matmul_tflops", {}).items()]
+    return table(["ceiling", "measured"], rows) + f"\n\n{ceilings.get('method', '')}"
+
+
+def _e2e(results: dict, image_prefix: str) -> str:
+    e2e = results.get("e2e") or {}
+    if not e2e.get("rows"):
+        return "Not run (`--ablation none`)."
+    s, model = e2e["settings"], e2e["model"]
+    toy = f" (toy size for --quick: {model['toy_overrides']})" if model.get("toy_overrides") else ""
+    parts = [
+        f"Preset **{s['preset']}**{toy}, {fmt(model['parameters'])} parameters; B={s['batch_size']}, "
+        f"T={s['seq_len']}, {s['grad_accum']} micro-step(s) per step ({fmt(e2e['tokens_per_step'])} tokens), "
+        f"{s['dtype']}; {s['warmup_steps']} warm-up steps, then {s['steps']} timed.",
+        f"FLOPs per token: {e2e['flops_formula']} = {fmt(e2e['flops_per_token'])}. MFU is their rate over the "
+        f"measured {e2e['matmul_ceiling_dtype']} matmul rate, and over the datasheet peak "
+        f"({fmt(e2e.get('datasheet_peak_tflops'))} TFLOP/s) where one is known for this device and dtype.",
+        f"Method: {e2e['method']}.",
+    ]
+    headline = e2e.get("headline") or {}
+    targets = headline.get("targets")
+    if targets:
+        on = headline.get("all_kernels") or {}
+        met = {True: "met", False: "**not met**", None: "not measured"}
+        parts.append(
+            f"Targets: ≥ {fmt(targets['tokens_per_s'])} tokens/s with all kernels on: "
+            f"{fmt(on.get('tokens_per_s'))} ({met[targets.get('tokens_per_s_met')]}); ≥ "
+            f"{targets['speedup_vs_compile']}x eager + torch.compile: {fmt(on.get('speedup_vs_compile'))}x "
+            f"({met[targets.get('speedup_vs_compile_met')]})."
+        )
+    header = ["configuration", "Triton kernels", "tokens/s", "step ms (p20–p80)", "MFU (measured matmul)",
+              "MFU (datasheet)", "peak memory (MiB)", "vs eager", "vs eager + compile", "first step s",
+              "warm-up s", "notes"]
+    rows = []
+    for row in e2e["rows"]:
+        if row.get("status") != "ok":
+            rows.append([row["name"], row["kernels"], None, None, None, None, None, None, None, None, None,
+                         f"{row.get('status')}: {row.get('error')}"])
+            continue
+        rows.append([row["name"], row["kernels"], row["tokens_per_s"], _time_cell(row),
+                     row.get("mfu_vs_measured_matmul"), row.get("mfu_vs_datasheet"), row.get("peak_memory_mb"),
+                     row.get("speedup_vs_eager"), row.get("speedup_vs_compile"), row.get("first_step_s"),
+                     row.get("warmup_s"), "; ".join(row.get("notes", []))])
+    parts.append(table(header, rows))
+    if "ablation.png" in results.get("plots", []):
+        parts.append(f"![tokens/s per configuration]({image_prefix}ablation.png)")
+    return "\n\n".join(parts)
+
+
+def _op_table(rows: list[dict]) -> str:
+    present = [key for key in ("gb_per_s", "fraction_of_copy_bw", "tflop_per_s", "fraction_of_matmul",
+                               "peak_memory_mb") if any(row.get(key) is not None for row in rows)]
+    extras = [key for key in dict.fromkeys(k for row in rows for k in row) if key not in ROW_KEYS]
+    header = ["case", "dtype", "pass", "impl", "median ms (p20–p80)"] + [COLUMN_LABELS[k] for k in present] + extras
+    body = [[row.get("case"), row.get("dtype"), row.get("pass"), row.get("impl"), _time_cell(row)]
+            + [row.get(key) for key in present + extras] for row in rows]
+    return table(header, body)
+
+
+def _ops(results: dict, image_prefix: str) -> str:
+    ops = results.get("ops") or {}
+    rows, modules = ops.get("rows", []), ops.get("modules", {})
+    if not modules:
+        return "Not run (`--ops none`)."
+    parts = []
+    for op, status in modules.items():
+        op_rows = [row for row in rows if row.get("op") == op]
+        parts.append(f"### {op}")
+        if status.get("status") != "ok":
+            parts.append(f"**{status.get('status')}**: {status.get('error')}")
+        if op_rows:
+            parts.append(_op_table(op_rows))
+        if f"op_{op}.png" in results.get("plots", []):
+            parts.append(f"![{op}]({image_prefix}op_{op}.png)")
+        if status.get("notes"):
+            parts.append("Notes: " + "; ".join(status["notes"]))
+        if "seconds" in status:
+            parts.append(f"Wall time of the module, compilation and autotuning included: {status['seconds']:.1f} s.")
+    return "\n\n".join(parts)
+
+
+def render_markdown(results: dict, image_prefix: str = "") -> str:
+    """The whole run as Markdown; images are linked as ``image_prefix + name``."""
+    parts = ["# Benchmark results"]
+    if results.get("quick"):
+        parts.append(f"> **{QUICK_DISCLAIMER}**")
+    parts += [
+        _environment(results),
+        "## Ceilings",
+        _ceilings(results),
+        "## End to end: one training step, and what each kernel buys",
+        _e2e(results, image_prefix),
+        "## Per-kernel benchmarks",
+        "Time is the median (p20–p80) with warm-up excluded and, on a GPU, the L2 cache flushed before every "
+        "repetition. GB/s counts the fewest bytes a pass must move; the fraction is over the measured copy "
+        "bandwidth (or, for TFLOP/s, the measured matmul rate of the row's dtype).",
+        _ops(results, image_prefix),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(results_file: Path, markdown_path: Path = RESULTS_MD) -> Path:
+    """Render ``results_file`` into ``markdown_path`` (re-rendering its plots if they are missing)."""
+    results_file = Path(results_file).resolve()
+    results = read_results(results_file)
+    run_dir = results_file.parent
+    if any(not (run_dir / name).is_file() for name in results.get("plots", [])) or "plots" not in results:
+        results["plots"] = render_plots(results, run_dir)
+    prefix = os.path.relpath(run_dir, Path(markdown_path).resolve().parent).replace(os.sep, "/") + "/"
+    markdown = render_markdown(results, image_prefix=prefix)
+    source = os.path.relpath(results_file, Path(markdown_path).resolve().parent).replace(os.sep, "/")
+    markdown = markdown.replace("# Benchmark results\n", f"# Benchmark results\n\nFrom [{source}]({source}), "
+                                "rendered by `python -m bench report`.\n", 1)
+    Path(markdown_path).write_text(markdown)
+    return Path(markdown_path)

@@ -1,0 +1,67 @@
+"""pytest-benchmark for the CPU-side pieces that can slow training down without any GPU in sight:
+the tokenizer, the data loader and the optimizer's host-side bookkeeping.
+
+The normal test run passes ``--benchmark-disable`` (pytest.ini), so each benchmarked call runs once
+as a plain test. To measure them:
+
+    python -m pytest tests/test_cpu_perf.py --benchmark-enable            # a table of timings
+    python -m pytest tests/test_cpu_perf.py --benchmark-enable --benchmark-autosave   # keep them in .benchmarks/
+    python -m pytest tests/test_cpu_perf.py --benchmark-enable --benchmark-compare     # against the last saved run
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("pytest_benchmark")
+
+from gpt.data import DataLoader, write_shard  # noqa: E402
+from gpt.tokenizer import VOCAB_SIZE, decode, encode  # noqa: E402
+from kernels.adamw import AdamW_reference  # noqa: E402
+
+# Real text with code, prose and odd whitespace: the Python sources of this repository's model.
+SAMPLE_TEXT = (Path(__file__).resolve().parents[1] / "gpt" / "model.py").read_text()
+
+
+def test_tokenizer_throughput(benchmark):
+    ids = benchmark(encode, SAMPLE_TEXT)
+    benchmark.extra_info["tokens_per_call"] = len(ids)
+    benchmark.extra_info["chars_per_call"] = len(SAMPLE_TEXT)
+    assert decode(ids) == SAMPLE_TEXT
+    assert len(SAMPLE_TEXT) / len(ids) > 2  # BPE merges: several characters per token on code and prose
+
+
+def test_data_loader_batches_per_second(benchmark, tmp_path):
+    batch_size, seq_len = 8, 256
+    tokens = np.random.default_rng(0).integers(0, VOCAB_SIZE, size=40 * batch_size * seq_len, dtype=np.uint16)
+    write_shard(tmp_path / "synthetic_train_000000.bin", tokens)
+    loader = DataLoader(tmp_path, "train", batch_size, seq_len, seed=0)
+
+    x, y = benchmark(loader.next_batch)
+    benchmark.extra_info["tokens_per_batch"] = batch_size * seq_len
+    assert x.shape == y.shape == (batch_size, seq_len) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+    assert ((x >= 0) & (x < VOCAB_SIZE)).all()
+
+
+def test_optimizer_host_side_step(benchmark):
+    """Many small tensors, so the time is the per-parameter bookkeeping, not the arithmetic: what a
+    GPU step costs the host while the device waits for it (GPT-2 124M has 148 tensors)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(16)) for _ in range(148)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = AdamW_reference([{"params": params[:74], "weight_decay": 0.1},
+                                 {"params": params[74:], "weight_decay": 0.0}], lr=1e-3)
+    before = [p.detach().clone() for p in params]
+
+    def step():
+        optimizer.clip_grad_norm_(1.0)
+        optimizer.step()
+
+    benchmark(step)
+    benchmark.extra_info["tensors"] = len(params)
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.isfinite(p).all() for p in params)
