@@ -8,7 +8,7 @@ PyTorch reference, which a batch of different lengths needs (a boolean mask, mat
 split-KV decode) runs when installed. Bytes are the fewest the step must move: K and V read once,
 2·B·H·T·D elements (q and the output are noise).
 
-Generation rows (``generate``): tokens/s of greedy generation of a randomly initialized model
+Generation rows (pass ``generate``): tokens/s of greedy generation of a randomly initialized model
 (speed does not depend on the weights), a batch of prompts of different lengths, with the KV cache
 and without it, with every Triton kernel (so the prefill runs the Triton attention and each step
 the decode kernel) and with none. GPT-2 124M in bf16 on a GPU; a toy model on the CPU.
@@ -30,7 +30,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import BenchContext  # noqa: E402
+from bench.common import BenchContext, run_standalone  # noqa: E402
 from gpt.config import GPTConfig, preset  # noqa: E402
 from gpt.generate import generate_tokens  # noqa: E402
 from gpt.model import GPT  # noqa: E402
@@ -128,7 +128,7 @@ def generation_rows(ctx: BenchContext) -> list[dict]:
             impl = ("kv-cache" if use_cache else "no-cache") + ("+triton" if kernels == "all" else "+torch")
             rows.append(ctx.record(
                 op=OP, case=f"generate L={config.n_layer} C={config.n_embd} B={len(prompts)} new={new_tokens}",
-                dtype=dtype, pass_="forward", impl=impl, timing=timing,
+                dtype=dtype, pass_="generate", impl=impl, timing=timing,
                 tokens_per_s=len(prompts) * new_tokens / (timing.median_ms / 1e3),
             ))
     return rows
@@ -140,25 +140,7 @@ def run(ctx: BenchContext) -> list[dict]:
     return kernel_rows(ctx) + generation_rows(ctx)
 
 
-def format_table(rows: list[dict]) -> str:
-    columns = ["case", "dtype", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_sdpa", "tokens_per_s"]
-    cells = [columns] + [
-        [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows
-    ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
-
-
-def main(argv: list[str]) -> None:
-    from bench.ceilings import measure_copy_gbps
-
-    quick = "--quick" in argv or not torch.cuda.is_available()
-    ctx = BenchContext(device="cuda" if torch.cuda.is_available() else "cpu", quick=quick)
-    if ctx.is_gpu:
-        ctx.copy_gbps = measure_copy_gbps(ctx)
-        print(f"copy bandwidth: {ctx.copy_gbps:.0f} GB/s")
-    print(format_table(run(ctx)))
-
+COLUMNS = ["case", "dtype", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_sdpa", "tokens_per_s"]
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_standalone(run, sys.argv[1:], COLUMNS)

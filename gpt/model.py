@@ -8,6 +8,10 @@ Two things differ from a textbook GPT-2, both for speed and neither for the math
   returned logits cover only the 50257 real tokens;
 * each LayerNorm also adds the residual branch that precedes it (``ln(x + branch)`` and the new
   stream in one op), so a block passes its last branch on instead of adding it itself.
+
+For generation (gpt/generate.py) ``forward`` also takes a :class:`KVCache`: the prompt is run once
+(prefill, through the causal ``ops.attention``) and each later token is one row of queries against
+the cached keys and values (``ops.decode_attention``). Training never passes a cache.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from gpt.config import GPTConfig
 from kernels.registry import is_triton, ops
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = ["GPT", "GPTConfig", "KVCache"]
 
 LAYER_NORM_EPS = 1e-5
 
@@ -49,12 +53,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, H, T, D) views: the attention kernel reads them through their strides.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = ops.attention(q, k, v, causal=True)
+        if kv_cache is None or kv_cache.prefilling:
+            if kv_cache is not None:
+                kv_cache.write(layer, k, v)
+            y = ops.attention(q, k, v, causal=True)
+        else:  # one new token per row: its query against every cached key of its row
+            keys, values = kv_cache.write(layer, k, v)
+            y = ops.decode_attention(q, keys, values, kv_cache.step_lengths)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -87,12 +97,12 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, branch):
+    def forward(self, x, branch, kv_cache=None, layer=0):
         if branch is None:
             h = self.ln_1(x)
         else:
             h, x = self.ln_1(branch, residual=x)
-        h, x = self.ln_2(self.attn(h), residual=x)
+        h, x = self.ln_2(self.attn(h, kv_cache, layer), residual=x)
         return x, self.mlp(h)
 
 
@@ -141,11 +151,17 @@ class GPT(nn.Module):
         n = self.num_parameters() - self.transformer.wpe.weight.numel()
         return 6 * n + 6 * self.config.n_layer * seq_len * self.config.n_embd
 
-    def forward(self, idx, targets=None, ignore_index=-100):
+    def forward(self, idx, targets=None, ignore_index=-100, kv_cache=None, prompt_lengths=None):
         """Returns ``(logits, loss)``: logits (B, T, vocab_size) and the mean loss over non-ignored targets.
 
         With ``targets`` and the fused ``linear_cross_entropy`` kernel on, the loss comes straight
         from the hidden states and the logits are never materialized: ``logits`` is then None.
+
+        Generation passes a ``kv_cache`` and gets ``(logits, None)`` with logits (B, vocab_size) of
+        each row's last token only. An empty cache is filled from the prompts (prefill): row ``b``'s
+        prompt is ``idx[b, :prompt_lengths[b]]`` (all T tokens when None), right-padded with any
+        token, which causal attention keeps out of every prompt position. Once the cache holds
+        tokens, ``idx`` is (B, 1): one new token per row, at position ``kv_cache.lengths[b]``.
         """
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be a (B, T) tensor of int64/int32 token ids, got {tuple(idx.shape)} {idx.dtype}")
@@ -154,23 +170,32 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds the model's block size {self.config.block_size}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        if kv_cache is not None and targets is not None:
+            raise ValueError("targets and kv_cache exclude each other: the cache is for generation, not training")
 
-        pos = torch.arange(T, device=idx.device)
+        if kv_cache is None:
+            pos = torch.arange(T, device=idx.device)
+        else:
+            pos = kv_cache.start_step(idx, prompt_lengths)  # (T,) for a prefill, (B, 1) for a decode step
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         branch = None
-        for block in self.transformer.h:
-            x, branch = block(x, branch)
+        for layer, block in enumerate(self.transformer.h):
+            x, branch = block(x, branch, kv_cache, layer)
         h, _ = self.transformer.ln_f(branch, residual=x)
 
         V = self.config.vocab_size
+        if kv_cache is not None:
+            last = kv_cache.finish_step()  # where each row's last token sits in idx
+            h = h[torch.arange(B, device=h.device), last]
+            return self.lm_head(h)[:, :V], None
         if targets is not None and is_triton("linear_cross_entropy", h.device):
             weight = self.lm_head.weight[:V]  # the padding rows never score a token
-            loss = ops.linear_cross_entropy(h.view(B * T, -1), weight, targets.view(-1), ignore_index=ignore_index)
+            loss = ops.linear_cross_entropy(h.view(B * T, -1), weight, targets.reshape(-1), ignore_index=ignore_index)
             return None, loss
         logits = self.lm_head(h)[..., :V]
         loss = None
         if targets is not None:
-            loss = ops.cross_entropy(logits.view(B * T, -1), targets.view(-1), ignore_index=ignore_index)
+            loss = ops.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=ignore_index)
         return logits, loss
 
     @classmethod
@@ -220,6 +245,80 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"{path}: missing tensors {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
         return model
+
+
+class KVCache:
+    """The keys and values of every layer for a batch of B sequences being generated.
+
+    Row ``b`` holds ``lengths[b]`` positions. Each layer's buffers, (B, H, max_len, D), are allocated
+    once, at the prefill, in the dtype of that layer's keys (bf16 under autocast); slots past a row's
+    length (the prefill's padding, or zeros) take no part in attention, and are overwritten as the
+    row grows. ``longest`` is max(lengths), kept on the host so that no step waits on the device to know
+    how much of the cache to read. Positions are absolute (GPT-2's learned position embedding), so a
+    full cache cannot slide: ``max_len`` is at most the block size.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str):
+        if not 1 <= max_len <= config.block_size:
+            raise ValueError(f"KVCache max_len must be in [1, block_size={config.block_size}], got {max_len}")
+        if batch_size < 1:
+            raise ValueError(f"KVCache batch_size must be >= 1, got {batch_size}")
+        self.max_len = max_len
+        self.keys: list[torch.Tensor | None] = [None] * config.n_layer
+        self.values: list[torch.Tensor | None] = [None] * config.n_layer
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.longest = 0
+        self.prefilling = False
+        self.step_lengths = self.lengths  # every row's length once the current step's token is in
+
+    def start_step(self, idx: torch.Tensor, prompt_lengths=None) -> torch.Tensor:
+        """Check ``idx`` against the cache and return its tokens' positions."""
+        B, T = idx.shape
+        if B != self.lengths.shape[0]:
+            raise ValueError(f"the cache holds {self.lengths.shape[0]} sequences, idx has {B} rows")
+        if self.longest == 0:  # a prefill
+            if T > self.max_len:
+                raise ValueError(f"a prompt of {T} tokens does not fit the cache's {self.max_len} positions")
+            if prompt_lengths is None:
+                lengths = torch.full_like(self.lengths, T)
+            else:
+                # A copy: the cache advances its own lengths, never the caller's tensor.
+                lengths = torch.as_tensor(prompt_lengths).to(idx.device, torch.long, copy=True)
+                if lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > T:
+                    raise ValueError(f"prompt_lengths must be {B} lengths in [1, {T}], got {prompt_lengths}")
+            self.prefilling, self.step_lengths, self.longest = True, lengths, int(lengths.max())
+            return torch.arange(T, device=idx.device)
+        if T != 1 or prompt_lengths is not None:
+            raise ValueError(f"a cache that holds tokens takes one new token per row: idx must be ({B}, 1) "
+                             f"without prompt_lengths, got {tuple(idx.shape)}")
+        if self.longest == self.max_len:
+            raise ValueError(f"the cache is full ({self.max_len} positions)")
+        self.prefilling, self.step_lengths, self.longest = False, self.lengths + 1, self.longest + 1
+        return self.lengths[:, None]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's keys and values (B, H, T, D) of ``layer``; in a decode step, return the
+        layer's keys and values up to the longest row, the new token's included."""
+        if self.prefilling:
+            B, H, T, D = k.shape
+            # Zeroed, not empty: the PyTorch reference's matmul multiplies the masked-out slots by
+            # 0, and 0 · NaN (uninitialized memory) would be NaN. The Triton kernel never reads them.
+            self.keys[layer] = k.new_zeros((B, H, self.max_len, D))
+            self.values[layer] = v.new_zeros((B, H, self.max_len, D))
+            self.keys[layer][:, :, :T] = k
+            self.values[layer][:, :, :T] = v
+            return None
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.keys[layer][rows, :, self.lengths] = k[:, :, 0].to(self.keys[layer].dtype)
+        self.values[layer][rows, :, self.lengths] = v[:, :, 0].to(self.values[layer].dtype)
+        return self.keys[layer][:, :, : self.longest], self.values[layer][:, :, : self.longest]
+
+    def finish_step(self) -> torch.Tensor:
+        """Commit the step's lengths; returns the index in idx of each row's last token."""
+        last = self.step_lengths - 1 if self.prefilling else torch.zeros_like(self.lengths)
+        self.lengths = self.step_lengths
+        self.prefilling = False
+        return last
 
 
 # GPT-2's released sizes, so a weights file without its config.json still loads.

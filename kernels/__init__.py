@@ -8,7 +8,7 @@ from kernels import registry
 from kernels.adamw import AdamW, AdamW_reference
 from kernels.attention import attention, attention_reference
 from kernels.cross_entropy import cross_entropy, cross_entropy_reference
-from kernels.decode_attention import decode_attention_reference
+from kernels.decode_attention import decode_attention, decode_attention_reference
 from kernels.gelu import gelu, gelu_reference
 from kernels.layernorm import layer_norm, layer_norm_reference
 from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
@@ -22,5 +22,5 @@ __all__ = [
     "cross_entropy", "cross_entropy_reference",
     "linear_cross_entropy", "linear_cross_entropy_reference",
     "AdamW", "AdamW_reference",
-    "decode_attention_reference",
+    "decode_attention", "decode_attention_reference",
 ]

@@ -1,0 +1,188 @@
+"""The Triton decode-attention kernel (flash-decoding) against a float64 reference.
+
+Every test poisons the cache past each row's length with NaN (the kernel must never read there)
+and, where it passes an output buffer, the output too. The reference runs on the cache with those
+slots zeroed. bf16 runs in the interpreter too: the kernel has no ``tl.dot``.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from bench.bench_decode_attention import run as run_bench
+from bench.common import BenchContext
+from conftest import DEVICE
+from gpt.generate import generate_tokens
+from gpt.model import GPT, GPTConfig, KVCache
+from kernels.decode_attention import (
+    MAX_SPLITS,
+    decode_attention,
+    decode_attention_forward,
+    decode_attention_reference,
+)
+from kernels.registry import is_triton, use_kernels
+from numerics import assert_close, poisoned_like
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_inputs(B, H, T, D, lengths, dtype, device=DEVICE):
+    """q, and caches poisoned with NaN past each row's length; plus the float64 reference's inputs."""
+    q = torch.randn(B, H, 1, D, device=device).to(dtype)
+    k = torch.randn(B, H, T, D, device=device).to(dtype)
+    v = torch.randn(B, H, T, D, device=device).to(dtype)
+    lengths = torch.tensor(lengths, device=device)
+    past = torch.arange(T, device=device)[None, :] >= lengths[:, None]  # (B, T)
+    past = past[:, None, :, None]
+    k_clean, v_clean = k.double().masked_fill(past, 0.0), v.double().masked_fill(past, 0.0)
+    k, v = k.masked_fill(past, float("nan")), v.masked_fill(past, float("nan"))
+    return q, k, v, lengths, (q.double(), k_clean, v_clean)
+
+
+def expected(reference_inputs, lengths, scale=None):
+    q, k, v = reference_inputs
+    return decode_attention_reference(q, k, v, lengths, scale)
+
+
+# (B, H, T, D, lengths): odd cache sizes, a row of length 1, a full row, head dims that are not powers of 2.
+CASES = [
+    (3, 2, 150, 64, [1, 77, 150]),
+    (2, 3, 37, 40, [37, 5]),
+    (1, 4, 200, 16, [133]),
+    (2, 1, 9, 128, [9, 2]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])))
+def test_matches_float64_reference(case, dtype):
+    B, H, T, D, lengths = case
+    q, k, v, lengths, ref_inputs = make_inputs(B, H, T, D, lengths, dtype)
+    out = decode_attention(q, k, v, lengths)
+    assert out.shape == (B, H, 1, D) and out.dtype == dtype
+    assert_close(out, expected(ref_inputs, lengths), dtype, "out")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, MAX_SPLITS])
+def test_every_split_count_gives_the_same_softmax(num_splits):
+    # 7 and MAX_SPLITS splits leave splits with no key at all (lse = -inf): they must weigh nothing.
+    q, k, v, lengths, ref_inputs = make_inputs(3, 2, 150, 32, [1, 70, 150], torch.float32)
+    out = poisoned_like(q)
+    decode_attention_forward(q, k, v, lengths, num_splits=num_splits, out=out)
+    assert_close(out, expected(ref_inputs, lengths), torch.float32, f"{num_splits} splits")
+
+
+def test_model_layouts_scale_and_length_edges():
+    # q as the model passes it (a view of the fused (B, 1, 3C) c_attn output), the caches as prefix
+    # views of a longer buffer, an explicit scale, a row of length 0 (zeros) and one past T (= T).
+    B, H, T, D = 3, 2, 40, 16
+    qkv = torch.randn(B, 1, 3 * H * D, device=DEVICE)
+    q = qkv[..., : H * D].view(B, 1, H, D).transpose(1, 2)
+    buffer = torch.randn(2, B, H, T + 8, D, device=DEVICE)
+    k, v = buffer[0, :, :, :T], buffer[1, :, :, :T]
+    lengths = torch.tensor([0, 17, T + 5], device=DEVICE)
+    out = decode_attention(q, k, v, lengths, scale=0.3)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths.clamp_max(T), scale=0.3)
+    assert_close(out, ref, torch.float32)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(decode_attention_reference(q, k, v, lengths)[0], torch.zeros_like(out[0]))
+
+
+def test_int32_lengths_and_large_scores():
+    # Scores in the hundreds: the online softmax must subtract the running maximum.
+    q, k, v, lengths, ref_inputs = make_inputs(2, 2, 70, 64, [70, 31], torch.float32)
+    q = q * 30
+    ref = decode_attention_reference(q.double(), *ref_inputs[1:], lengths)
+    out = decode_attention(q, k, v, lengths.int())
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, torch.float32, factor=10)
+
+
+def test_backward_matches_reference():
+    q, k, v, lengths, _ = make_inputs(2, 2, 33, 16, [33, 20], torch.float32)
+    k, v = k.nan_to_num(), v.nan_to_num()
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    decode_attention(*inputs, lengths).backward(grad)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    decode_attention_reference(*ref_inputs, lengths).backward(grad.double())
+    for name, mine, ref in zip("qkv", inputs, ref_inputs):
+        assert_close(mine.grad, ref.grad, torch.float32, f"d{name}", factor=10)
+
+
+def test_opcheck():
+    q, k, v, lengths, _ = make_inputs(2, 2, 24, 16, [24, 9], torch.float32)
+    k, v = k.nan_to_num(), v.nan_to_num()
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), lengths, 0.25)
+    torch.library.opcheck(torch.ops.gpt_triton.decode_attention.default, args)
+
+
+def test_bad_inputs_raise_value_error():
+    q, k, v, lengths, _ = make_inputs(2, 2, 8, 16, [8, 3], torch.float32)
+    bad = [
+        ((q.squeeze(2), k, v, lengths), "(B, H, 1, D)"),
+        ((q, k[:1], v, lengths), "matching q"),
+        ((q, k, v[:, :, :4], lengths), "differ"),
+        ((q, k.half(), v, lengths), "one dtype"),
+        ((q.double(), k.double(), v.double(), lengths), "float16, bfloat16 or float32"),
+        ((q, k, v, lengths.float()), "int32/int64"),
+        ((q, k, v, lengths[:1]), "(2,)"),
+        ((q, k[:, :, :0], v[:, :, :0], lengths), "T = 0"),
+    ]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            decode_attention(*args)
+    with pytest.raises(ValueError, match="scale"):
+        decode_attention(q, k, v, lengths, scale=float("inf"))
+    with pytest.raises(ValueError, match="num_splits"):
+        decode_attention_forward(q, k, v, lengths, num_splits=0)
+    with pytest.raises(ValueError, match="out must be"):
+        decode_attention_forward(q, k, v, lengths, out=torch.empty(2, 2, 1, 8))
+
+
+def test_gpt_generation_with_decode_attention_on_triton():
+    """The model's decode steps with the Triton kernel give the reference's logits and tokens."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=32, vocab_size=1000, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(config).to(DEVICE).eval()
+    prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7]]
+    with use_kernels("none"):
+        ref_tokens = generate_tokens(model, prompts, 6, temperature=0.0)
+    with use_kernels("decode_attention"), warnings.catch_warnings():
+        # A silent fallback to the reference would make this test vacuous.
+        warnings.filterwarnings("error", message="kernel .* runs its PyTorch reference")
+        assert is_triton("decode_attention", DEVICE)
+        tokens = generate_tokens(copy.deepcopy(model), prompts, 6, temperature=0.0)
+        # One decode step's logits, compared directly.
+        padded = torch.tensor([p + [0] * (7 - len(p)) for p in prompts], device=DEVICE)
+        lengths = torch.tensor([len(p) for p in prompts], device=DEVICE)
+        logits = {}
+        for spec in ("none", "decode_attention"):
+            with use_kernels(spec), torch.no_grad():
+                cache = KVCache(config, 3, 8, DEVICE)
+                model(padded, kv_cache=cache, prompt_lengths=lengths)
+                logits[spec], _ = model(torch.tensor([[11], [12], [13]], device=DEVICE), kv_cache=cache)
+    assert tokens == ref_tokens
+    assert_close(logits["decode_attention"], logits["none"], torch.float32, "logits", factor=10)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="long caches are too slow for Triton's interpreter")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T", [(1, 8192), (8, 4096), (64, 1024)])
+def test_long_caches_on_gpu(B, T, dtype):
+    lengths = torch.randint(1, T + 1, (B,)).tolist()
+    lengths[0] = T
+    q, k, v, lengths, ref_inputs = make_inputs(B, 12, T, 64, lengths, dtype)
+    out = poisoned_like(q)
+    decode_attention_forward(q, k, v, lengths, out=out)
+    assert_close(out, expected(ref_inputs, lengths), dtype, "out")
+
+
+def test_bench_quick_rows():
+    rows = run_bench(BenchContext(device="cpu", quick=True))
+    impls = {row["impl"] for row in rows}
+    assert {"triton", "sdpa"} <= impls
+    for row in rows:
+        assert row["op"] == "decode_attention" and row["median_ms"] > 0
