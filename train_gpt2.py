@@ -25,6 +25,7 @@ from gpt import checkpoint as ckpt
 from gpt import distributed
 from gpt.config import PRESETS, preset
 from gpt.data import DataLoader, ensure_default_corpus
+from gpt.evaluate import hellaswag_accuracy
 from gpt.generate import generate
 from gpt.model import GPT
 from gpt.numerics import ON_NONFINITE, StepGuard
@@ -75,6 +76,7 @@ def parse_args(argv=None):
                                                        "ranks (FSDP2; under torchrun), with sharded checkpoints")
     p.add_argument("--eval-every", type=int, help="validation loss every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, help="batches per validation")
+    p.add_argument("--hellaswag", help="HellaSwag jsonl file (official format, local): accuracy at each evaluation")
     p.add_argument("--sample-every", type=int, help="print a sample every N steps (0: only at the end)")
     p.add_argument("--sample-prompt", default="def ", help="prompt for the samples")
     p.add_argument("--sample-tokens", type=int, default=48, help="tokens per sample")
@@ -100,6 +102,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and not value >= least:
             p.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if not args.sample_prompt:
+        p.error("--sample-prompt must not be empty: a sample continues its text")
     if args.device:
         try:
             torch.device(args.device)
@@ -216,7 +220,13 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
             record = {"step": step}
             if args.eval_every and step % args.eval_every == 0:
                 record["val_loss"] = evaluate(train_model, val_loader, args.eval_batches, device, dtype)
-                progress.write(f"step {step}: val loss {record['val_loss']:.4f}")
+                message = f"step {step}: val loss {record['val_loss']:.4f}"
+                if args.hellaswag:  # every rank: the examples are split across them
+                    scores = hellaswag_accuracy(model, args.hellaswag, device, dtype, progress=False)
+                    record.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"])
+                    message += f", HellaSwag acc {scores['acc']:.4f} (acc_norm {scores['acc_norm']:.4f})"
+                if dist_info.is_main:
+                    progress.write(message)
             if args.sample_every and step > 0 and step % args.sample_every == 0:
                 sample = _sample(model, args, sampler, device, dtype)  # every rank: FSDP's forward needs them all
                 if dist_info.is_main:

@@ -168,6 +168,12 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's block size {self.config.block_size}")
+        # Ids in [vocab_size, padded size) would silently read the padding rows. The check costs one
+        # host sync per call, so compiled graphs (which cannot sync) leave it to the data loader,
+        # which checks every shard once.
+        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}), "
+                             f"got ids from {idx.min().item()} to {idx.max().item()}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         if kv_cache is not None and targets is not None:

@@ -70,7 +70,8 @@ def test_ddp_with_gradient_accumulation_and_resume(data_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(straight, data_dir, 2, "--batch-size", "2", "--checkpoint-every", "3")
     run(resumed, data_dir, 2, "--batch-size", "2", "--checkpoint-every", "3")
-    (resumed / f"ckpt_{STEPS:07d}.pt").unlink()  # as if the run had died after step 3
+    for leftover in resumed.glob(f"ckpt_{STEPS:07d}.*"):  # as if the run had died after step 3
+        leftover.unlink()
     result = run(resumed, data_dir, 2, "--batch-size", "2", "--checkpoint-every", "3", "--resume")
     assert "resuming from" in result.stdout
     assert losses(resumed) == losses(straight)

@@ -59,7 +59,8 @@ def test_resume_gives_the_same_losses(data_dir, tmp_path):
     common = ["--data", data_dir, "--max-steps", 8, "--checkpoint-every", 4, "--eval-every", 0]
     train(*common, "--out-dir", straight)
     train(*common, "--out-dir", resumed)
-    (resumed / "ckpt_0000008.pt").unlink()  # as if the run had died after its step-4 checkpoint
+    for leftover in resumed.glob("ckpt_0000008.*"):  # as if the run had died after its step-4 checkpoint
+        leftover.unlink()
     train(*common, "--out-dir", resumed, "--resume")
     losses = lambda d: [(r["step"], r["train_loss"]) for r in read_log(d) if "train_loss" in r]  # noqa: E731
     assert losses(resumed) == losses(straight)
@@ -93,3 +94,15 @@ def test_cli_errors_are_one_line(tmp_path, extra, message):
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ")
     assert re.search(message, result.stderr), result.stderr
+
+
+def test_hellaswag_at_each_evaluation(data_dir, tmp_path):
+    examples = [{"ctx": "The cat sat on the", "endings": ["mat.", "moon.", "idea.", "sky."], "label": i % 4}
+                for i in range(4)]
+    path = tmp_path / "hellaswag_val.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    train("--data", data_dir, "--out-dir", tmp_path / "out", "--max-steps", 2, "--eval-every", 1,
+          "--hellaswag", path, "--sample-tokens", 2)
+    scored = [r for r in read_log(tmp_path / "out") if "hellaswag_acc" in r]
+    assert [r["step"] for r in scored] == [0, 1]
+    assert all(0.0 <= r["hellaswag_acc"] <= 1.0 and 0.0 <= r["hellaswag_acc_norm"] <= 1.0 for r in scored)
