@@ -25,8 +25,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import BenchContext, run_standalone  # noqa: E402
-from kernels import registry  # noqa: E402
+from bench.common import BenchContext, competitors, run_standalone  # noqa: E402
 from kernels.cross_entropy import cross_entropy  # noqa: E402
 
 OP = "cross_entropy"
@@ -58,25 +57,13 @@ def _pass_fn(pass_: str, fn, full, logits, targets, upstream):
 
 
 def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
-    """The competitors that can run on ``ctx.device`` (fresh ones: call once per case), and why any
-    others cannot."""
-    impls, skipped = {"eager": eager_cross_entropy}, []
-    if registry.triton_runs_on(ctx.device):
-        impls["triton"] = cross_entropy
-    else:
-        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
-    if ctx.is_gpu:
-        torch._dynamo.reset()  # every case really compiled (see bench_gelu)
-        impls["torch.compile"] = torch.compile(eager_cross_entropy, fullgraph=True, dynamic=False)
-        try:
-            from liger_kernel.transformers.functional import liger_cross_entropy
+    def liger():
+        from liger_kernel.transformers.functional import liger_cross_entropy
 
-            impls["liger"] = lambda logits, targets: liger_cross_entropy(logits, targets)
-        except ImportError:
-            pass
-    else:
-        skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
-    return impls, skipped
+        return lambda logits, targets: liger_cross_entropy(logits, targets)
+
+    return competitors(ctx, eager_cross_entropy, cross_entropy, {"liger": liger})
+
 
 
 def run(ctx: BenchContext) -> list[dict]:

@@ -27,8 +27,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import BenchContext, run_standalone  # noqa: E402
-from kernels import registry  # noqa: E402
+from bench.common import BenchContext, competitors, run_standalone  # noqa: E402
 from kernels.gelu import gelu  # noqa: E402
 
 OP = "gelu"
@@ -67,21 +66,9 @@ def _pass_fn(pass_: str, fn, x, bias, dy):
 
 
 def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
-    """The competitors that can run on ``ctx.device`` (fresh ones: call once per case), and why any
-    others cannot."""
-    impls, skipped = {"eager": eager_gelu}, []
-    if registry.triton_runs_on(ctx.device):
-        impls["triton"] = gelu
-    else:
-        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
-    if ctx.is_gpu:
-        # Dynamo keeps compiled variants on eager_gelu's code object and falls back to eager past
-        # its recompile limit: start each case from an empty cache so every row is really compiled.
-        torch._dynamo.reset()
-        impls["torch.compile"] = torch.compile(eager_gelu, fullgraph=True, dynamic=False)
-    else:
-        skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
-    return impls, skipped
+    # No Liger competitor: Liger-Kernel has GEGLU (a gated product), not a plain GELU.
+    return competitors(ctx, eager_gelu, gelu)
+
 
 
 def run(ctx: BenchContext) -> list[dict]:

@@ -35,8 +35,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import BenchContext, run_standalone  # noqa: E402
-from kernels import registry  # noqa: E402
+from bench.common import BenchContext, competitors, run_standalone  # noqa: E402
 from kernels.layernorm import layer_norm  # noqa: E402
 
 OP = "layernorm"
@@ -58,11 +57,8 @@ def eager_layer_norm(x, weight, bias, eps=EPS, residual=None):
 
 
 def _liger_layer_norm():
-    """Liger-Kernel's LayerNorm (no residual), or None when it is not installed."""
-    try:
-        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-    except ImportError:
-        return None
+    """Liger-Kernel's LayerNorm (no residual); ImportError when it is not installed."""
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
 
     def liger(x, weight, bias, eps=EPS, residual=None):
         if residual is not None:
@@ -105,25 +101,10 @@ def _pass_fn(pass_: str, fn, inputs: dict, grads: list):
 
 
 def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[str]]:
-    """The competitors that can run on ``ctx.device`` (fresh ones: call once per case), and why any
-    others cannot."""
-    # Baselines first, so that every later row can report its speedup over them.
-    impls, skipped = {"eager": eager_layer_norm}, []
-    if ctx.is_gpu:
-        # Dynamo keeps compiled variants on eager_layer_norm's code object and falls back to eager
-        # past its recompile limit: start each case from an empty cache so every row is really compiled.
-        torch._dynamo.reset()
-        impls["torch.compile"] = torch.compile(eager_layer_norm, fullgraph=True, dynamic=False)
-        liger = _liger_layer_norm()
-        if liger is not None and not with_residual:
-            impls["liger"] = liger
-    else:
-        skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
-    if registry.triton_runs_on(ctx.device):
-        impls["triton"] = layer_norm
-    else:
-        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
-    return impls, skipped
+    # Liger's LayerNorm has no fused residual: it competes on the plain case only.
+    installed = {} if with_residual else {"liger": _liger_layer_norm}
+    return competitors(ctx, eager_layer_norm, layer_norm, installed)
+
 
 
 def run(ctx: BenchContext) -> list[dict]:

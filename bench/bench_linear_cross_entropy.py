@@ -27,8 +27,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import BenchContext, run_standalone  # noqa: E402
-from kernels import registry  # noqa: E402
+from bench.common import BenchContext, competitors, run_standalone  # noqa: E402
 from kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
 OP = "linear_cross_entropy"
@@ -42,23 +41,13 @@ def eager_linear_cross_entropy(hidden, weight, targets):
 
 
 def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
-    impls, skipped = {"eager": eager_linear_cross_entropy}, []
-    if registry.triton_runs_on(ctx.device):
-        impls["triton"] = linear_cross_entropy
-    else:
-        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
-    if ctx.is_gpu:
-        torch._dynamo.reset()
-        impls["torch.compile"] = torch.compile(eager_linear_cross_entropy, fullgraph=True, dynamic=False)
-        try:
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    def liger():
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-            impls["liger"] = lambda hidden, weight, targets: liger_fused_linear_cross_entropy(hidden, weight, targets)
-        except ImportError:
-            pass
-    else:
-        skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
-    return impls, skipped
+        return lambda hidden, weight, targets: liger_fused_linear_cross_entropy(hidden, weight, targets)
+
+    return competitors(ctx, eager_linear_cross_entropy, linear_cross_entropy, {"liger": liger})
+
 
 
 def run(ctx: BenchContext) -> list[dict]:

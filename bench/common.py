@@ -131,3 +131,31 @@ def run_standalone(run: Callable[[BenchContext], list[dict]], argv: list[str], c
     else:
         print("CPU quick mode (Triton interpreter, toy sizes): these figures are not performance claims")
     print(format_table(run(ctx), columns))
+
+
+def competitors(ctx: BenchContext, eager: Callable, triton_fn: Callable,
+                installed: dict[str, Callable[[], Callable]] | None = None) -> tuple[dict, list[str]]:
+    """The implementations one op is timed with, baselines first (rows report speedups over them):
+    eager PyTorch; on a GPU its ``torch.compile`` and every installed competitor (``installed`` maps a
+    name to a loader that returns the callable or raises ImportError); then our Triton kernel where
+    it can run. Also returns why any of them is missing. Call once per case: compiled ones are fresh."""
+    from kernels import registry
+
+    impls, skipped = {"eager": eager}, []
+    if ctx.is_gpu:
+        # Dynamo keeps compiled variants on the eager function's code object and falls back to eager
+        # past its recompile limit: start each case from an empty cache so every row is really compiled.
+        torch._dynamo.reset()
+        impls["torch.compile"] = torch.compile(eager, fullgraph=True, dynamic=False)
+        for name, load in (installed or {}).items():
+            try:
+                impls[name] = load()
+            except ImportError:
+                pass
+    else:
+        skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
+    if registry.triton_runs_on(ctx.device):
+        impls["triton"] = triton_fn
+    else:
+        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
+    return impls, skipped

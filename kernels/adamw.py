@@ -235,11 +235,6 @@ class AdamW_reference(torch.optim.AdamW):
     """
 
     def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kwargs):
-        params = list(params)
-        if "fused" not in kwargs and "foreach" not in kwargs:
-            # torch's own fused kernel where it has one: the strongest eager baseline on a GPU, and on
-            # a CPU several times faster than the per-tensor loop torch picks by default there.
-            kwargs["fused"] = _torch_fuses(params)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
 
     def clip_grad_norm_(self, max_norm=None):
@@ -247,16 +242,6 @@ class AdamW_reference(torch.optim.AdamW):
         if max_norm is None or max_norm <= 0:
             return torch.nn.utils.get_total_norm([p.grad for p in params])
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-
-def _torch_fuses(params) -> bool:
-    """Whether ``torch.optim.AdamW(fused=True)`` takes these parameters: plain (not DTensor) float
-    tensors on the CPU or a CUDA device."""
-    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
-    return bool(tensors) and all(
-        not isinstance(t, DTensor) and t.device.type in ("cpu", "cuda") and t.dtype in SUPPORTED_PARAM_DTYPES
-        for t in tensors
-    )
 
 
 # ----------------------------------------------------------------------------- the Triton optimizer

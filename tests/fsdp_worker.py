@@ -5,6 +5,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
 from gpt.model import GPT, GPTConfig
@@ -49,7 +50,8 @@ if __name__ == "__main__":
     fully_shard(model)
     optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1)
     losses, norms = train(model, optimizer, dist.get_rank(), dist.get_world_size())
-    params = {name: p.full_tensor() for name, p in model.named_parameters()}
+    # Every rank joins the all-gathers (and waits for them) before rank 0 alone saves the result.
+    params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         torch.save({"losses": losses, "norms": norms, "params": params, "optimizer": type(optimizer).__name__},
                    sys.argv[1])

@@ -12,6 +12,7 @@ product runs, plus long sequences (up to 4096) and bf16.
 """
 
 import itertools
+import importlib
 import math
 import re
 
@@ -19,7 +20,6 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import kernels.attention as attention_module
 from bench.bench_attention import PASSES, run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
@@ -35,6 +35,10 @@ from kernels.attention import (
 )
 from model_parity import assert_model_parity
 from numerics import FLOAT_DTYPES, RTOL, assert_close, poisoned_like
+
+# The module, not the function of the same name that kernels/__init__ exports (which
+# `import kernels.attention as ...` would give).
+attention_module = importlib.import_module("kernels.attention")
 
 # Triton's interpreter warns on every loop with a runtime bound (numpy deprecates int() of its
 # one-element scalar arrays): thousands of lines of noise, nothing about this code.
