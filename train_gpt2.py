@@ -46,7 +46,7 @@ from kernels import registry
 GPU_DEFAULTS = dict(preset="gpt2", batch_size=16, seq_len=1024, total_batch_tokens=524288, max_steps=19073,
                     lr=6e-4, warmup_steps=715, eval_every=250, eval_batches=20, sample_every=1000,
                     checkpoint_every=1000, dtype="bfloat16")
-CPU_DEFAULTS = dict(preset="tiny", batch_size=16, seq_len=128, total_batch_tokens=None, max_steps=300,
+CPU_DEFAULTS = dict(preset="tiny", batch_size=8, seq_len=128, total_batch_tokens=None, max_steps=300,
                     lr=2e-3, warmup_steps=20, eval_every=50, eval_batches=8, sample_every=0,
                     checkpoint_every=0, dtype="float32")
 
