@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,16 @@ def test_fsdp_optimizer_and_fused_clipping_match_one_process(tmp_path, kernels):
     np.testing.assert_allclose(sharded["norms"], norms, rtol=1e-5)
     for name, p in model.state_dict().items():
         torch.testing.assert_close(sharded["params"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_failing_rank_ends_every_rank(data_dir, tmp_path):
+    """Rank 1 raises while rank 0 waits in a collective: the job must end with the error, not hang."""
+    script = [str(ROOT / "tests" / "failing_rank_worker.py"), *COMMON, "--data", str(data_dir),
+              "--out-dir", str(tmp_path), "--batch-size", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *script]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stderr
+    assert time.monotonic() - started < 120, "the surviving rank was left waiting"
