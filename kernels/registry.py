@@ -44,6 +44,21 @@ OPS = tuple(OP_FUNCTIONS)
 TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run kernels in this environment, or None if it can."""
+    import numpy
+    import triton
+
+    numpy_version = tuple(int(part) for part in numpy.__version__.split(".")[:2])
+    if triton.__version__.startswith("3.6.") and numpy_version >= (2, 4):
+        # Its `range` over a kernel argument fails inside the interpreter, deep in a kernel.
+        return f"Triton {triton.__version__}'s interpreter breaks with numpy {numpy.__version__}; install 'numpy<2.4'"
+    return None
+
+
+INTERPRETER_PROBLEM = _interpreter_problem() if TRITON_INTERPRETER else None
+
+
 @dataclass
 class _Entry:
     reference: Callable
@@ -116,7 +131,7 @@ def use_kernels(spec: str | None) -> Iterator[frozenset[str]]:
 
 def triton_runs_on(device: torch.device | str) -> bool:
     device_type = torch.device(device).type
-    return device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETER)
+    return device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETER and INTERPRETER_PROBLEM is None)
 
 
 def implementation(op: str, device: torch.device | str) -> tuple[str, str]:
@@ -126,6 +141,8 @@ def implementation(op: str, device: torch.device | str) -> tuple[str, str]:
         return "torch", "switched off"
     if entry.triton is None:
         return "torch", "no Triton kernel yet"
+    if torch.device(device).type == "cpu" and INTERPRETER_PROBLEM is not None:
+        return "torch", INTERPRETER_PROBLEM
     if not triton_runs_on(device):
         return "torch", f"Triton cannot run on {torch.device(device).type} (no CUDA; TRITON_INTERPRET=1 was not set at import)"
     if torch.device(device).type == "cpu":

@@ -84,3 +84,14 @@ def test_triton_unavailable_on_cpu_without_interpreter_falls_back(monkeypatch):
         with pytest.warns(UserWarning, match="runs its PyTorch reference"):
             assert registry.ops.gelu(torch.ones(2)) == "ref"
         assert registry.implementation("gelu", "cuda")[0] == "triton"
+
+
+def test_interpreter_names_the_numpy_that_breaks_it(monkeypatch):
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    assert "numpy<2.4" in registry._interpreter_problem()
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert registry._interpreter_problem() is None
