@@ -246,7 +246,7 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
                 elif args.fsdp:  # reduce-scatter only once, after the last micro-step
                     model.set_requires_gradient_sync(last_micro)
                 with autocast(device, dtype):
-                    _, loss = train_model(x, y)
+                    _, loss = train_model(x, y, check_inputs=False)  # the loader has checked every shard's ids
                 (loss / grad_accum).backward()
                 loss_sum += loss.detach().float()
             grad_norm = optimizer.clip_grad_norm_(args.grad_clip).item()

@@ -151,7 +151,7 @@ class GPT(nn.Module):
         n = self.num_parameters() - self.transformer.wpe.weight.numel()
         return 6 * n + 6 * self.config.n_layer * seq_len * self.config.n_embd
 
-    def forward(self, idx, targets=None, ignore_index=-100, kv_cache=None, prompt_lengths=None):
+    def forward(self, idx, targets=None, ignore_index=-100, kv_cache=None, prompt_lengths=None, check_inputs=True):
         """Returns ``(logits, loss)``: logits (B, T, vocab_size) and the mean loss over non-ignored targets.
 
         With ``targets`` and the fused ``linear_cross_entropy`` kernel on, the loss comes straight
@@ -162,6 +162,10 @@ class GPT(nn.Module):
         prompt is ``idx[b, :prompt_lengths[b]]`` (all T tokens when None), right-padded with any
         token, which causal attention keeps out of every prompt position. Once the cache holds
         tokens, ``idx`` is (B, 1): one new token per row, at position ``kv_cache.lengths[b]``.
+
+        ``check_inputs=False`` skips the range checks of token ids and targets, which cost a host
+        sync each per call on a GPU; the training loop passes it because its loader has checked
+        every shard's ids once. Shapes and dtypes are always checked (on the host, for free).
         """
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be a (B, T) tensor of int64/int32 token ids, got {tuple(idx.shape)} {idx.dtype}")
@@ -169,9 +173,10 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's block size {self.config.block_size}")
         # Ids in [vocab_size, padded size) would silently read the padding rows. The check costs one
-        # host sync per call, so compiled graphs (which cannot sync) leave it to the data loader,
-        # which checks every shard once.
-        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+        # host sync per call, so compiled graphs (which cannot sync) and the training loop leave it
+        # to the data loader, which checks every shard once.
+        check_inputs = check_inputs and not torch.compiler.is_compiling()
+        if check_inputs and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}), "
                              f"got ids from {idx.min().item()} to {idx.max().item()}")
         if targets is not None and targets.shape != idx.shape:
@@ -196,12 +201,14 @@ class GPT(nn.Module):
             return self.lm_head(h)[:, :V], None
         if targets is not None and is_triton("linear_cross_entropy", h.device):
             weight = self.lm_head.weight[:V]  # the padding rows never score a token
-            loss = ops.linear_cross_entropy(h.view(B * T, -1), weight, targets.reshape(-1), ignore_index=ignore_index)
+            loss = ops.linear_cross_entropy(h.view(B * T, -1), weight, targets.reshape(-1), ignore_index=ignore_index,
+                                            check_targets=check_inputs)
             return None, loss
         logits = self.lm_head(h)[..., :V]
         loss = None
         if targets is not None:
-            loss = ops.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=ignore_index)
+            loss = ops.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=ignore_index,
+                                     check_targets=check_inputs)
         return logits, loss
 
     @classmethod

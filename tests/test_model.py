@@ -83,6 +83,19 @@ def test_bad_inputs(shape, dtype, match):
         model(torch.zeros(shape, dtype=dtype))
 
 
+def test_check_inputs_false_skips_only_the_range_checks():
+    """The training loop's hot path: the same loss on valid ids, no host-syncing range check."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=32))
+    idx = torch.randint(0, 100, (2, 8))
+    torch.testing.assert_close(model(idx, idx, check_inputs=False)[1], model(idx, idx)[1], rtol=0, atol=0)
+    padding_id = torch.full((2, 8), 100)  # a row of the padded embedding: only the range check catches it
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model(padding_id)
+    model(padding_id, check_inputs=False)
+    with pytest.raises(ValueError, match="must equal idx shape"):  # shapes are still checked
+        model(idx, idx[:, :4], check_inputs=False)
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=100, n_head=3)
