@@ -70,7 +70,6 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
     return competitors(ctx, eager_gelu, gelu)
 
 
-
 def run(ctx: BenchContext) -> list[dict]:
     for reason in implementations(ctx)[1]:
         print(f"bench_gelu: {reason}")
@@ -86,24 +85,27 @@ def run(ctx: BenchContext) -> list[dict]:
                 case = f"({n_rows}, {n_cols})" + (" +bias" if with_bias else "")
                 impls = implementations(ctx)[0]
                 for pass_ in PASSES:
-                    eager_ms = None
+                    baselines = {}  # eager and torch.compile come first in impls: the two targets
                     for impl, fn in impls.items():
                         step = _pass_fn(pass_, fn, x, bias, dy)
                         step()  # compiles (Triton JIT, torch.compile) outside the timed region
                         timing = ctx.time(step)
-                        eager_ms = timing.median_ms if impl == "eager" else eager_ms
+                        baselines[impl] = timing.median_ms
+                        extra = {"speedup_vs_eager": baselines["eager"] / timing.median_ms}
+                        if "torch.compile" in baselines:
+                            extra["speedup_vs_compile"] = baselines["torch.compile"] / timing.median_ms
                         rows.append(
                             ctx.record(
                                 op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl, timing=timing,
                                 bytes_moved=bytes_moved(pass_, n_rows, n_cols, dtype, with_bias),
-                                peak_memory_mb=ctx.peak_memory_mb(step),
-                                speedup_vs_eager=eager_ms / timing.median_ms,
+                                peak_memory_mb=ctx.peak_memory_mb(step), **extra,
                             )
                         )
     return rows
 
 
-COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager"]
+COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager",
+           "speedup_vs_compile"]
 
 if __name__ == "__main__":
     run_standalone(run, sys.argv[1:], COLUMNS)

@@ -21,12 +21,12 @@ result, but it keeps ``h³`` and ``h²`` finite for any finite input (no ``0·in
 
 Layout: the input is viewed as rows of its last dimension (the bias dimension), in place when its
 elements are contiguous along that dimension (a column slice, every other row) and through one
-contiguous copy otherwise (a transpose); outputs are always contiguous. The forward
-kernel maps one program to a ``(BLOCK_M, BLOCK_N)`` tile, so the bias block is loaded once per
-tile instead of gathered per element. The backward kernel walks a strip of rows per program for
-one column block, writes ``dx``, and keeps the tile's column sums of ``dh`` in fp32 registers;
-each strip writes one row of partial sums and a deterministic ``sum(0)`` finishes ``dbias``
-(no atomics, so runs are bit-reproducible).
+contiguous copy otherwise (a transpose); a strided bias is copied to unit stride; outputs are
+always contiguous. The forward kernel maps one program to a ``(BLOCK_M, BLOCK_N)`` tile, so the
+bias block is loaded once per tile instead of gathered per element. The backward kernel walks a
+strip of rows per program for one column block, writes ``dx``, and keeps the tile's column sums of
+``dh`` in fp32 registers; each strip writes one row of partial sums and a deterministic ``sum(0)``
+finishes ``dbias`` (no atomics, so runs are bit-reproducible).
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def _sigmoid_2u(h):
     z = 2.0 * _SQRT_2_OVER_PI * (hc + _KAPPA * hc * hc * hc)
     a = tl.exp(-tl.abs(z))  # in (0, 1]: exp(-|z|) cannot overflow
     r = 1.0 / (1.0 + a)
-    s = tl.where(z >= 0, r, a * r)
+    # 1 - a·r rather than r for z >= 0: once a underflows to 0 this is exactly 1 (gelu(h) = h,
+    # slope 1) even where the GPU's fp32 division is approximate and 1/1 might not come out as 1.
+    s = tl.where(z >= 0, 1.0 - a * r, a * r)
     return s, a * r * r, hc
 
 
@@ -163,6 +165,12 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return matrix if matrix.stride(1) == 1 or n_cols == 1 else matrix.contiguous()
 
 
+def _unit_stride(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The bias as the kernels index it, element i at offset i: a strided or expanded bias (a view,
+    not the model's parameter) is copied, which costs one small vector."""
+    return bias.contiguous() if bias is not None else None
+
+
 def _check_out(out: torch.Tensor, like: torch.Tensor, name: str) -> None:
     if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
         layout = "" if out.is_contiguous() else "a non-contiguous "
@@ -192,6 +200,7 @@ def gelu_forward(
 ) -> torch.Tensor:
     """Launch the forward kernel: ``gelu_tanh(x + bias)`` in x's dtype, into ``out`` if given."""
     _check_inputs(x, bias)
+    bias = _unit_stride(bias)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _check_out(out, x, "out")
@@ -216,6 +225,7 @@ def gelu_backward(
     """Launch the backward kernel: ``(dx, dbias)`` from the upstream gradient and the saved inputs,
     ``dx`` into the given buffer if any; ``dbias`` is None without a bias."""
     _check_inputs(x, bias)
+    bias = _unit_stride(bias)
     dy_ok = isinstance(dy, torch.Tensor) and dy.shape == x.shape and dy.device == x.device
     if not dy_ok or dy.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
