@@ -8,8 +8,23 @@
 
 A run writes ``bench/results/<UTC date>-<device>/`` (``--quick``: under ``bench/results/quick/``):
 ``results.json`` (environment, ceilings, every figure), ``results.md`` and the plots. The exit
-status is 1 when an op benchmark or an end-to-end configuration failed (each failure is recorded
-in the results; the others still run).
+status is 1 when an op benchmark or an end-to-end configuration failed (each failure, a failing
+torch.compile included, is recorded in the results; the others still run).
+
+The whole suite is expected to take longer than a 10-minute command (not yet timed on a GPU: each
+op's torch.compile baselines and Triton's autotuning dominate). Where commands are time-limited,
+run it in parts and merge them:
+
+    python -m bench --ablation none --ops layernorm,gelu
+    python -m bench --ablation none --ops attention
+    python -m bench --ablation none --ops cross_entropy,linear_cross_entropy,adamw,decode_attention
+    python -m bench --ops none --ablation baselines  # eager, eager + compile, all on, all on + compile
+    python -m bench --ops none --ablation each       # each kernel on alone and off alone
+    python -m bench report --results bench/results/RUN1 --results bench/results/RUN2 ...
+
+``report`` merges the parts into one run (later parts win per op and per end-to-end configuration)
+and renders it. A run saves its results after every op and configuration, so one killed by a time
+limit (``timeout 590 python -m bench ...``) keeps what it finished and can be merged likewise.
 """
 
 from __future__ import annotations
@@ -47,7 +62,8 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
                         "(registry syntax: 'all', 'layernorm,attention', 'all,-gelu')")
     p.add_argument("--ablation", choices=e2e.ABLATIONS, default="full",
                    help="end-to-end configurations: full (baselines + each kernel on alone and off alone), "
-                        "baselines (eager, eager + compile, kernels on, kernels on + compile), none")
+                        "baselines (eager, eager + compile, kernels on, kernels on + compile), each (each kernel "
+                        "on alone and off alone: with baselines, a full run in two parts), none")
     p.add_argument("--preset", choices=list(PRESETS), help="model of the end-to-end step (default gpt2)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-step (default 16)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 1024)")
@@ -67,7 +83,9 @@ def parse_report_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--results", type=Path, action="append",
                    help="a results.json, a run's folder, or a folder of runs (its latest; default bench/results). "
                         "Given several times, the runs are merged into a new run folder (later runs win per op "
-                        "and for the end-to-end section): for a suite split over several sessions")
+                        "and per end-to-end configuration): for a suite split over several commands")
+    p.add_argument("--out", type=Path, help="folder the merged run goes in (default: beside the latest part, "
+                                            "e.g. bench/results)")
     p.add_argument("--markdown", type=Path, default=report.RESULTS_MD, help="where to write (default bench/RESULTS.md)")
     p.add_argument("--allow-quick", action="store_true", help="accept a --quick run (labelled as no performance claim)")
     return p.parse_args(argv)
@@ -99,8 +117,7 @@ def run(argv: list[str]) -> int:
     settings = e2e.settings_for(quick, preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len,
                                 grad_accum=args.grad_accum, dtype=args.dtype, warmup_steps=args.warmup_steps,
                                 steps=args.steps, kernels=args.kernels, ablation=args.ablation)
-    e2e.model_config(settings, quick)
-    e2e.ablation(e2e.kernel_set(settings.kernels), settings.ablation)
+    e2e.check_settings(settings, device, quick)
     out_root = args.out or (report.QUICK_RESULTS_DIR if quick else report.RESULTS_DIR)
 
     if quick:
@@ -113,13 +130,24 @@ def run(argv: list[str]) -> int:
         "command": shlex.join(["python", "-m", "bench", *argv]),
         "environment": environment.describe(device, environment.utc_now()),
     }
+    # The results are saved as they grow (after every op module and end-to-end configuration): a run
+    # killed by a time limit keeps what it finished, for `report` to render or merge with the rest.
+    run_dir = report.create_run_dir(results, out_root)
+    print(f"bench: saving into {run_dir}")
+
+    def save(section: str):
+        def store(value: dict) -> None:
+            results[section] = value
+            report.save_progress(results, run_dir)
+        return store
+
     ctx = BenchContext(device=device, quick=quick)
-    results["ceilings"] = ceilings.measure_ceilings(ctx)
+    save("ceilings")(ceilings.measure_ceilings(ctx))
     rates = ", ".join(f"{k} {v:,.1f}" for k, v in ctx.matmul_tflops.items())
     print(f"bench: copy {ctx.copy_gbps:,.0f} GB/s; matmul TFLOP/s: {rates}")
-    results["ops"] = runner.run_op_benchmarks(ctx, selected)
-    results["e2e"] = e2e.run_e2e(settings, device, quick, ctx.matmul_tflops)
-    run_dir = report.write_run(results, out_root)
+    results["ops"] = runner.run_op_benchmarks(ctx, selected, on_progress=save("ops"))
+    results["e2e"] = e2e.run_e2e(settings, device, quick, ctx.matmul_tflops, on_progress=save("e2e"))
+    report.finish_run(results, run_dir)
 
     print(f"bench: results in {run_dir}")
     _print_summary(results)
@@ -137,7 +165,7 @@ def run(argv: list[str]) -> int:
 def render_report(args: argparse.Namespace) -> int:
     files = [report.find_results(path, args.allow_quick) for path in args.results or [report.RESULTS_DIR]]
     if len(files) > 1:
-        files = [report.write_merged_run(files)]
+        files = [report.write_merged_run(files, args.out)]
         print(f"bench: merged the runs into {files[0].parent}")
     print(f"bench: wrote {report.write_report(files[0], args.markdown)} from {files[0]}")
     return 0

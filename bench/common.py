@@ -19,6 +19,11 @@ from typing import Callable
 
 import torch
 
+# The status of an op module or an end-to-end configuration while it runs, as a run saves its results
+# as it goes: one killed there (e.g. by a time limit) leaves it so in its results.json.
+UNFINISHED = "unfinished"
+UNFINISHED_ERROR = "the run stopped while this was running (killed, e.g. by a time limit, or interrupted)"
+
 
 @dataclass
 class Timing:
@@ -55,6 +60,16 @@ class BenchContext:
             samples.append((time.perf_counter() - start) * 1e3)
         samples.sort()
         return Timing(statistics.median(samples), samples[0], samples[-1])
+
+    def warm_up(self, fn: Callable[[], object]) -> float:
+        """Run ``fn()`` once and wait for the device: where torch.compile compiles and Triton JIT-compiles
+        and autotunes. Returns its wall seconds, for a row to report (e.g. as ``first_call_s``) beside
+        timings that exclude it."""
+        start = time.perf_counter()
+        fn()
+        if self.is_gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
     def peak_memory_mb(self, fn: Callable[[], object]) -> float | None:
         """Peak device memory allocated while ``fn()`` runs, above what was allocated before it."""
@@ -106,6 +121,14 @@ class BenchContext:
         row.update(extra)
         return row
 
+
+    def failure(self, *, op: str, case: str, dtype: torch.dtype | str, pass_: str, impl: str,
+                exc: BaseException) -> dict:
+        """A row for an implementation that failed on one case (e.g. torch.compile could not compile
+        it): its error in place of the figures, so the op's other rows are kept and the table says why."""
+        return {"op": op, "case": case, "dtype": str(dtype).replace("torch.", ""), "pass": pass_, "impl": impl,
+                "median_ms": None, "p20_ms": None, "p80_ms": None, "peak_memory_mb": None,
+                "error": f"{type(exc).__name__}: {exc}"}
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -21,10 +21,13 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
 
+from bench.common import UNFINISHED, UNFINISHED_ERROR
+from bench.runner import error_details
 from gpt.config import GPTConfig, preset
 from gpt.model import GPT
 from gpt.training import autocast, datasheet_peak_flops, make_optimizer
@@ -43,7 +46,9 @@ QUICK_OVERRIDES = dict(block_size=32, n_layer=1, n_head=2, n_embd=64, vocab_size
 TARGET = dict(preset="gpt2", batch_size=16, seq_len=1024, dtype="bfloat16", tokens_per_s=560_000,
               speedup_vs_compile=1.3)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-ABLATIONS = ("full", "baselines", "none")
+# full: the baselines and each kernel on alone and off alone; baselines: eager, eager + compile, kernels on,
+# kernels on + compile; each: each kernel on alone and off alone (with baselines, a full run split in two).
+ABLATIONS = ("full", "baselines", "each", "none")
 
 
 @dataclass
@@ -91,13 +96,13 @@ def ablation(kernel_ops: tuple[str, ...], which: str = "full") -> list[Configura
         return []
     on = frozenset(kernel_ops)
     label = "all kernels" if on == frozenset(TRAINING_OPS) else f"kernels {','.join(kernel_ops)}"
-    configs = [
+    configs = [] if which == "each" else [
         Configuration("eager (kernels off)", frozenset(), False),
         Configuration("eager + torch.compile", frozenset(), True),
         Configuration(label, on, False),
         Configuration(f"{label} + torch.compile", on, True),
     ]
-    if which == "full":
+    if which in ("full", "each"):
         configs += [Configuration(f"only {op}", frozenset({op}), False) for op in kernel_ops]
         configs += [Configuration(f"all but {op}", on - {op}, False) for op in kernel_ops]
     unique, seen = [], set()
@@ -160,7 +165,7 @@ def training_step(model, optimizer, batches, grad_accum: int, device: torch.devi
             x, y = batches[position % len(batches)]
             position += 1
             with autocast(device, dtype):
-                _, loss = model(x, y)
+                _, loss = model(x, y, check_inputs=False)  # as train_gpt2.py: no per-call range-check sync
             (loss / grad_accum).backward()
         optimizer.clip_grad_norm_(grad_clip)
         optimizer.step()
@@ -246,18 +251,27 @@ def measure(config: Configuration, settings: E2ESettings, gpt_config: GPTConfig,
     }
 
 
-def run_e2e(settings: E2ESettings, device: str, quick: bool, matmul_tflops: dict[str, float]) -> dict:
-    """The results' ``e2e`` section: the settings, the model's FLOP count, one row per configuration."""
-    torch_device = torch.device(device)
+def check_settings(settings: E2ESettings, device: str, quick: bool) -> tuple[GPTConfig, list[Configuration]]:
+    """ValueError for settings the step cannot run with (checked before any measurement, so a typo
+    costs no GPU time); else the model's config and the configurations to run."""
     if settings.dtype not in DTYPES:
         raise ValueError(f"--dtype {settings.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if settings.dtype != "float32" and torch_device.type != "cuda":
+    if settings.dtype != "float32" and torch.device(device).type != "cuda":
         raise ValueError(f"--dtype {settings.dtype} needs CUDA; on the CPU the step runs in float32")
-    if settings.steps < 1 or settings.warmup_steps < 1 or settings.grad_accum < 1:
-        raise ValueError("--steps, --warmup-steps and --grad-accum must each be at least 1")
-    gpt_config = model_config(settings, quick)
-    kernel_ops = kernel_set(settings.kernels)
-    configs = ablation(kernel_ops, settings.ablation)
+    if settings.steps < 1 or settings.warmup_steps < 1 or settings.grad_accum < 1 or settings.batch_size < 1:
+        raise ValueError("--steps, --warmup-steps, --grad-accum and --batch-size must each be at least 1")
+    if settings.seq_len < 1:
+        raise ValueError(f"--seq-len must be at least 1, got {settings.seq_len}")
+    return model_config(settings, quick), ablation(kernel_set(settings.kernels), settings.ablation)
+
+
+def run_e2e(settings: E2ESettings, device: str, quick: bool, matmul_tflops: dict[str, float],
+            on_progress: Callable[[dict], None] | None = None) -> dict:
+    """The results' ``e2e`` section: the settings, the model's FLOP count, one row per configuration.
+    ``on_progress(section)`` is called before each configuration, with it as an unfinished row, so a
+    caller can save the section as it grows."""
+    torch_device = torch.device(device)
+    gpt_config, configs = check_settings(settings, device, quick)
     tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum
     per_token = flops_per_token(gpt_config, settings.seq_len)
     ceiling_dtype = matmul_ceiling_dtype(settings.dtype, device)
@@ -267,31 +281,6 @@ def run_e2e(settings: E2ESettings, device: str, quick: bool, matmul_tflops: dict
     compile_skipped = None
     if torch_device.type != "cuda":
         compile_skipped = "torch.compile skipped on the CPU: compiling takes minutes there and measures nothing"
-
-    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_gpt2.py does
-    rows = []
-    try:
-        for config in configs:
-            row = {"name": config.name, "kernels": config.spec, "compile": config.compile}
-            if config.compile and compile_skipped:
-                rows.append({**row, "status": "skipped", "error": compile_skipped})
-                continue
-            print(f"bench: e2e {config.name} ({settings.steps} steps after {settings.warmup_steps} warm-up)")
-            try:
-                figures = measure(config, settings, gpt_config, torch_device)
-            except Exception as exc:  # noqa: BLE001 - one failing configuration is a result, not the end
-                rows.append({**row, "status": "error", "error": f"{type(exc).__name__}: {exc}"})
-                print(f"bench: e2e {config.name}: {rows[-1]['error']}")
-                continue
-            finally:
-                _free_memory(torch_device)
-            figures.update(throughput(tokens_per_step, figures["median_ms"], per_token,
-                                      matmul_tflops.get(ceiling_dtype), datasheet))
-            rows.append({**row, "status": "ok", **figures})
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
-    _add_speedups(rows)
 
     section = {
         "settings": asdict(settings),
@@ -304,13 +293,41 @@ def run_e2e(settings: E2ESettings, device: str, quick: bool, matmul_tflops: dict
         "datasheet_peak_tflops": datasheet / 1e12 if datasheet else None,
         "method": "median of per-step CUDA-event times (wall clock on the CPU) after warm-up; random token ids "
                   "made on the device beforehand (no data loader in the loop); torch.compile in its default mode",
-        "rows": rows,
+        "rows": [],
     }
+    rows = section["rows"]
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_gpt2.py does
+    try:
+        for config in configs:
+            row = {"name": config.name, "kernels": config.spec, "compile": config.compile}
+            if config.compile and compile_skipped:
+                rows.append({**row, "status": "skipped", "error": compile_skipped})
+                continue
+            print(f"bench: e2e {config.name} ({settings.steps} steps after {settings.warmup_steps} warm-up)")
+            if on_progress is not None:
+                rows.append({**row, "status": UNFINISHED, "error": UNFINISHED_ERROR})
+                on_progress(section)
+                rows.pop()
+            try:
+                figures = measure(config, settings, gpt_config, torch_device)
+            except Exception as exc:  # noqa: BLE001 - one failing configuration (torch.compile's included) is a result
+                rows.append({**row, "status": "error", **error_details(exc)})
+                print(f"bench: e2e {config.name}: {rows[-1]['error']}")
+                continue
+            finally:
+                _free_memory(torch_device)
+            figures.update(throughput(tokens_per_step, figures["median_ms"], per_token,
+                                      matmul_tflops.get(ceiling_dtype), datasheet))
+            rows.append({**row, "status": "ok", **figures})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+    add_speedups(rows)
     section["headline"] = headline(section, device)
     return section
 
 
-def _add_speedups(rows: list[dict]) -> None:
+def add_speedups(rows: list[dict]) -> None:
     baselines = {
         "speedup_vs_eager": next((r for r in rows if r["kernels"] == "none" and not r["compile"]), None),
         "speedup_vs_compile": next((r for r in rows if r["kernels"] == "none" and r["compile"]), None),

@@ -17,6 +17,8 @@ import os
 import re
 from pathlib import Path
 
+from bench.common import UNFINISHED
+from bench.e2e import add_speedups, headline
 from bench.plots import render_plots
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -53,8 +55,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "device"
 
 
-def write_run(results: dict, root: Path, suffix: str = "") -> Path:
-    """A new folder under ``root`` holding the run's JSON, Markdown and plots; returns it."""
+def create_run_dir(results: dict, root: Path, suffix: str = "") -> Path:
+    """A new, empty folder under ``root`` named by the run's date and device; returns it."""
     stamp = results["environment"]["date_utc"].replace("-", "").replace(":", "").replace("+0000", "Z")
     name = f"{stamp}-{_slug(results['environment']['device_name'])}" + (f"-{suffix}" if suffix else "")
     run_dir = root / name
@@ -63,10 +65,35 @@ def write_run(results: dict, root: Path, suffix: str = "") -> Path:
         count += 1
         run_dir = root / f"{name}-{count}"
     run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _write_json(results: dict, path: Path) -> None:
+    # Through a temporary file: a run killed while writing keeps its previous, whole, results file.
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
+    os.replace(temporary, path)
+
+
+def save_progress(results: dict, run_dir: Path) -> None:
+    """The run's ``results.json`` as it stands, marked incomplete. A run saves after every op module and
+    every end-to-end configuration, so one killed by a time limit still leaves every figure it finished
+    (``python -m bench report`` renders it, or merges it with the runs that finish the rest)."""
+    _write_json({**results, "complete": False}, run_dir / RESULTS_FILE)
+
+
+def finish_run(results: dict, run_dir: Path) -> Path:
+    """The finished run into ``run_dir``: its JSON, Markdown and plots; returns ``run_dir``."""
+    results["complete"] = True
     results["plots"] = render_plots(results, run_dir)
-    (run_dir / RESULTS_FILE).write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
+    _write_json(results, run_dir / RESULTS_FILE)
     (run_dir / "results.md").write_text(render_markdown(results, image_prefix=""))
     return run_dir
+
+
+def write_run(results: dict, root: Path, suffix: str = "") -> Path:
+    """A new folder under ``root`` holding the run's JSON, Markdown and plots; returns it."""
+    return finish_run(results, create_run_dir(results, root, suffix))
 
 
 def read_results(path: Path) -> dict:
@@ -99,10 +126,14 @@ def find_results(path: Path = RESULTS_DIR, allow_quick: bool = False) -> Path:
 
 
 def merge_results(parts: list[dict]) -> dict:
-    """One run from partial runs on the same device (e.g. ``--ablation none`` then ``--ops none``,
-    when the whole suite does not fit one session): later parts win per op and for the end-to-end
-    section. Each row keeps the fractions computed against its own run's ceilings; the merged
-    ceilings (and so the plots' rooflines) are the latest part's."""
+    """One run from partial runs on the same device, when the whole suite does not fit one session
+    (e.g. ``--ablation none --ops layernorm``, ``--ablation none --ops attention``, ``--ops none``), or
+    when a run was killed before its end. Later parts win per op and per end-to-end configuration,
+    except that what a killed part left unfinished never replaces a finished figure. End-to-end rows
+    are merged when the parts ran the same step (same settings but ``--ablation``, so ``--ablation
+    baselines`` and ``--ablation each`` complete each other); otherwise the latest part's step wins.
+    Each row keeps the fractions computed against its own run's ceilings; the merged ceilings (and so
+    the plots' rooflines) are the latest part's."""
     if not parts:
         raise ValueError("nothing to merge")
     parts = sorted(parts, key=lambda r: r["environment"]["date_utc"])
@@ -113,22 +144,61 @@ def merge_results(parts: list[dict]) -> dict:
         raise ValueError("cannot merge a --quick run with a real one")
     merged = {**parts[-1], "command": " ; ".join(part["command"] for part in parts), "plots": []}
     merged["merged_from"] = [part["environment"]["date_utc"] for part in parts]
+    merged["merged_parts"] = [
+        {"date_utc": part["environment"]["date_utc"], "git_commit": part["environment"].get("git_commit"),
+         "git_dirty": part["environment"].get("git_dirty"), "command": part["command"],
+         "complete": part.get("complete", True)}
+        for part in parts
+    ]
     modules, rows_by_op = {}, {}
     for part in parts:
-        for op, status in part["ops"]["modules"].items():
+        ops = part.get("ops") or {"rows": [], "modules": {}}  # a part killed before its op benchmarks has none
+        for op, status in ops["modules"].items():
+            if status.get("status") == UNFINISHED and op in modules:
+                continue
             modules[op] = status
-            rows_by_op[op] = [row for row in part["ops"]["rows"] if row.get("op") == op]
+            rows_by_op[op] = [row for row in ops["rows"] if row.get("op") == op]
     merged["ops"] = {"rows": [row for op in modules for row in rows_by_op[op]], "modules": modules}
-    merged["e2e"] = next((part["e2e"] for part in reversed(parts) if part["e2e"].get("rows")), parts[-1]["e2e"])
+    merged["e2e"] = _merge_e2e([part.get("e2e") or {} for part in parts], merged["environment"]["device"])
     return merged
 
 
-def write_merged_run(results_files: list[Path]) -> Path:
-    """Merge the given runs into a new run folder beside the latest of them; returns its results file."""
+def _same_step(a: dict, b: dict) -> bool:
+    """Whether two end-to-end sections timed the same step (their settings differ at most in --ablation)."""
+    def step(section):
+        return {k: v for k, v in section.get("settings", {}).items() if k != "ablation"}
+    return step(a) == step(b) and a.get("model") == b.get("model")
+
+
+def _merge_e2e(sections: list[dict], device: str) -> dict:
+    with_rows = [section for section in sections if section.get("rows")]
+    if not with_rows:
+        return sections[-1]
+    latest = with_rows[-1]
+    rows: dict[tuple, dict] = {}
+    for section in with_rows:
+        if not _same_step(section, latest):
+            continue
+        for row in section["rows"]:
+            key = (row["kernels"], row["compile"])
+            if row.get("status") == UNFINISHED and key in rows:
+                continue
+            rows[key] = dict(row)
+    # The baselines first (eager, then eager + compile), then the others as they first came.
+    ordered = sorted(rows.values(), key=lambda r: (0, r["compile"]) if r["kernels"] == "none" else (1, False))
+    add_speedups(ordered)
+    section = {**latest, "rows": ordered}
+    section["headline"] = headline(section, device)
+    return section
+
+
+def write_merged_run(results_files: list[Path], root: Path | None = None) -> Path:
+    """Merge the given runs into a new run folder under ``root`` (default: beside the latest of them);
+    returns its results file."""
     parts = [(read_results(path), Path(path)) for path in results_files]
     latest = max(parts, key=lambda part: part[0]["environment"]["date_utc"])[1]
     merged = merge_results([results for results, _ in parts])
-    return write_run(merged, latest.parent.parent, suffix="merged") / RESULTS_FILE
+    return write_run(merged, root or latest.parent.parent, suffix="merged") / RESULTS_FILE
 
 
 # ------------------------------------------------------------------------------------------ Markdown
@@ -157,6 +227,8 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def _time_cell(row: dict) -> str:
+    if row.get("median_ms") is None:  # a failed or unfinished row
+        return "–"
     return f"{fmt(row.get('median_ms'))} ({fmt(row.get('p20_ms'), 3)}–{fmt(row.get('p80_ms'), 3)})"
 
 
@@ -171,6 +243,12 @@ def _environment(results: dict) -> str:
         ["date (UTC)", env["date_utc"] + (f" (merged from the runs of {', '.join(results['merged_from'])})"
                                           if results.get("merged_from") else "")],
         ["command", f"`{results.get('command', 'python -m bench')}`"],
+    ] + [
+        [f"part {i}", f"{part['date_utc']}, commit {part.get('git_commit') or '–'}"
+                      + (" (uncommitted changes)" if part.get("git_dirty") else "")
+                      + ("" if part.get("complete", True) else " (stopped before its end)")
+                      + f": `{part['command']}`"]
+        for i, part in enumerate(results.get("merged_parts", []), 1)
     ])
 
 
@@ -184,7 +262,7 @@ def _ceilings(results: dict) -> str:
 def _e2e(results: dict, image_prefix: str) -> str:
     e2e = results.get("e2e") or {}
     if not e2e.get("rows"):
-        return "Not run (`--ablation none`)."
+        return "Not run (`--ablation none`)." if results.get("complete", True) else "Not reached: the run stopped first."
     s, model = e2e["settings"], e2e["model"]
     toy = f" (toy size for --quick: {model['toy_overrides']})" if model.get("toy_overrides") else ""
     parts = [
@@ -240,7 +318,7 @@ def _ops(results: dict, image_prefix: str) -> str:
     ops = results.get("ops") or {}
     rows, modules = ops.get("rows", []), ops.get("modules", {})
     if not modules:
-        return "Not run (`--ops none`)."
+        return "Not run (`--ops none`)." if results.get("complete", True) else "Not reached: the run stopped first."
     parts = []
     for op, status in modules.items():
         op_rows = [row for row in rows if row.get("op") == op]
@@ -263,6 +341,13 @@ def render_markdown(results: dict, image_prefix: str = "") -> str:
     parts = ["# Benchmark results"]
     if results.get("quick"):
         parts.append(f"> **{QUICK_DISCLAIMER}**")
+    if results.get("complete") is False:
+        parts.append("> **This run stopped before its end** (killed, e.g. by a time limit): below is what it "
+                     "finished. `python -m bench report --results THIS --results ANOTHER` merges it with a run "
+                     "of the rest.")
+    commits = {part.get("git_commit") for part in results.get("merged_parts", [])}
+    if len(commits) > 1:
+        parts.append("> **The merged parts were measured at different commits** (see the parts below).")
     parts += [
         _environment(results),
         "## Ceilings",

@@ -16,10 +16,11 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from bench.common import BenchContext
+from bench.common import UNFINISHED, UNFINISHED_ERROR, BenchContext
 from kernels.registry import OPS
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -89,7 +90,8 @@ def _free_memory(ctx: BenchContext) -> None:
         torch.cuda.empty_cache()
 
 
-def _error(exc: BaseException) -> dict:
+def error_details(exc: BaseException) -> dict:
+    """A failure as the results record it: the error, and the end of its traceback."""
     lines = traceback.format_exception(exc)
     return {"error": f"{type(exc).__name__}: {exc}", "traceback": "".join(lines[-TRACEBACK_LINES:])}
 
@@ -111,7 +113,7 @@ def run_module(ctx: BenchContext, op: str, module_name: str | None) -> tuple[lis
         rows = result
         status["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a failing benchmark is a result, not the end of the run
-        status.update(status="error", **_error(exc))
+        status.update(status="error", **error_details(exc))
         print(f"bench: {op}: {status['error']}")
     finally:
         _free_memory(ctx)
@@ -123,12 +125,20 @@ def run_module(ctx: BenchContext, op: str, module_name: str | None) -> tuple[lis
     return rows, status
 
 
-def run_op_benchmarks(ctx: BenchContext, selected: dict[str, str | None]) -> dict:
-    """The results' ``ops`` section: every row, and each module's status."""
+def run_op_benchmarks(ctx: BenchContext, selected: dict[str, str | None],
+                      on_progress: Callable[[dict], None] | None = None) -> dict:
+    """The results' ``ops`` section: every row, and each module's status. ``on_progress(section)`` is
+    called before each module (which is marked unfinished until it returns) and after the last, so a
+    caller can save the section as it grows."""
     section = {"rows": [], "modules": {}}
     for op, module_name in selected.items():
         print(f"bench: {op} ({module_name or 'missing'})")
+        if on_progress is not None:
+            section["modules"][op] = {"status": UNFINISHED, "module": module_name, "error": UNFINISHED_ERROR}
+            on_progress(section)
         rows, status = run_module(ctx, op, module_name)
         section["rows"] += rows
         section["modules"][op] = status
+    if on_progress is not None:
+        on_progress(section)
     return section

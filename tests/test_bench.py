@@ -4,6 +4,7 @@ The quick run is in-process on a restricted set (two op modules, three kernels i
 one timed step) to stay within the test budget; the full --quick run is `python -m bench --quick`.
 """
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -18,7 +19,7 @@ import torch
 
 from bench import ceilings, e2e, plots, report, runner
 from bench.__main__ import main
-from bench.common import BenchContext
+from bench.common import UNFINISHED, UNFINISHED_ERROR, BenchContext
 from gpt.config import preset
 
 # Cheap modules first: the quick run takes the first two that exist (others may still be written).
@@ -294,6 +295,10 @@ def _gpu_like_results() -> dict:
          "fraction_of_copy_bw": gbps / 3000, "speedup_vs_eager": 0.1 / ms}
         for impl, ms, gbps in (("eager", 0.1, 500.0), ("triton", 0.02, 2500.0))
     ] + [
+        BenchContext(device="cuda", quick=False).failure(
+            op="layernorm", case="(16384, 768)", dtype="bfloat16", pass_="forward", impl="torch.compile",
+            exc=RuntimeError("inductor: lowering failed")),
+    ] + [
         {**row, "op": "attention", "case": "B16 H12 T1024 D64 causal", "pass": "forward", "impl": "triton",
          "median_ms": 1.0, "tflop_per_s": 400.0, "fraction_of_matmul": 0.6},
     ]
@@ -305,7 +310,7 @@ def _gpu_like_results() -> dict:
              p20_ms=27.5, p80_ms=28.5, tokens_per_s=585_142.9, peak_memory_mb=20_000.0, notes=[]),
         dict(name="only gelu", kernels="gelu", compile=False, status="error", error="OutOfMemoryError: ..."),
     ]
-    e2e._add_speedups(e2e_rows)
+    e2e.add_speedups(e2e_rows)
     section = {"settings": settings, "model": {"preset": "gpt2", "toy_overrides": None, "config": {},
                                                "parameters": 124_475_904},
                "tokens_per_step": 16384, "flops_per_token": GPT2_FLOPS_PER_TOKEN_T1024,
@@ -317,7 +322,7 @@ def _gpu_like_results() -> dict:
                             "cuda": "12.4", "torch": "2.11", "triton": "3.6.0", "git_commit": "abc",
                             "git_dirty": False, "date_utc": "2030-01-01T00:00:00+00:00"},
             "ceilings": {"copy_gbps": 3000.0, "matmul_tflops": {"bfloat16": 700.0}, "method": "m"},
-            "ops": {"rows": ops_rows, "modules": {"layernorm": {"status": "ok", "rows": 2, "seconds": 1.0},
+            "ops": {"rows": ops_rows, "modules": {"layernorm": {"status": "ok", "rows": 3, "seconds": 1.0},
                                                   "attention": {"status": "ok", "rows": 1, "seconds": 1.0},
                                                   "decode_attention": {"status": "missing", "error": "no module"}}},
             "e2e": section}
@@ -343,7 +348,8 @@ def test_gpu_results_render_with_rooflines_and_targets(tmp_path):
     assert "≥ 1.3x eager + torch.compile: 1.429x (met)" in markdown
     assert "error: OutOfMemoryError" in markdown
     assert "**missing**: no module" in markdown
-    assert "| GB/s | of copy BW | peak MiB | speedup_vs_eager |" in markdown
+    assert "| GB/s | of copy BW | peak MiB | speedup_vs_eager | error |" in markdown
+    assert "| forward | torch.compile | – | – | – | – | – | RuntimeError: inductor: lowering failed |" in markdown
     # "latest" is by date, and skips --quick runs unless asked for them.
     quick = {**_gpu_like_results(), "quick": True}
     quick["environment"]["date_utc"] = "2031-01-01T00:00:00+00:00"
@@ -362,8 +368,8 @@ def test_plot_roofline_lines(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plots.plt.Axes, "axhline", record)
     results = _gpu_like_results()
-    plots.plot_op("layernorm", results["ops"]["rows"][:2], results["ceilings"], tmp_path / "ln.png")
-    plots.plot_op("attention", results["ops"]["rows"][2:], results["ceilings"], tmp_path / "attn.png")
+    plots.plot_op("layernorm", results["ops"]["rows"][:3], results["ceilings"], tmp_path / "ln.png")
+    plots.plot_op("attention", results["ops"]["rows"][3:], results["ceilings"], tmp_path / "attn.png")
     assert drawn == [(3000.0, "roofline: copy 3,000 GB/s"), (700.0, "roofline: bfloat16 matmul 700 TFLOP/s")]
     assert Path(tmp_path / "attn.png").read_bytes().startswith(b"\x89PNG")
 
@@ -386,11 +392,127 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     assert merged["merged_from"] == ["2030-01-01T00:00:00+00:00", "2030-01-02T00:00:00+00:00"]
     assert merged["ops"]["modules"]["attention"]["status"] == "error"  # the later run wins
     assert merged["ops"]["modules"]["layernorm"]["status"] == "ok"
-    assert [r["op"] for r in merged["ops"]["rows"]] == ["layernorm", "layernorm", "attention"]
+    assert [r["op"] for r in merged["ops"]["rows"]] == ["layernorm"] * 3 + ["attention"]
     assert len(merged["e2e"]["rows"]) == 3  # from the run that has them
     assert "merged from the runs of" in markdown.read_text()
+    elsewhere = tmp_path / "elsewhere"  # e.g. when the parts lie in a read-only folder
+    assert main(["report", "--results", str(first), "--results", str(second), "--markdown", str(markdown),
+                 "--out", str(elsewhere)]) == 0
+    assert [path.name for path in elsewhere.iterdir()] == [merged_file.parent.name]
 
     other = _gpu_like_results()
     other["environment"]["device_name"] = "NVIDIA H200"
     with pytest.raises(ValueError, match="different devices"):
         report.merge_results([ops_only, other])
+
+
+def test_partial_end_to_end_runs_merge_per_configuration():
+    """``--ablation baselines`` and ``--ablation each`` of the same step complete each other; a
+    configuration a killed part left unfinished does not replace a finished one."""
+    baselines = _gpu_like_results()
+    baselines["e2e"]["settings"]["ablation"] = "baselines"
+    each = _gpu_like_results()
+    each["environment"]["date_utc"] = "2030-01-02T00:00:00+00:00"
+    each["e2e"]["settings"]["ablation"] = "each"
+    each["e2e"]["rows"] = [
+        dict(name="only gelu", kernels="gelu", compile=False, status="ok", median_ms=35.0, p20_ms=35.0,
+             p80_ms=35.0, tokens_per_s=468_114.3, peak_memory_mb=29_000.0, notes=[]),
+        dict(name="all kernels", kernels=baselines["e2e"]["rows"][1]["kernels"], compile=False,
+             status=UNFINISHED, error=UNFINISHED_ERROR),
+    ]
+    merged = report.merge_results([each, baselines])["e2e"]
+    by_name = {row["name"]: row for row in merged["rows"]}
+    assert [row["name"] for row in merged["rows"]] == ["eager + torch.compile", "all kernels", "only gelu"]
+    assert by_name["all kernels"]["status"] == "ok"  # the unfinished rerun did not replace it
+    assert by_name["only gelu"]["speedup_vs_compile"] == pytest.approx(40 / 35)
+    assert merged["headline"]["targets"]["tokens_per_s_met"] is True
+
+    other_step = copy.deepcopy(each)
+    other_step["e2e"]["settings"]["batch_size"] = 8
+    rows = report.merge_results([baselines, other_step])["e2e"]["rows"]
+    assert [row["name"] for row in rows] == ["only gelu", "all kernels"]  # another step: the latest wins
+
+
+def test_a_killed_run_keeps_what_it_finished(tmp_path, monkeypatch):
+    """The results are saved after every module: a run stopped mid-way (here interrupted; a time limit
+    kills it the same way) leaves a results.json that report renders and merges."""
+    (tmp_path / "fake_bench_fine.py").write_text(
+        "def run(ctx):\n    return [{'op': 'fine', 'case': 'c', 'dtype': 'float32', 'pass': 'forward',"
+        " 'impl': 'eager', 'median_ms': 1.0, 'p20_ms': 1.0, 'p80_ms': 1.0}]\n")
+    (tmp_path / "fake_bench_stop.py").write_text("def run(ctx):\n    raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(runner, "discover", lambda: {"fine": "fake_bench_fine", "stop": "fake_bench_stop"})
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--quick", "--ops", "fine,stop", "--ablation", "none", "--out", str(out)])
+    (run_dir,) = out.iterdir()
+    partial = report.read_results(run_dir / "results.json")
+    assert partial["complete"] is False and partial["ceilings"]["copy_gbps"] > 0
+    assert partial["ops"]["modules"]["fine"]["status"] == "ok" and len(partial["ops"]["rows"]) == 1
+    assert partial["ops"]["modules"]["stop"]["status"] == UNFINISHED
+
+    markdown = tmp_path / "RESULTS.md"
+    assert main(["report", "--results", str(run_dir), "--markdown", str(markdown), "--allow-quick"]) == 0
+    text = markdown.read_text()
+    assert "This run stopped before its end" in text and "**unfinished**" in text and "### fine" in text
+    assert "Not reached: the run stopped first." in text  # the end-to-end section it never began
+
+    # A later part that was itself killed while rerunning "fine" does not lose the finished figures.
+    later = copy.deepcopy(partial)
+    later["environment"]["date_utc"] = "2099-01-01T00:00:00+00:00"
+    later["ops"] = {"rows": [], "modules": {"fine": {"status": UNFINISHED, "error": UNFINISHED_ERROR}}}
+    merged = report.merge_results([partial, later])
+    assert merged["ops"]["modules"]["fine"]["status"] == "ok" and len(merged["ops"]["rows"]) == 1
+    assert [part["complete"] for part in merged["merged_parts"]] == [False, False]
+
+
+def test_gpu_timing_asks_do_bench_for_the_median(monkeypatch):
+    """The GPU path of BenchContext.time never runs on CPU CI: check its call binds to the installed
+    triton.testing.do_bench and asks for the median (do_bench's default is the mean)."""
+    import inspect
+
+    import triton.testing
+
+    signature = inspect.signature(triton.testing.do_bench)
+    calls = []
+
+    def fake_do_bench(*args, **kwargs):
+        calls.append(signature.bind(*args, **kwargs).arguments)
+        return [2.0, 1.5, 2.5]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    timing = BenchContext(device="cuda", quick=False).time(lambda: None)
+    assert (timing.median_ms, timing.p20_ms, timing.p80_ms) == (2.0, 1.5, 2.5)
+    (arguments,) = calls
+    assert arguments["return_mode"] == "median" and arguments["quantiles"] == [0.5, 0.2, 0.8]
+    assert arguments["warmup"] > 0 and arguments["rep"] > 0
+
+
+def test_each_ablation_and_the_warm_up_time():
+    configs = e2e.ablation(("gelu", "attention", "adamw"), "each")
+    assert [c.name for c in configs] == ["only gelu", "only attention", "only adamw", "all but gelu",
+                                         "all but attention", "all but adamw"]
+    assert BenchContext(device="cpu", quick=True).warm_up(lambda: sum(range(1000))) > 0
+
+
+def test_a_failing_configuration_is_recorded_and_the_ablation_goes_on(monkeypatch):
+    """run_e2e as on a GPU (where torch.compile is not skipped), with the step faked: a configuration
+    whose compilation fails is a row with its error and traceback, and the others still run."""
+    def fake_measure(config, settings, gpt_config, device):
+        if config.compile and config.kernels:
+            raise RuntimeError("inductor: lowering failed")
+        return {"first_step_s": 1.0, "warmup_s": 1.0, "step_ms": [10.0], "median_ms": 10.0, "p20_ms": 10.0,
+                "p80_ms": 10.0, "peak_memory_mb": 1.0, "triton_ops": sorted(config.kernels), "notes": []}
+
+    monkeypatch.setattr(e2e, "measure", fake_measure)
+    saved = []
+    settings = e2e.settings_for(True, kernels="gelu,adamw", ablation="baselines")
+    section = e2e.run_e2e(settings, "cuda", True, {"tfloat32": 100.0},
+                          on_progress=lambda s: saved.append([row["status"] for row in s["rows"]]))
+    by_name = {row["name"]: row for row in section["rows"]}
+    failed = by_name["kernels gelu,adamw + torch.compile"]
+    assert failed["status"] == "error" and failed["error"] == "RuntimeError: inductor: lowering failed"
+    assert "fake_measure" in failed["traceback"]
+    assert by_name["eager + torch.compile"]["status"] == "ok" and section["matmul_ceiling_dtype"] == "tfloat32"
+    assert by_name["kernels gelu,adamw"]["mfu_vs_measured_matmul"] > 0
+    assert saved == [[UNFINISHED], ["ok", UNFINISHED], ["ok", "ok", UNFINISHED], ["ok", "ok", "ok", UNFINISHED]]

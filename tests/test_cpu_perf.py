@@ -19,7 +19,7 @@ pytest.importorskip("pytest_benchmark")
 
 from gpt.data import DataLoader, write_shard  # noqa: E402
 from gpt.tokenizer import VOCAB_SIZE, decode, encode  # noqa: E402
-from kernels.adamw import AdamW_reference  # noqa: E402
+from kernels import adamw  # noqa: E402
 
 # Real text with code, prose and odd whitespace: the Python sources of this repository's model.
 SAMPLE_TEXT = (Path(__file__).resolve().parents[1] / "gpt" / "model.py").read_text()
@@ -46,16 +46,31 @@ def test_data_loader_batches_per_second(benchmark, tmp_path):
     assert ((x >= 0) & (x < VOCAB_SIZE)).all()
 
 
-def test_optimizer_host_side_step(benchmark):
-    """Many small tensors, so the time is the per-parameter bookkeeping, not the arithmetic: what a
-    GPU step costs the host while the device waits for it (GPT-2 124M has 148 tensors)."""
+class _KernelStandIn:
+    """Takes a Triton kernel's place: records each launch's grid and runs nothing, so what is timed is
+    the optimizer's host-side work alone (bucketing, pointer and coefficient tables, caches)."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None
+
+
+def test_optimizer_host_side_step(benchmark, monkeypatch):
+    """The Triton AdamW's host side per step, its kernels stubbed out: what a GPU step costs the host
+    while the device waits for it. Many small tensors (GPT-2 124M has 148), two groups, as training."""
+    launches = {name: _KernelStandIn() for name in ("_grad_sum_squares_kernel", "_finalize_norm_kernel",
+                                                    "_adamw_kernel")}
+    for name, stand_in in launches.items():
+        monkeypatch.setattr(adamw, name, stand_in)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(16)) for _ in range(148)]
     for p in params:
         p.grad = torch.randn_like(p)
-    optimizer = AdamW_reference([{"params": params[:74], "weight_decay": 0.1},
-                                 {"params": params[74:], "weight_decay": 0.0}], lr=1e-3)
-    before = [p.detach().clone() for p in params]
+    optimizer = adamw.AdamW([{"params": params[:74], "weight_decay": 0.1},
+                             {"params": params[74:], "weight_decay": 0.0}], lr=1e-3)
 
     def step():
         optimizer.clip_grad_norm_(1.0)
@@ -63,5 +78,7 @@ def test_optimizer_host_side_step(benchmark):
 
     benchmark(step)
     benchmark.extra_info["tensors"] = len(params)
-    assert all(not torch.equal(p, b) for p, b in zip(params, before))
-    assert all(torch.isfinite(p).all() for p in params)
+    calls = len(launches["_adamw_kernel"].grids)
+    assert calls >= 1 and launches["_adamw_kernel"].grids[-1] == (len(params),)  # one launch, a chunk per tensor
+    assert len(launches["_grad_sum_squares_kernel"].grids) == len(launches["_finalize_norm_kernel"].grids) == calls
+    assert all(optimizer.state[p]["step"].item() == calls for p in params)
