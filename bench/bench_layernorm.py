@@ -106,7 +106,6 @@ def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[
     return competitors(ctx, eager_layer_norm, layer_norm, installed)
 
 
-
 def run(ctx: BenchContext) -> list[dict]:
     for reason in implementations(ctx, False)[1]:
         print(f"bench_layernorm: {reason}")

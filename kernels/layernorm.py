@@ -31,11 +31,12 @@ each writes one row of partial sums, and a second small kernel adds them up (in 
 into ``dweight`` and ``dbias``: no second pass over ``x``, no atomics (runs are bit-reproducible).
 
 Layout: inputs are viewed as rows of the last dimension, in place when their elements are
-contiguous along it and through one contiguous copy otherwise; outputs are contiguous. One
-program takes a ``(BLOCK_M, BLOCK_N)`` tile: ``BLOCK_N`` is the row width rounded up to a power of
-two (masked), and narrow rows are stacked ``BLOCK_M`` high so each program moves a useful amount
-of memory. Widths up to ``MAX_WIDTH``: from 16384 on the backward's row no longer fits in
-registers (ptxas spills; slow but exact), from 32768 on the forward's.
+contiguous along it and through one contiguous copy otherwise (``weight`` and ``bias`` too, when
+strided); outputs are contiguous. One program takes a ``(BLOCK_M, BLOCK_N)`` tile: ``BLOCK_N`` is
+the row width rounded up to a power of two (masked), and narrow rows are stacked ``BLOCK_M`` high
+so each program moves a useful amount of memory. Widths up to ``MAX_WIDTH``: from 16384 on the
+backward's row no longer fits in registers (ptxas spills; slow but exact), from 32768 on the
+forward's.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ MAX_WIDTH = 65536
 # wait for it). Starting points for Hopper; the GPU session tunes them with bench/bench_layernorm.py.
 # A tile holds about *_TILE_ELEMENTS elements (several rows when they are narrow), and gets one warp
 # per *_WARP_ELEMENTS of them, within [MIN_WARPS, MAX_WARPS]. The backward holds about twice the
-# live values per element (x, dy, x̂, the gradient, the stream's own gradient): ptxas (sm_90) gives
-# it 64-110 registers at 8 elements per thread, against 155-210 at 16 (one 8-warp program per SM),
-# and no spills up to width 8192. The forward takes 76-91 registers at 16 elements per thread.
+# live values per element (x, dy, x̂, the gradient, the stream's own gradient): triton 3.6's ptxas
+# (sm_90) gives it 72-95 registers at 8 elements per thread at GPT-2 widths, against 108-115 at 16;
+# the forward takes 40-64 at 16. No spills up to width 8192, but for 12 bytes in the mixed-dtype
+# backward (bf16 x, fp32 stream) at 8192, where 32 warps cap a thread at 64 registers.
 FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS = 4096, 512
 BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS = 2048, 256
 MIN_WARPS, MAX_WARPS = 4, 32
@@ -262,6 +264,12 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return matrix if matrix.stride(1) == 1 or n_cols == 1 else matrix.contiguous()
 
 
+def _unit_stride(param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``weight``/``bias`` as the kernels read them, at consecutive addresses: a strided view (a
+    column of a matrix, an expanded scalar) is copied, a contiguous one (the usual case) is not."""
+    return param.contiguous() if param is not None else None
+
+
 def _check_out(out: torch.Tensor, shape, dtype: torch.dtype, device: torch.device, name: str) -> None:
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"layer_norm: {name} must be a tensor, got {type(out).__name__}")
@@ -301,6 +309,7 @@ def layer_norm_forward(
     (None without a residual), ``y`` its LayerNorm, ``mean``/``rstd`` fp32 of shape ``x.shape[:-1]``.
     ``y`` and ``stream`` go into ``out`` / ``stream_out`` when given."""
     _check_inputs(x, weight, bias, eps, residual)
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
     dtype = stream_dtype(x, residual)
     if out is None:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
@@ -351,6 +360,7 @@ def layer_norm_backward(
     values in ``residual_dtype``, written only when that is given (else None); ``dweight``/``dbias``
     are None without a weight/bias. ``dx`` and ``dresidual`` go into the given buffers if any."""
     _check_inputs(stream, weight, bias, 0.0, None)
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
     for name, grad in (("dy", dy), ("dstream", dstream)):
         if grad is None and name == "dstream":
             continue

@@ -117,8 +117,8 @@ def _fuzz_layernorm(f, data):
 
     x = leaf(make(shape, dtype, data.draw(layouts(len(shape))), g, scale=3.0))
     residual = leaf(make(shape, dtype, data.draw(layouts(len(shape))), g)) if with_residual else None
-    weight = leaf(make([cols], param_dtype, ([0], [0], None), g))
-    bias = leaf(make([cols], param_dtype, ([0], [0], None), g)) if with_bias else None
+    weight = leaf(make([cols], param_dtype, data.draw(layouts(1)), g))
+    bias = leaf(make([cols], param_dtype, data.draw(layouts(1)), g)) if with_bias else None
 
     out = f(x, weight, bias, eps, residual=residual)
     ref_inputs = [as_float64(t) if t is not None else None for t in (x, weight, bias, residual)]
@@ -165,7 +165,7 @@ def _fuzz_gelu(f, data):
     with_bias = data.draw(st.booleans(), "bias")
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), "seed"))
     x = leaf(make(shape, dtype, data.draw(layouts(len(shape))), g, scale=3.0))
-    bias = leaf(make([shape[-1]], dtype, ([0], [0], None), g)) if with_bias else None
+    bias = leaf(make([shape[-1]], dtype, data.draw(layouts(1)), g)) if with_bias else None
 
     out = f(x, bias)
     x64, bias64 = as_float64(x), as_float64(bias) if with_bias else None
