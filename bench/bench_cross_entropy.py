@@ -65,7 +65,6 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
     return competitors(ctx, eager_cross_entropy, cross_entropy, {"liger": liger})
 
 
-
 def run(ctx: BenchContext) -> list[dict]:
     for reason in implementations(ctx)[1]:
         print(f"bench_cross_entropy: {reason}")

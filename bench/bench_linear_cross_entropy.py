@@ -49,7 +49,6 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
     return competitors(ctx, eager_linear_cross_entropy, linear_cross_entropy, {"liger": liger})
 
 
-
 def run(ctx: BenchContext) -> list[dict]:
     for reason in implementations(ctx)[1]:
         print(f"bench_linear_cross_entropy: {reason}")

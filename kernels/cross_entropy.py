@@ -47,8 +47,10 @@ is below fp16's smallest subnormal), so a GradScaler's large upstream factor cou
 there the forward writes the unscaled gradient and the backward multiplies by ``grad/n``.
 
 Layout: logits need unit column stride and any row stride (the model passes a ``[:, :50257]`` view
-of its 50304-column lm_head output, read in place); anything else is copied once. The gradient is
-contiguous.
+of its 50304-column lm_head output, read in place); anything else is copied once. Only a row's last
+block is masked, so rows whose stride is a multiple of 16 elements are read (and the gradient, when
+its rows are so too, written) in 16-byte vectors whatever V is. Targets may have any stride. The gradient is contiguous. Masked logits (-inf) are fine wherever they are, as long as
+a row keeps one finite logit.
 
 Input checks: ``ValueError`` for wrong shapes, dtypes, devices and options, on the host. Targets
 outside ``[0, V)`` that are not ``ignore_index`` need the targets' values, so checking them costs a
@@ -107,7 +109,7 @@ def _softcap(x, cap):
 @triton.jit
 def _cross_entropy_kernel(
     logits_ptr, stride_logits_row,
-    targets_ptr,
+    targets_ptr, stride_targets,
     grad_ptr, stride_grad_row,
     grad_scale_ptr, stride_grad_scale,
     loss_ptr, z_loss_ptr,
@@ -122,7 +124,7 @@ def _cross_entropy_kernel(
     grad_row = grad_ptr + row64 * stride_grad_row
     cols = tl.arange(0, BLOCK_V)
 
-    target = tl.load(targets_ptr + row).to(tl.int64)
+    target = tl.load(targets_ptr + row64 * stride_targets).to(tl.int64)
     if target == ignore_index:
         tl.store(loss_ptr + row, 0.0)
         tl.store(z_loss_ptr + row, 0.0)
@@ -147,11 +149,17 @@ def _cross_entropy_kernel(
     for start in range(0, n_cols, BLOCK_V):
         offs = start + cols
         mask = offs < n_cols
-        z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        full_block = start + BLOCK_V <= n_cols
+        if full_block:  # unmasked: a mask on n_cols (50257 for GPT-2) would rule out vector loads
+            z = tl.load(logits_row + offs).to(tl.float32)
+        else:
+            z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         if HAS_SOFTCAP:
             z = tl.where(mask, _softcap(z, softcap), float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        # Shift by 0 while every logit so far is -inf (masked columns): exp(-inf - -inf) is NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
         running_max = new_max
         if HAS_SMOOTHING:
             sum_z_minus_target += tl.sum(tl.where(mask, z - z_target, 0.0), axis=0)
@@ -185,7 +193,11 @@ def _cross_entropy_kernel(
         for start in range(0, n_cols, BLOCK_V):
             offs = start + cols
             mask = offs < n_cols
-            z = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
+            full_block = start + BLOCK_V <= n_cols
+            if full_block:
+                z = tl.load(logits_row + offs).to(tl.float32)
+            else:
+                z = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
                 z = _softcap(z, softcap)
             grad = tl.exp(z - running_max) * softmax_factor - tl.where(offs == target, target_weight, 0.0) - uniform
@@ -193,7 +205,10 @@ def _cross_entropy_kernel(
                 # d/dx [c·tanh(x/c)] = 1 - tanh² = 1 - (z/c)²
                 z_over_cap = z / softcap
                 grad = grad * (1.0 - z_over_cap * z_over_cap)
-            tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+            if full_block:
+                tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty))
+            else:
+                tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -339,7 +354,7 @@ def cross_entropy_forward(
     compute_grad = grad_scale is not None
     _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0),
-        targets,
+        targets, targets.stride(0),
         grad if compute_grad else logits, grad.stride(0) if compute_grad else 0,
         grad_scale if compute_grad else loss_rows, stride_grad_scale if compute_grad else 0,
         loss_rows, z_loss_rows,

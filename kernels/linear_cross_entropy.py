@@ -27,8 +27,10 @@ Dtypes: a custom op is not autocast-aware, so the wrapper reads the autocast sta
 device before calling it: under autocast the matmuls run in the autocast dtype (bf16 logits from an
 fp32 ``hidden`` and an fp32 ``weight``, like ``hidden @ weight.T`` under autocast), otherwise in the
 inputs' dtype (``hidden`` and ``weight`` must then match). Matmuls accumulate in fp32, and
-``grad_weight`` is accumulated over chunks in fp32. The loss is fp32; ``grad_hidden`` has
-``hidden``'s dtype and ``grad_weight`` ``weight``'s.
+``grad_weight`` is accumulated over chunks in fp32. fp32 matmuls follow PyTorch's TF32 setting
+(``torch.backends.cuda.matmul.allow_tf32``: off by default, on in ``train_gpt2.py``), as the
+unfused ``lm_head`` does. The loss is fp32; ``grad_hidden`` has ``hidden``'s dtype and
+``grad_weight`` ``weight``'s.
 
 Options, the z-loss return (``return_z_loss=True`` -> ``(loss, z_loss)``), ``check_targets`` and the
 input checks are those of ``kernels.cross_entropy.cross_entropy``.
@@ -63,9 +65,10 @@ from kernels.cross_entropy import (
 
 # One chunk's logits take at most this much memory. 512 MiB is 4096 rows of GPT-2's vocabulary in
 # bf16: 16·1024 tokens in 4 chunks, whose matmuls are large enough for full speed. A starting
-# point; the GPU session measures time and peak memory with bench/bench_cross_entropy.py.
+# point; the GPU session measures time and peak memory with bench/bench_linear_cross_entropy.py.
 CHUNK_LOGITS_BYTES = 512 * 2**20
 CHUNK_ROW_MULTIPLE = 128  # whole matmul tiles
+ROW_ALIGNMENT = 16  # elements: Triton marks a row stride divisible by 16 as aligned
 
 
 def choose_chunk_rows(n_rows: int, n_classes: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -82,12 +85,14 @@ def choose_chunk_rows(n_rows: int, n_classes: int, dtype: torch.dtype, device: t
 
 @functools.cache
 def _cuda_has_fp32_out_matmul() -> bool:
-    """Whether this PyTorch has ``addmm(..., out_dtype=float32)`` for half inputs on CUDA."""
+    """Whether this PyTorch has ``addmm(..., out_dtype=float32)`` for half inputs on CUDA, adding into
+    an fp32 ``out`` that is also its ``input``, with a transposed operand: the call
+    ``_accumulate_matmul`` makes. Versions differ (some refuse an fp32 ``input``), hence the probe."""
     try:
-        acc = torch.zeros(1, 1, device="cuda")
-        half = torch.ones(1, 1, device="cuda", dtype=torch.bfloat16)
-        torch.addmm(acc, half, half, out_dtype=torch.float32, out=acc)
-        return acc.item() == 1.0
+        acc = torch.ones(2, 2, device="cuda")
+        half = torch.ones(3, 2, device="cuda", dtype=torch.bfloat16)
+        torch.addmm(acc, half.T, half, out_dtype=torch.float32, out=acc)
+        return bool((acc == 4.0).all().item())
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
@@ -133,8 +138,11 @@ def _chunked_loss_and_grads(
         chunk_size = choose_chunk_rows(n_rows, n_classes, compute_dtype, device)
     chunk_size = min(chunk_size, max(n_rows, 1))
     # One buffer for every chunk's logits: allocating per chunk would hold two chunks at once while
-    # the next matmul's output is allocated before the previous one is released.
-    logits_buffer = torch.empty((chunk_size, n_classes), dtype=compute_dtype, device=device)
+    # the next matmul's output is allocated before the previous one is released. Its rows start on
+    # 16-element boundaries (GPT-2's 50257 columns are stored in 50272), so that the kernel's loads
+    # and its gradient stores over them can be 16-byte vectors; the matmuls take the row stride.
+    row_stride = math.ceil(n_classes / ROW_ALIGNMENT) * ROW_ALIGNMENT
+    logits_buffer = torch.empty((chunk_size, row_stride), dtype=compute_dtype, device=device)[:, :n_classes]
 
     # Our own autocast-free region: the op decides its dtypes itself (compute_dtype).
     with torch.autocast(device.type, enabled=False):

@@ -148,13 +148,16 @@ def test_all_rows_ignored_and_empty_batch():
     assert loss.item() == 0.0 and dh.shape == (0, 16) and torch.equal(dw, torch.zeros_like(dw))
 
 
-def test_model_weight_slice_and_int32_targets():
-    """The model passes ``lm_head.weight[:V]``, a row slice of the padded (50304-style) table."""
+def test_model_weight_slice_int32_and_strided_targets():
+    """The model passes ``lm_head.weight[:V]``, a row slice of the padded (50304-style) table; targets
+    may be int32 and strided (here every other entry of a longer tensor)."""
     hidden, padded, targets = make_inputs(6, 16, 1024, torch.float32)
     weight = padded[:1000]
     targets = targets.clamp_max(999)
-    ours = run_ours(hidden, weight, targets.int(), chunk_size=4)
-    assert_all_close(ours, expected(hidden, weight, targets), torch.float32)
+    strided = torch.stack([targets, torch.zeros_like(targets)], dim=1).reshape(-1)[::2]
+    reference = expected(hidden, weight, targets)
+    assert_all_close(run_ours(hidden, weight, targets.int(), chunk_size=4), reference, torch.float32)
+    assert_all_close(run_ours(hidden, weight, strided, chunk_size=4), reference, torch.float32)
 
 
 def test_choose_chunk_rows():
