@@ -29,6 +29,16 @@ def device():
 
 
 @pytest.fixture(autouse=True)
+def _full_fp32_matmuls():
+    # fp32 tolerances (tests/numerics.py) assume IEEE fp32 products; TF32, which training switches
+    # on for CUDA, must not leak from one test into the next.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
 def _fresh_seed():
     # Fresh random inputs per test, but reproducible from the test's name when one fails
     # (crc32, not hash(): Python salts str hashes per process).
