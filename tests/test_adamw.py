@@ -5,9 +5,10 @@ to two blocks (``small_chunks``): tensors still span several chunks and end in r
 GPT-2's do at full size. On a GPU the sets include GPT-2's real 768x2304 and 50304x768 matrices.
 
 Tolerances: the update is torch's, operation for operation, in fp32 with IEEE sqrt and division;
-what differs is contraction into fused multiply-adds (torch's CPU lerp uses one, the interpreter
-none), a last-bit difference per operation. Over 50 steps parameters and moments stay within
-``STEP_RTOL`` (1e-6) of torch's, relative to each tensor's largest value, as ``numerics`` measures.
+what differs is contraction into fused multiply-adds (torch's lerp uses one; our step kernel none,
+on the GPU as in the interpreter), a last-bit difference per operation. Over 50 steps parameters
+and moments stay within ``STEP_RTOL`` (1e-6) of torch's, relative to each tensor's largest value,
+as ``numerics`` measures.
 """
 
 import copy
@@ -234,6 +235,8 @@ def test_state_dict_moves_between_torch_and_ours(direction):
     assert step.dtype == torch.float32 and step.shape == () and step.device.type == "cpu" and step.item() == 3
     resumed = kinds[second](params)
     resumed.load_state_dict(saved)
+    loaded = resumed.state[params[0]]["step"]  # torch.optim.AdamW's layout whichever side loaded it
+    assert loaded.dtype == torch.float32 and loaded.shape == () and loaded.device.type == "cpu" and loaded.item() == 3
     for o, ps in ((resumed, params), (straight, straight_params)):
         torch.manual_seed(3)
         _train(o, ps, 3, first_step=3)
@@ -365,16 +368,26 @@ def test_capturable_step_replays_in_a_cuda_graph():
         reference_step(1e-3)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        opt.clip_grad_norm_(1.0)
+        static_norm = opt.clip_grad_norm_(1.0)
         opt.step()
     for step in range(4):
         for g in static_grads:
             g.copy_(torch.randn_like(g))
+        expected_norm = torch.nn.utils.get_total_norm(static_grads)
         lr.fill_(1e-3 / (step + 1))
         graph.replay()
+        assert relative_error(static_norm, expected_norm) <= STEP_RTOL  # the replay read this step's gradients
         reference_step(1e-3 / (step + 1))
     torch.cuda.synchronize()
     assert_same_state(opt, ref, params, ref_params, rtol=1e-5)
+
+
+def test_no_table_is_built_inside_cuda_graph_capture(monkeypatch):
+    """A copy captured into a graph would replay from a freed host buffer: building a table while a
+    capture is under way (a non-capturable optimizer, or tensors moved since the warm-up) is refused."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="inside CUDA graph capture"):
+        adamw_module._to_device(torch.zeros(3, dtype=torch.int64), torch.device("cuda"))
 
 
 def test_unaligned_empty_params_and_strided_grads():
@@ -436,6 +449,43 @@ def test_bad_params_and_grads_raise_value_error():
     sparse.grad = torch.randn(5, 3, device=DEVICE).to_sparse()
     with pytest.raises(ValueError, match="does not support sparse gradients"):
         AdamW([sparse]).step()
+
+
+def test_cached_tables_follow_replaced_parameters_and_state():
+    """The pointer tables are cached by the tensors' addresses: a parameter whose ``.data`` is
+    replaced, or moments replaced by ``load_state_dict``, are updated where they now live."""
+    params = make_params(SHAPES[:4])
+    ref_params = clone_params(params)
+    opt = AdamW(params)
+    ref = torch_adamw(ref_params)
+    for step in range(3):
+        set_grads([params, ref_params])
+        if step == 1:
+            for p in params:
+                p.data = p.data.clone()
+        if step == 2:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        opt.step()
+        ref.step()
+    assert_same_state(opt, ref, params, ref_params)
+
+
+def test_sizes_that_do_not_match_raise_value_error():
+    """The kernel trusts the sizes it is given: a parameter replaced by one of another size, or a
+    state dict of another model, is refused before it could read or write out of bounds."""
+    params = make_params(SHAPES[:2])
+    opt = AdamW(params)
+    set_grads([params])
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    params[1].data = torch.randn(5, device=DEVICE)
+    params[1].grad = torch.randn(5, device=DEVICE)
+    with pytest.raises(ValueError, match=r"moments of shape \(3,\); they must all match"):
+        opt.step()
+    resumed = AdamW(params)
+    with pytest.raises(ValueError, match=r"moments of shape \(3,\) for a parameter of shape \(5,\)"):
+        resumed.load_state_dict(saved)
+    assert len(resumed.state) == 0  # left as it was
 
 
 @pytest.mark.parametrize("option", ["amsgrad", "maximize"])
@@ -503,7 +553,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import kernels.adamw as am
 
-def ptx(fn, constexprs, aligned, scalars=()):
+def ptx(fn, constexprs, aligned, scalars=(), options=None):
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else dict(scalars).get(n, "*i64") for n in names}
     for n in ("coef_ptr", "clip_scale_ptr", "partials_ptr", "norm_ptr"):
@@ -512,16 +562,17 @@ def ptx(fn, constexprs, aligned, scalars=()):
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()},
                        attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    code = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": am.NUM_WARPS}).asm["ptx"]
-    ops = ("ld.global.v4", "st.global.v4", "div.rn.f32", "sqrt.rn.f32")
+    code = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options or {"num_warps": am.NUM_WARPS}).asm["ptx"]
+    ops = ("ld.global.v4", "st.global.v4", "div.rn.f32", "sqrt.rn.f32", "fma.rn.f32")
     return {op: len(re.findall(re.escape(op), code)) for op in ops}
 
 tables = ["chunk_table_ptr", "tensor_table_ptr", "step_table_ptr", "clip_scale_ptr"]
 step = dict(ALIGNED=True, CAPTURABLE=False, HAS_CLIP_SCALE=True, STEP_ROW=am._STEP_ROW, COEF_ROW=am._COEF_ROW,
             BLOCK=am.BLOCK)
 print(json.dumps({
-    "step fp32": ptx(am._adamw_kernel, dict(step, PARAM_DTYPE=tl.float32), tables),
-    "step bf16 capturable": ptx(am._adamw_kernel, dict(step, PARAM_DTYPE=tl.bfloat16, CAPTURABLE=True), tables),
+    "step fp32": ptx(am._adamw_kernel, dict(step, PARAM_DTYPE=tl.float32), tables, options=am.STEP_LAUNCH_OPTIONS),
+    "step bf16 capturable": ptx(am._adamw_kernel, dict(step, PARAM_DTYPE=tl.bfloat16, CAPTURABLE=True), tables,
+                                options=am.STEP_LAUNCH_OPTIONS),
     "sum of squares": ptx(am._grad_sum_squares_kernel, dict(GRAD_DTYPE=tl.float32, BLOCK=am.BLOCK),
                           ["chunk_table_ptr", "grad_table_ptr", "partials_ptr"]),
     "finalize": ptx(am._finalize_norm_kernel, dict(HAS_MAX_NORM=True, BLOCK=am.FINALIZE_BLOCK), [],
@@ -533,7 +584,8 @@ print(json.dumps({
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_with_vector_loads():
     """Full blocks use 16-byte vector loads and stores (the hints work through the pointer table),
-    and sqrt and division are IEEE-rounded, as torch's are."""
+    sqrt and division are IEEE-rounded, as torch's are, and the step has no fused multiply-add (see
+    ``STEP_LAUNCH_OPTIONS``)."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", HOPPER_PTX], cwd=root, env=env, capture_output=True, text=True)
@@ -542,6 +594,7 @@ def test_kernels_compile_for_hopper_with_vector_loads():
     for name in ("step fp32", "step bf16 capturable"):
         assert counts[name]["ld.global.v4"] >= 4 and counts[name]["st.global.v4"] >= 3, (name, counts[name])
         assert counts[name]["div.rn.f32"] > 0 and counts[name]["sqrt.rn.f32"] > 0, (name, counts[name])
+        assert counts[name]["fma.rn.f32"] == 0, (name, counts[name])
     assert counts["sum of squares"]["ld.global.v4"] >= 1, counts["sum of squares"]
     assert counts["finalize"]["div.rn.f32"] > 0 and counts["finalize"]["sqrt.rn.f32"] > 0, counts["finalize"]
 
