@@ -187,11 +187,12 @@ def _first_device(args, kwargs) -> torch.device:
 
 
 def _params_device(params) -> torch.device:
-    params = list(params)
-    if not params:
-        raise ValueError("optimizer got an empty parameter list")
-    first = params[0]
-    return first["params"][0].device if isinstance(first, dict) else first.device
+    """The device of the first parameter, given tensors or param-group dicts (as torch.optim takes)."""
+    for item in params:
+        group = item["params"] if isinstance(item, dict) else [item]
+        for param in [group] if isinstance(group, torch.Tensor) else group:
+            return param.device
+    raise ValueError("optimizer got an empty parameter list")
 
 
 class _Ops:

@@ -95,3 +95,10 @@ def test_interpreter_names_the_numpy_that_breaks_it(monkeypatch):
     assert "numpy<2.4" in registry._interpreter_problem()
     monkeypatch.setattr(numpy, "__version__", "2.3.5")
     assert registry._interpreter_problem() is None
+
+
+def test_optimizer_device_from_any_param_group_layout():
+    param = torch.nn.Parameter(torch.ones(2))
+    assert registry._params_device([{"params": []}, {"params": param}]).type == "cpu"
+    with pytest.raises(ValueError, match="empty parameter list"):
+        registry._params_device([{"params": []}])
