@@ -34,10 +34,10 @@ Tiles: ``HOPPER_CONFIGS`` holds block shapes, warps and pipeline stages per (hea
 causal): starting points from Triton's fused-attention tutorial and FlashAttention-2's H100 tiles,
 checked to compile for sm_90a without register spills, but NOT yet timed on a GPU. A GPU session
 must sweep them (``python -m bench.bench_attention``, or ``GPT_ATTENTION_AUTOTUNE=1``) and write the
-winners into the table. ``GPT_ATTENTION_AUTOTUNE=1`` makes the CUDA path autotune instead, keyed on
-(power-of-two bucket of T, head dim, causal, dtype): eight candidates per kernel, compiled and timed
-once per key (tens of seconds in the first training step, then cached on disk by Triton). Under
-Triton's interpreter (CPU tests) small tiles keep the tests fast.
+winners into the table. ``GPT_ATTENTION_AUTOTUNE=1`` makes the fp16/bf16 CUDA path autotune instead,
+keyed on (power-of-two bucket of T, head dim, causal, dtype): eight candidates per kernel, compiled
+and timed once per key (tens of seconds in the first training step, then cached on disk by Triton).
+Under Triton's interpreter (CPU tests) small tiles keep the tests fast.
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ def select_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch
 # ----------------------------------------------------------------------------- kernels
 
 
+# Kernels take n_heads unspecialized: it only splits the program id, so Triton's specializations of
+# an integer argument (on 1, or on a multiple of 16) would only multiply the compilations.
 @triton.jit
 def _head_offset(bh, n_heads, stride_b, stride_h):
     # int64: batch · stride passes 2^31 elements for long sequences of wide models.
@@ -184,7 +186,7 @@ def _forward_inner(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["T_BUCKET"])
+@triton.jit(do_not_specialize=["n_heads", "T_BUCKET"])
 def _attention_forward_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -240,7 +242,7 @@ def _attention_forward_kernel(
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads"])
 def _backward_preprocess_kernel(
     O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
     n_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -294,7 +296,7 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["T_BUCKET"])
+@triton.jit(do_not_specialize=["n_heads", "T_BUCKET"])
 def _attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -382,7 +384,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["T_BUCKET"])
+@triton.jit(do_not_specialize=["n_heads", "T_BUCKET"])
 def _attention_backward_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -437,10 +439,13 @@ def _attention_backward_dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-# Autotuned variants (GPT_ATTENTION_AUTOTUNE=1). The key is (T bucket, head dim, causal) plus every
-# tensor argument's dtype, which Triton's autotuner appends by itself. Eight candidates per kernel
-# at most: each costs a compilation (seconds) the first time a key is seen, and the first training
-# step pays for all of them; Triton caches the winners on disk for later runs.
+# Autotuned variants (GPT_ATTENTION_AUTOTUNE=1, fp16 and bf16). The key is (T bucket, head dim,
+# causal) plus every tensor argument's dtype, which Triton's autotuner appends by itself; T itself is
+# not in it, so a new length in the same power-of-two bucket reuses the winner. Eight candidates per
+# kernel at most: each costs a compilation (about a second) the first time a key is seen, and the
+# first training step pays for all of them; Triton caches the winners on disk for later runs. Every
+# kernel overwrites its outputs without reading them (no accumulation, no atomics), so the
+# autotuner's repeated benchmark launches need no reset_to_zero or restore_value.
 def _configs(*candidates):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
 
@@ -554,10 +559,12 @@ def _launch(kernel, autotuned, tile: Optional[Tile], grid, args, constexprs) -> 
 
 
 def _resolve(q: torch.Tensor, causal: bool, config: Optional[AttentionConfig]) -> Optional[AttentionConfig]:
-    """The tiles to launch with; None means autotune."""
+    """The tiles to launch with; None means autotune (fp16 and bf16 only: the candidates are
+    tensor-core tiles, which fp32's IEEE matmuls overflow: tens of seconds of compilation each,
+    to spill or exceed shared memory)."""
     if config is not None:
         return config
-    if AUTOTUNE and q.device.type == "cuda":
+    if AUTOTUNE and q.device.type == "cuda" and q.dtype != torch.float32:
         return None
     return select_config(q.shape[-1], q.dtype, causal, q.device)
 

@@ -13,8 +13,13 @@ product runs, plus long sequences (up to 4096) and bf16.
 
 import itertools
 import importlib
+import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +28,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from bench.bench_attention import PASSES, run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
+from gpt.model import GPT
 from kernels import registry
 from kernels.attention import (
     HOPPER_CONFIGS,
@@ -33,7 +39,7 @@ from kernels.attention import (
     attention_forward,
     attention_reference,
 )
-from model_parity import assert_model_parity
+from model_parity import TINY, assert_model_parity
 from numerics import FLOAT_DTYPES, RTOL, assert_close, poisoned_like
 
 # The module, not the function of the same name that kernels/__init__ exports (which
@@ -295,28 +301,97 @@ def test_config_rules():
         AttentionConfig(forward=Tile(32, 16), dkdv=Tile(32, 16), dq=Tile(32, 16))
 
 
-# Every distinct Hopper table entry, run with its own head dim and dtype (bf16 on the GPU only): the
-# large tiles' edge handling (T = 200 is no multiple of any block) is checked even without a GPU.
-TABLE_CASES = {}
-for (_D, _dtype, _), _config in HOPPER_CONFIGS.items():
-    if _dtype != torch.bfloat16 or DEVICE == "cuda":
-        TABLE_CASES.setdefault((_config, _dtype), _D)
+# Every Hopper table entry, run with its own head dim, dtype and mask (bf16 on the GPU only), at
+# lengths that put its large tiles' edges everywhere: less than one block, a multiple of the smaller
+# blocks but not of the larger ones (192 = 3·64), and a multiple of none (200), so the masked and
+# unmasked loops and the diagonal spanning several inner blocks all run without a GPU. (T = 1 is
+# one partial block whatever the tiles: the grid above runs it for every head dim and dtype.)
+TABLE_LENGTHS = (17, 192, 200)
+TABLE_KEYS = [key for key in HOPPER_CONFIGS if key[1] != torch.bfloat16 or DEVICE == "cuda"]
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize(
-    "config, D, dtype",
-    [(config, D, dtype) for (config, dtype), D in TABLE_CASES.items()],
-    ids=[f"D{D}-{str(dtype).replace('torch.', '')}" for (_, dtype), D in TABLE_CASES.items()],
+    "D, dtype, causal", TABLE_KEYS,
+    ids=[f"D{D}-{str(dtype).replace('torch.', '')}-{'causal' if causal else 'full'}" for D, dtype, causal in TABLE_KEYS],
 )
-def test_hopper_tiles(config, D, dtype, causal):
-    q, k, v, do = make_inputs(1, 2, 200, D, dtype)
-    o, lse = attention_forward(q, k, v, causal, out=poisoned_like(q), config=config)
-    grads = attention_backward(do, q, k, v, o, lse, causal, dq=poisoned_like(q), dk=poisoned_like(q),
-                               dv=poisoned_like(q), config=config)
-    o_ref, _, *grads_ref = expected(q, k, v, do, causal)
-    assert_close(o, o_ref, dtype, "o")
-    assert_grads_close(grads, grads_ref, dtype, floor=1.0)
+def test_hopper_tiles(D, dtype, causal):
+    config = HOPPER_CONFIGS[(D, dtype, causal)]
+    for T in TABLE_LENGTHS:
+        q, k, v, do = make_inputs(1, 1, T, D, dtype)
+        o, lse = attention_forward(q, k, v, causal, out=poisoned_like(q), config=config)
+        grads = attention_backward(do, q, k, v, o, lse, causal, dq=poisoned_like(q), dk=poisoned_like(q),
+                                   dv=poisoned_like(q), config=config)
+        o_ref, _, *grads_ref = expected(q, k, v, do, causal)
+        assert_close(o, o_ref, dtype, f"T={T} o")
+        assert_grads_close(grads, grads_ref, dtype, floor=1.0)
+
+
+# Compiles table entries for an H100 (sm_90a) without one, in a subprocess because this one decorated
+# the kernels for the interpreter: Triton's bundled ptxas and cuobjdump need no GPU. The interpreter
+# accepts code the compiler rejects, and the table's comment claims no register spills.
+HOPPER_CUBIN = r"""
+import json, os, re, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import importlib
+am = importlib.import_module("kernels.attention")
+
+CONSTEXPRS = ("HEAD_DIM", "CAUSAL", "DOT_PRECISION", "BLOCK_M", "BLOCK_N")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+def arg_type(name, dtype):
+    if name in CONSTEXPRS:
+        return "constexpr"
+    if name in ("LSE", "DELTA"):
+        return "*fp32"
+    if name.isupper() and name != "T_BUCKET":
+        return "*" + TYPES[dtype]
+    return "fp32" if name.endswith("scale") else "i32"
+
+def resources(fn, head_dim, dtype, causal, block_m, block_n, num_warps, num_stages):
+    names = fn.arg_names
+    constexprs = dict(HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                      BLOCK_M=block_m, BLOCK_N=block_n)
+    constexprs = {(names.index(k),): v for k, v in constexprs.items() if k in names}
+    # As the model's views are specialized at launch: 16-byte-aligned pointers and strides (without
+    # that, addressing alone makes dK/dV at head dim 128 spill), T no multiple of 16.
+    aligned = [n for n in names if arg_type(n, dtype).startswith("*") or n.startswith("stride")]
+    source = ASTSource(fn=fn, signature={n: arg_type(n, dtype) for n in names}, constexprs=constexprs,
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    cubin = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        dump = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    return {key: int(value) for key, value in re.findall(r"(REG|STACK):(\d+)", dump.stdout)}
+
+kernels = {"forward": am._attention_forward_kernel, "dkdv": am._attention_backward_dkdv_kernel,
+           "dq": am._attention_backward_dq_kernel}
+# Head dim 128 comes closest to the register limit (dK/dV ~250 of 255): every kernel of its causal
+# bf16 entry (tensor cores), and the dK/dV kernel of its other bf16 entry and of fp32 (FMA units).
+cases = [(name, 128, torch.bfloat16, True) for name in kernels]
+cases += [("dkdv", 128, torch.bfloat16, False), ("dkdv", 128, torch.float32, True)]
+report = {}
+for name, head_dim, dtype, causal in cases:
+    tile = getattr(am.HOPPER_CONFIGS[(head_dim, dtype, causal)], name)
+    report[f"{name} D{head_dim} {dtype} causal={causal} {tile}"] = resources(
+        kernels[name], head_dim, dtype, causal, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages)
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
+def test_table_compiles_for_hopper_without_spills():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", HOPPER_CUBIN], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for kernel, usage in report.items():
+        assert usage["STACK"] == 0, (kernel, usage)  # a stack frame here is spilled registers
 
 
 def test_opcheck():
@@ -351,6 +426,22 @@ def test_torch_compile_fullgraph():
         assert_close(compiled_leaf.grad, eager_leaf.grad, torch.float32, f"compiled d{name}")
 
 
+def test_gpt_model_compiles_in_one_graph():
+    """What the custom op is for: the whole model, with attention on Triton, traces with fullgraph=True
+    (aot_eager: tracing, fake tensors and autograd are what is checked, not inductor's code)."""
+    torch.manual_seed(0)
+    model = GPT(TINY).to(DEVICE)
+    idx, targets = (torch.randint(0, TINY.vocab_size, (2, 24), device=DEVICE) for _ in range(2))
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    with registry.use_kernels("attention"):
+        _, loss = torch.compile(model, fullgraph=True, backend=counter)(idx, targets)
+        loss.backward()
+    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
+    assert counter.frame_count == 1 and called.count("gpt_triton.attention") == TINY.n_layer, called
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_registered_as_the_triton_attention():
     assert registry.resolve("attention", DEVICE) is attention
     with registry.use_kernels("none"):
@@ -365,6 +456,8 @@ def test_gpt_model_parity():
 def test_autotuned_path(monkeypatch):
     monkeypatch.setattr(attention_module, "AUTOTUNE", True)
     q, k, v, do = make_inputs(2, 3, 300, 64, torch.bfloat16)
+    # fp32 keeps the table: the candidates are tensor-core tiles, far too large for its FMA matmuls.
+    assert attention_module._resolve(q.float(), True, None) == HOPPER_CONFIGS[(64, torch.float32, True)]
     o, lse = attention_forward(q, k, v, True, out=poisoned_like(q))
     grads = attention_backward(do, q, k, v, o, lse, True)
     o_ref, _, *grads_ref = expected(q, k, v, do, True)
