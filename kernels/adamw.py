@@ -236,14 +236,31 @@ def _finalize_norm_kernel(
 # ----------------------------------------------------------------------------- the reference
 
 
+def _all_plain_cuda(params) -> bool:
+    """Whether every parameter (given as tensors or param groups) is a plain CUDA floating tensor,
+    which torch's fused AdamW takes; DTensor shards and CPU tensors keep torch's default."""
+    tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+    tensors = [t for group in tensors for t in ([group] if isinstance(group, torch.Tensor) else group)]
+    return bool(tensors) and all(
+        type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_cuda and t.is_floating_point() for t in tensors
+    )
+
+
 class AdamW_reference(torch.optim.AdamW):
     """PyTorch reference: ``torch.optim.AdamW`` plus ``clip_grad_norm_``, the interface training uses.
 
     ``clip_grad_norm_(max_norm)`` returns the global gradient norm (before clipping) and clips to
     ``max_norm`` when it is given; a fused optimizer may defer the scaling into its ``step``.
+
+    On CUDA it defaults to ``fused=True``, torch's fastest AdamW (what nanoGPT uses), so that every
+    ablation with the ``adamw`` kernel off compares against the strongest PyTorch baseline, not
+    the slower foreach loop. Pass ``foreach=`` or ``fused=`` to choose otherwise.
     """
 
     def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kwargs):
+        params = list(params)
+        if "fused" not in kwargs and "foreach" not in kwargs and _all_plain_cuda(params):
+            kwargs["fused"] = True
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
 
     def clip_grad_norm_(self, max_norm=None):

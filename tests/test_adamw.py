@@ -605,3 +605,11 @@ def test_bench_quick_runs():
     assert {row["impl"] for row in rows} == expected
     assert {row["pass"] for row in rows} == {"step", "clip+step"}
     assert all(row["median_ms"] > 0 and row["gb_per_s"] > 0 for row in rows)
+
+
+def test_reference_is_torchs_fused_adamw_on_cuda():
+    """The ablations' "adamw off" baseline is torch's fastest AdamW where it exists."""
+    param = torch.nn.Parameter(torch.randn(3, device=DEVICE))
+    reference = AdamW_reference([{"params": [param]}, {"params": [], "weight_decay": 0.0}])
+    assert bool(reference.defaults["fused"]) == (DEVICE == "cuda")
+    assert AdamW_reference([param], foreach=False).defaults["fused"] in (None, False)
