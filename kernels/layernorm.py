@@ -71,8 +71,10 @@ MIN_WARPS, MAX_WARPS = 4, 32
 # (interpreter) a handful, so that tests exercise the loop.
 BACKWARD_PROGRAMS_PER_SM = 2
 INTERPRETER_BACKWARD_PROGRAMS = 4
-# The partial rows are summed by a (SUM_BLOCK_P, SUM_BLOCK_N) tile per column block.
-SUM_BLOCK_P, SUM_BLOCK_N = 32, 128
+# The partial rows are summed by a (SUM_BLOCK_P, SUM_BLOCK_N) tile per column block. Narrow column
+# blocks, because this grid is all the parallelism the sum has: at width 768, 32 columns give 24
+# programs to read the 264 partial rows (1.6 MB), where 128 gave 6 programs on 6 of 132 SMs.
+SUM_BLOCK_P, SUM_BLOCK_N = 64, 32
 
 
 @triton.jit
