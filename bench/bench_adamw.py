@@ -27,7 +27,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
     # Triton picks its interpreter when kernels are decorated, so this must precede their import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import BenchContext, run_standalone  # noqa: E402
+from bench.common import BenchContext, Measurement, run_standalone  # noqa: E402
 from gpt.config import PRESETS  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from kernels import registry  # noqa: E402
@@ -127,15 +127,15 @@ def count_launches(ctx: BenchContext, fn) -> int | None:
     return len(kernels)
 
 
-def _measure(ctx: BenchContext, factory, shapes, dtype: torch.dtype, clip: bool):
-    """(timing, launches) of one step on fresh parameters, or None when this implementation cannot run.
-    The parameters and the optimizer's state are freed on return, before the next implementation."""
+def _measure(ctx: BenchContext, factory, shapes, dtype: torch.dtype, clip: bool) -> tuple[Measurement, int | None]:
+    """The measurement and kernel launches of one step on fresh parameters. Its first call (Triton JIT,
+    state allocation, compilation) is not timed. The parameters and the optimizer's state are freed on
+    return, before the next implementation."""
     torch.manual_seed(0)
     params = make_parameters(shapes, ctx.device, dtype)
     step = factory(params)
     run_once = lambda: step(clip)  # noqa: E731
-    run_once()  # first-call work (Triton JIT, state allocation, compilation) is not timed
-    return ctx.time(run_once), count_launches(ctx, run_once)
+    return ctx.measure(run_once, memory=False), count_launches(ctx, run_once)
 
 
 def run(ctx: BenchContext) -> list[dict]:
@@ -152,25 +152,27 @@ def run(ctx: BenchContext) -> list[dict]:
             pass_ = "clip+step" if clip else "step"
             case_rows = []
             for impl, factory in impls.items():
-                try:
-                    timing, launches = _measure(ctx, factory, shapes, dtype, clip)
-                except Exception as e:  # noqa: BLE001 - a competitor that cannot run is reported, not fatal
-                    print(f"bench_adamw: {impl} failed on {case}: {type(e).__name__}: {e}")
+                key = dict(op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl)
+                result = ctx.attempt(case_rows, lambda: _measure(ctx, factory, shapes, dtype, clip), **key)
+                if result is None:
                     continue
+                measured, launches = result
                 case_rows.append(
                     ctx.record(
-                        op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl, timing=timing,
-                        bytes_moved=bytes_moved(numel, dtype, clip), launches=launches,
+                        **key, timing=measured.timing, bytes_moved=bytes_moved(numel, dtype, clip), launches=launches,
+                        first_call_s=measured.first_call_s,
                     )
                 )
             fused_ms = next((row["median_ms"] for row in case_rows if row["impl"] == "torch fused"), None)
             for row in case_rows:
-                row["speedup_vs_torch_fused"] = fused_ms / row["median_ms"] if fused_ms else None
+                if row["median_ms"] is not None:  # not on a failure row
+                    row["speedup_vs_torch_fused"] = fused_ms / row["median_ms"] if fused_ms else None
             rows += case_rows
     return rows
 
 
-COLUMNS = ["case", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "launches", "speedup_vs_torch_fused"]
+COLUMNS = ["case", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "launches", "speedup_vs_torch_fused",
+           "first_call_s", "error"]
 
 if __name__ == "__main__":
     run_standalone(run, sys.argv[1:], COLUMNS)

@@ -6,9 +6,11 @@ FLOPs are the matmuls' (the fewest any exact implementation must do): the forwar
 ``4·B·H·T²·D``, the backward's five ``2.5×`` that, both halved under causal masking (the skipped
 upper triangle). Rows carry the fraction of the device's measured bf16 matmul rate.
 
-Cases: GPT-2's shape (B·H = 8·12 and 16·12, T = 1024, D = 64, causal), and a sweep of T from 512 to
-16384 at D = 64 and 128, causal and not, with B·T = 16k tokens and H·D = 2048 (the FlashAttention
-papers' sweep).
+Cases: GPT-2's shape (B·H = 8·12 and 16·12, T = 1024, D = 64, causal) first, then a sweep of T from
+512 to 8192 at D = 64 and 128, causal and not, with B·T = 16k tokens and H·D = 2048 (the FlashAttention
+papers' sweep), and last T = 16384. Every row reports ``first_call_s``, its first call's wall time
+(compilation, Triton JIT, autotuning), which the timing leaves out; an implementation that fails on a
+case (out of memory, a compilation error) is a row with its error.
 
 ``python -m bench.bench_attention [--quick]``: on a GPU, bf16; ``--quick`` (or no GPU) one toy case
 on the CPU through Triton's interpreter, which only checks the harness.
@@ -35,12 +37,23 @@ from kernels.attention import attention  # noqa: E402
 
 OP = "attention"
 PASSES = ("forward", "backward", "forward+backward")
-# (B, H, T, D, causal)
+# (B, H, T, D, causal). GPT-2's shapes first: the rows that matter most are measured first.
 GPT2_CASES = [(8, 12, 1024, 64, True), (16, 12, 1024, 64, True)]
-SWEEP_CASES = [
-    (16384 // T, 2048 // D, T, D, causal)
-    for D in (64, 128) for causal in (True, False) for T in (512, 1024, 2048, 4096, 8192, 16384)
-]
+# The issue's sweep is T = 512…8192; T = 16384 comes after all of it, the first to go if a run is cut
+# short. It is cheap: no torch.compile row past NAIVE_MAX_T and no new Triton compilation (T is not a
+# constexpr), so its four cases add two or three implementations × three passes of timed rows, each a
+# fraction of a second of do_bench (with GPT_ATTENTION_AUTOTUNE=1, one more autotuning per kernel and case).
+SWEEP_LENGTHS = (512, 1024, 2048, 4096, 8192)
+LONGEST = 16384
+SWEEP_TOKENS, SWEEP_WIDTH = 16 * 1024, 2048  # B·T and H·D of every sweep case
+
+
+def _sweep_case(T: int, D: int, causal: bool) -> tuple:
+    return (SWEEP_TOKENS // T, SWEEP_WIDTH // D, T, D, causal)
+
+
+SWEEP_CASES = [_sweep_case(T, D, causal) for D in (64, 128) for causal in (True, False) for T in SWEEP_LENGTHS]
+SWEEP_CASES += [_sweep_case(LONGEST, D, causal) for D in (64, 128) for causal in (True, False)]
 QUICK_CASES = [(1, 2, 64, 16, True)]
 # The naive attention materializes B·H·T² scores: past this length it only measures the allocator.
 NAIVE_MAX_T = 4096
@@ -67,8 +80,11 @@ def sdpa(q, k, v, causal=True):
 
 try:
     from flash_attn import flash_attn_func
-except ImportError:  # not installed: no flash_attn rows
+
+    FLASH_ATTN_MISSING = None
+except Exception as e:  # noqa: BLE001 - not installed, or built for another torch/CUDA: no flash_attn rows
     flash_attn_func = None
+    FLASH_ATTN_MISSING = f"flash_attn: not importable ({type(e).__name__}: {e})"
 
 
 def flash_attn(q, k, v, causal=True):
@@ -93,6 +109,8 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
         skipped.append("torch.compile naive: skipped on the CPU quick mode (compiling takes longer than the whole run)")
     if ctx.is_gpu and flash_attn_func is not None:
         impls["flash_attn"] = flash_attn
+    elif ctx.is_gpu:
+        skipped.append(FLASH_ATTN_MISSING)
     return impls, skipped
 
 
@@ -140,28 +158,28 @@ def _run_cases(ctx: BenchContext) -> list[dict]:
             for impl, fn in sorted(impls.items(), key=lambda item: item[0] != "sdpa"):  # sdpa first: the baseline
                 if impl == "torch.compile naive" and T > NAIVE_MAX_T:
                     continue
-                try:
-                    step = _pass_fn(pass_, fn, q, k, v, do, causal)
-                    step()  # compiles (Triton JIT, torch.compile) outside the timed region
-                    timing = ctx.time(step)
-                    peak = ctx.peak_memory_mb(step)
-                except torch.OutOfMemoryError:
-                    print(f"bench_attention: {impl} {case} {pass_}: out of memory, no row")
+                key = dict(op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl)
+                # The first call compiles (Triton JIT, torch.compile) outside the timed region. A failure
+                # (out of memory, a compilation error, flash_attn rejecting the shape) is this row's result;
+                # the step, and a backward's graph, are freed when ``attempt`` returns.
+                measured = ctx.attempt(rows, lambda: ctx.measure(_pass_fn(pass_, fn, q, k, v, do, causal)), **key)
+                if measured is None:
                     continue
+                timing = measured.timing
                 sdpa_ms = timing.median_ms if impl == "sdpa" else sdpa_ms
                 rows.append(
                     ctx.record(
-                        op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl, timing=timing,
-                        flops=attention_flops(pass_, B, H, T, D, causal), peak_memory_mb=peak,
-                        B=B, H=H, T=T, D=D, causal=causal,
+                        **key, timing=timing, flops=attention_flops(pass_, B, H, T, D, causal),
+                        peak_memory_mb=measured.peak_memory_mb, B=B, H=H, T=T, D=D, causal=causal,
                         speedup_vs_sdpa=sdpa_ms / timing.median_ms if sdpa_ms else None,
+                        first_call_s=measured.first_call_s,
                     )
                 )
-                del step
     return rows
 
 
-COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "fraction_of_matmul", "speedup_vs_sdpa", "peak_memory_mb"]
+COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "fraction_of_matmul", "speedup_vs_sdpa",
+           "peak_memory_mb", "first_call_s", "error"]
 
 if __name__ == "__main__":
     run_standalone(run, sys.argv[1:], COLUMNS)

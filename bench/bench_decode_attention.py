@@ -40,8 +40,11 @@ from kernels.decode_attention import decode_attention, decode_attention_referenc
 
 try:
     from flash_attn import flash_attn_with_kvcache
-except ImportError:  # not installed: no flash-attn rows
+
+    FLASH_ATTN_MISSING = None
+except Exception as e:  # noqa: BLE001 - not installed, or built for another torch/CUDA: no flash-attn rows
     flash_attn_with_kvcache = None
+    FLASH_ATTN_MISSING = f"flash-attn: not importable ({type(e).__name__}: {e})"
 
 OP = "decode_attention"
 HEADS, HEAD_DIM = 12, 64
@@ -76,6 +79,8 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
         impls["torch.compile"] = torch.compile(decode_attention_reference, dynamic=False)
         if flash_attn_with_kvcache is not None:
             impls["flash-attn"] = flash_attn_decode
+        else:
+            skipped.append(FLASH_ATTN_MISSING)
     else:
         skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
     return impls, skipped
@@ -95,14 +100,17 @@ def kernel_rows(ctx: BenchContext) -> list[dict]:
             bytes_moved = 2 * B * heads * T * head_dim * dtype.itemsize
             sdpa_ms = None
             for impl, fn in implementations(ctx)[0].items():
-                step = lambda fn=fn: fn(q, k, v, lengths)  # noqa: E731
-                step()  # compiles (Triton JIT, torch.compile) outside the timed region
-                timing = ctx.time(step)
+                key = dict(op=OP, case=f"B={B} H={heads} T={T} D={head_dim}", dtype=dtype, pass_="forward", impl=impl)
+                # The first call compiles (Triton JIT, torch.compile) outside the timed region.
+                measured = ctx.attempt(rows, lambda: ctx.measure(lambda: fn(q, k, v, lengths)), **key)
+                if measured is None:
+                    continue
+                timing = measured.timing
                 sdpa_ms = timing.median_ms if impl == "sdpa" else sdpa_ms
                 rows.append(ctx.record(
-                    op=OP, case=f"B={B} H={heads} T={T} D={head_dim}", dtype=dtype, pass_="forward", impl=impl,
-                    timing=timing, bytes_moved=bytes_moved, peak_memory_mb=ctx.peak_memory_mb(step),
-                    speedup_vs_sdpa=sdpa_ms / timing.median_ms,
+                    **key, timing=timing, bytes_moved=bytes_moved, peak_memory_mb=measured.peak_memory_mb,
+                    speedup_vs_sdpa=sdpa_ms / timing.median_ms if sdpa_ms else None,
+                    first_call_s=measured.first_call_s,
                 ))
     return rows
 
@@ -122,14 +130,17 @@ def generation_rows(ctx: BenchContext) -> list[dict]:
                 with autocast(torch.device(ctx.device), dtype):
                     generate_tokens(model, prompts, new_tokens, temperature=0.0, use_kv_cache=use_cache)
 
-            with registry.use_kernels(kernels):
-                step()
-                timing = ctx.time(step)
             impl = ("kv-cache" if use_cache else "no-cache") + ("+triton" if kernels == "all" else "+torch")
+            key = dict(op=OP, case=f"generate L={config.n_layer} C={config.n_embd} B={len(prompts)} new={new_tokens}",
+                       dtype=dtype, pass_="generate", impl=impl)
+            with registry.use_kernels(kernels):
+                measured = ctx.attempt(rows, lambda: ctx.measure(step, memory=False), **key)
+            if measured is None:
+                continue
+            timing = measured.timing
             rows.append(ctx.record(
-                op=OP, case=f"generate L={config.n_layer} C={config.n_embd} B={len(prompts)} new={new_tokens}",
-                dtype=dtype, pass_="generate", impl=impl, timing=timing,
-                tokens_per_s=len(prompts) * new_tokens / (timing.median_ms / 1e3),
+                **key, timing=timing, tokens_per_s=len(prompts) * new_tokens / (timing.median_ms / 1e3),
+                first_call_s=measured.first_call_s,
             ))
     return rows
 
@@ -140,7 +151,8 @@ def run(ctx: BenchContext) -> list[dict]:
     return kernel_rows(ctx) + generation_rows(ctx)
 
 
-COLUMNS = ["case", "dtype", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_sdpa", "tokens_per_s"]
+COLUMNS = ["case", "dtype", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_sdpa", "tokens_per_s",
+           "first_call_s", "error"]
 
 if __name__ == "__main__":
     run_standalone(run, sys.argv[1:], COLUMNS)

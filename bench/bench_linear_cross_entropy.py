@@ -75,24 +75,27 @@ def run(ctx: BenchContext) -> list[dict]:
                         with autocast():
                             loss = fn(hidden, weight, targets)
                         return torch.autograd.grad(loss, (hidden, weight))
-                step()  # compiles outside the timed region
-                timing = ctx.time(step)
-                peak = ctx.peak_memory_mb(step)
+                key = dict(op=OP, case=f"N={n_rows} C={width} V={n_classes}", dtype=dtype, pass_=pass_, impl=impl)
+                # The first call compiles (Triton JIT, torch.compile) outside the timed region.
+                measured = ctx.attempt(rows, lambda: ctx.measure(step), **key)
+                if measured is None:
+                    continue
+                timing, peak = measured.timing, measured.peak_memory_mb
                 if impl == "eager":
                     eager = (timing.median_ms, peak)
                 rows.append(
                     ctx.record(
-                        op=OP, case=f"N={n_rows} C={width} V={n_classes}", dtype=dtype, pass_=pass_, impl=impl,
-                        timing=timing, flops=matmul_flops * (1 if pass_ == "forward" else 3), peak_memory_mb=peak,
-                        speedup_vs_eager=eager[0] / timing.median_ms,
-                        memory_vs_eager=(eager[1] / peak) if peak and eager[1] else None,
-                        autocast=ctx.is_gpu,
+                        **key, timing=timing, flops=matmul_flops * (1 if pass_ == "forward" else 3),
+                        peak_memory_mb=peak, speedup_vs_eager=eager[0] / timing.median_ms if eager else None,
+                        memory_vs_eager=(eager[1] / peak) if eager and peak and eager[1] else None,
+                        autocast=ctx.is_gpu, first_call_s=measured.first_call_s,
                     )
                 )
     return rows
 
 
-COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "speedup_vs_eager", "peak_memory_mb", "memory_vs_eager"]
+COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "speedup_vs_eager", "peak_memory_mb",
+           "memory_vs_eager", "first_call_s", "error"]
 
 if __name__ == "__main__":
     run_standalone(run, sys.argv[1:], COLUMNS)

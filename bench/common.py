@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -30,6 +30,18 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
+
+
+@dataclass
+class Measurement:
+    """One implementation measured on one case (see :meth:`BenchContext.measure`)."""
+
+    timing: Timing
+    first_call_s: float  # the first call's wall seconds: compilation, JIT and autotuning, not in ``timing``
+    peak_memory_mb: float | None
+
+
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -129,6 +141,25 @@ class BenchContext:
         return {"op": op, "case": case, "dtype": str(dtype).replace("torch.", ""), "pass": pass_, "impl": impl,
                 "median_ms": None, "p20_ms": None, "p80_ms": None, "peak_memory_mb": None,
                 "error": f"{type(exc).__name__}: {exc}"}
+
+    def measure(self, step: Callable[[], object], memory: bool = True) -> Measurement:
+        """``step``'s first call (:meth:`warm_up`), then its timing and, when ``memory``, its peak memory."""
+        first_call_s = self.warm_up(step)
+        timing = self.time(step)
+        return Measurement(timing, first_call_s, self.peak_memory_mb(step) if memory else None)
+
+    def attempt(self, rows: list[dict], fn: Callable[[], Result], *, op: str, case: str,
+                dtype: torch.dtype | str, pass_: str, impl: str) -> Result | None:
+        """``fn()`` (e.g. building one implementation's step and measuring it), or None after appending
+        its :meth:`failure` row to ``rows`` when it raises: torch.compile cannot compile it, a competitor
+        rejects the shape, the device runs out of memory. So one failing implementation costs its row,
+        not the op's other rows. Only ``Exception`` is caught: an interrupt still stops the run."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - a failing implementation is a result, not the op's end
+            rows.append(self.failure(op=op, case=case, dtype=dtype, pass_=pass_, impl=impl, exc=exc))
+            print(f"bench: {op} {case} {pass_} {impl}: {rows[-1]['error']}")
+            return None
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -516,3 +516,58 @@ def test_a_failing_configuration_is_recorded_and_the_ablation_goes_on(monkeypatc
     assert by_name["eager + torch.compile"]["status"] == "ok" and section["matmul_ceiling_dtype"] == "tfloat32"
     assert by_name["kernels gelu,adamw"]["mfu_vs_measured_matmul"] > 0
     assert saved == [[UNFINISHED], ["ok", UNFINISHED], ["ok", "ok", UNFINISHED], ["ok", "ok", "ok", UNFINISHED]]
+
+
+def test_attempt_turns_an_exception_into_a_failure_row_but_not_an_interrupt():
+    ctx = BenchContext(device="cpu", quick=True)
+    key = dict(op="x", case="c", dtype=torch.bfloat16, pass_="forward", impl="i")
+    rows = []
+    measured = ctx.attempt(rows, lambda: ctx.measure(lambda: sum(range(1000))), **key)
+    assert rows == [] and measured.first_call_s > 0 and measured.timing.median_ms > 0
+    assert measured.peak_memory_mb is None  # no device memory to measure on the CPU
+
+    def compile_fails():
+        raise RuntimeError("inductor: lowering failed")
+
+    assert ctx.attempt(rows, lambda: ctx.measure(compile_fails), **key) is None
+    assert rows == [{"op": "x", "case": "c", "dtype": "bfloat16", "pass": "forward", "impl": "i", "median_ms": None,
+                     "p20_ms": None, "p80_ms": None, "peak_memory_mb": None,
+                     "error": "RuntimeError: inductor: lowering failed"}]
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ctx.attempt(rows, interrupted, **key)
+    assert len(rows) == 1
+
+
+def test_a_failing_implementation_costs_its_row_not_the_op(monkeypatch):
+    """As torch.compile failing on one case on the GPU: the quick GELU run with eager's backward on the
+    bias case raising at its first call. That row records the error; every other row is measured, with
+    its first call's time, and the triton row beside it has no eager baseline to compare with."""
+    bench = _bench_module("gelu")
+    measure_pass = bench._pass_fn
+
+    def pass_fn(pass_, fn, x, bias, dy):
+        if pass_ == "backward" and fn is bench.eager_gelu and bias is not None:
+            def first_call_fails():
+                raise RuntimeError("inductor: lowering failed")
+            return first_call_fails
+        return measure_pass(pass_, fn, x, bias, dy)
+
+    monkeypatch.setattr(bench, "_pass_fn", pass_fn)
+    rows, status = runner.run_module(BenchContext(device="cpu", quick=True), "gelu", "bench.bench_gelu")
+    assert status["status"] == "ok" and status["rows"] == len(rows) == 12  # 2 cases x 3 passes x eager, triton
+    (failed,) = [row for row in rows if "error" in row]
+    assert (failed["case"], failed["pass"], failed["impl"]) == ("(64, 384) +bias", "backward", "eager")
+    assert failed["error"] == "RuntimeError: inductor: lowering failed" and failed["median_ms"] is None
+    assert any("inductor: lowering failed" in note for note in status["notes"])
+    for row in rows:
+        if row is failed:
+            continue
+        assert row["median_ms"] > 0 and row["first_call_s"] > 0 and row["gb_per_s"] > 0
+        beside_failed = (row["case"], row["pass"]) == (failed["case"], failed["pass"])
+        assert (row["speedup_vs_eager"] is None) == beside_failed, row
+    table = report._op_table(rows)
+    assert "| first_call_s |" in table and "RuntimeError: inductor: lowering failed |" in table
