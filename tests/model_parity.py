@@ -46,3 +46,25 @@ def assert_model_parity(op: str, config: GPTConfig = TINY, batch: int = 2, seq: 
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         assert_close(grad, ref_grads[name], torch.float32, f"grad {name}", factor)
+
+
+def gpt2_width_losses_and_peaks(*specs: str) -> list[tuple[torch.Tensor, int]]:
+    """A 2-layer GPT-2-width model at 8·1024 tokens under bf16 autocast (CUDA only), one forward and
+    backward per kernel spec: ``(loss, peak bytes allocated above what was held before)`` for each."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=1024, n_layer=2)).cuda()
+    idx = torch.randint(0, 50257, (8, 1024), device="cuda")
+    targets = torch.randint(0, 50257, (8, 1024), device="cuda")
+    results = []
+    for spec in specs:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with use_kernels(spec), torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+        torch.cuda.synchronize()
+        results.append((loss.detach(), torch.cuda.max_memory_allocated() - before))
+    return results
+

@@ -13,13 +13,8 @@ as ``numerics`` measures.
 
 import copy
 import io
-import json
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +23,7 @@ import kernels.adamw as adamw_module
 from bench.bench_adamw import run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
+from hopper import run_compile_script
 from kernels import registry
 from kernels.adamw import AdamW, AdamW_reference
 from kernels.registry import ops, use_kernels
@@ -586,11 +582,7 @@ def test_kernels_compile_for_hopper_with_vector_loads():
     """Full blocks use 16-byte vector loads and stores (the hints work through the pointer table),
     sqrt and division are IEEE-rounded, as torch's are, and the step has no fused multiply-add (see
     ``STEP_LAUNCH_OPTIONS``)."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", HOPPER_PTX], cwd=root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    counts = run_compile_script(HOPPER_PTX)
     for name in ("step fp32", "step bf16 capturable"):
         assert counts[name]["ld.global.v4"] >= 4 and counts[name]["st.global.v4"] >= 3, (name, counts[name])
         assert counts[name]["div.rn.f32"] > 0 and counts[name]["sqrt.rn.f32"] > 0, (name, counts[name])

@@ -13,13 +13,8 @@ product runs, plus long sequences (up to 4096) and bf16.
 
 import itertools
 import importlib
-import json
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +23,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from bench.bench_attention import PASSES, run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
+from hopper import run_compile_script
 from gpt.model import GPT
 from kernels import registry
 from kernels.attention import (
@@ -385,11 +381,7 @@ print(json.dumps(report))
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_table_compiles_for_hopper_without_spills():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", HOPPER_CUBIN], cwd=root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_compile_script(HOPPER_CUBIN)
     for kernel, usage in report.items():
         assert usage["STACK"] == 0, (kernel, usage)  # a stack frame here is spilled registers
 

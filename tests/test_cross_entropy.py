@@ -8,12 +8,7 @@ the GPU adds bf16 and GPT-2-sized N.
 """
 
 import importlib
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +18,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from bench.bench_cross_entropy import run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
+from hopper import run_compile_script
 from kernels import registry
 from kernels.cross_entropy import cross_entropy, cross_entropy_forward, cross_entropy_reference
-from model_parity import assert_model_parity
+from model_parity import assert_model_parity, gpt2_width_losses_and_peaks
 from numerics import FLOAT_DTYPES, assert_close, poisoned_like
 
 # The module, not the function of the same name that kernels/__init__ exports (which
@@ -379,26 +375,7 @@ def test_bf16_model_logits_loss_and_memory():
 def test_gpt_model_peak_memory_lower_with_the_triton_loss():
     """A 2-layer GPT-2-width model at 8·1024 tokens under bf16 autocast, the Triton loss on its logits
     (the fused linear_cross_entropy off) vs every op on its reference: the same loss, a lower peak."""
-    from gpt.model import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=1024, n_layer=2)).to(DEVICE)
-    idx = torch.randint(0, 50257, (8, 1024), device=DEVICE)
-    targets = torch.randint(0, 50257, (8, 1024), device=DEVICE)
-
-    def loss_and_peak(spec):
-        model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        with registry.use_kernels(spec), torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(idx, targets)
-        loss.backward()
-        torch.cuda.synchronize()
-        return loss.detach(), torch.cuda.max_memory_allocated() - before
-
-    triton_loss, triton_peak = loss_and_peak("cross_entropy")
-    loss, peak = loss_and_peak("none")
+    (triton_loss, triton_peak), (loss, peak) = gpt2_width_losses_and_peaks("cross_entropy", "none")
     assert_close(triton_loss, loss, torch.bfloat16, "loss")
     assert triton_peak < peak, (triton_peak / 2**20, peak / 2**20)
 
@@ -444,11 +421,7 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_with_vector_accesses():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", HOPPER_PTX], cwd=root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    counts = run_compile_script(HOPPER_PTX)
     for name in ("bf16 every option", "bf16 50257 columns", "fp16 plain", "scale bf16"):
         assert counts[name].get("ld.global.v4", 0) > 0 and counts[name].get("st.global.v4", 0) > 0, (name, counts[name])
     assert counts["fp32 loss only"].get("ld.global.v4", 0) > 0 and "st.global.v4" not in counts["fp32 loss only"], counts

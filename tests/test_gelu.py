@@ -6,13 +6,8 @@ only ``tl.dot`` on bf16 is broken there, and this kernel has none.
 """
 
 import importlib
-import json
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +18,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from bench.bench_gelu import PASSES, run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
+from hopper import run_compile_script
 from kernels import registry
 from kernels.gelu import gelu, gelu_backward, gelu_forward, gelu_reference
 from model_parity import assert_model_parity
@@ -339,11 +335,7 @@ print(json.dumps({
 def test_kernels_compile_for_hopper_with_vector_loads():
     """The model's case (bf16 activation, fp32 bias, (16384, 3072)) as launched: the activation is
     moved in 16-byte vectors (x and dy both, in the backward), never one bf16 element at a time."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", HOPPER_PTX], cwd=root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    counts = run_compile_script(HOPPER_PTX)
     assert counts["forward"]["ld.global.v4"] >= 1 and counts["forward"]["st.global.v4"] >= 1, counts
     assert counts["backward"]["ld.global.v4"] >= 2 and counts["backward"]["st.global.v4"] >= 1, counts
     for kernel in counts.values():

@@ -12,12 +12,7 @@ the full cross product); the GPU runs the full cross product of rows, widths and
 """
 
 import contextlib
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +23,7 @@ import kernels.layernorm as layernorm_module
 from bench.bench_layernorm import PASSES, run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
+from hopper import run_compile_script
 from kernels import registry
 from kernels.layernorm import layer_norm, layer_norm_backward, layer_norm_forward, layer_norm_reference
 from model_parity import assert_model_parity
@@ -472,11 +468,7 @@ print(json.dumps(results))
 def test_kernels_compile_for_hopper_without_spills():
     """Every kernel compiles for sm_90 (the interpreter runs Python, not Triton's compiler), the
     GPT-2 widths and 8192 fit in registers, and aligned rows are read with 16-byte vector loads."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", HOPPER_BUILD], cwd=root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_compile_script(HOPPER_BUILD)
     for name, result in results.items():
         assert result["spilled"] == 0, (name, result)
         if " 771 " not in name:

@@ -20,7 +20,7 @@ from bench.common import BenchContext
 from conftest import DEVICE
 from kernels import registry
 from kernels.linear_cross_entropy import choose_chunk_rows, linear_cross_entropy, linear_cross_entropy_reference
-from model_parity import assert_model_parity
+from model_parity import assert_model_parity, gpt2_width_losses_and_peaks
 from numerics import FLOAT_DTYPES, assert_close
 
 # The module, not the function of the same name that kernels/__init__ exports (which
@@ -267,26 +267,7 @@ def test_gpt2_loss_stage_memory_and_values():
 def test_gpt_model_peak_memory_lower_with_the_fused_loss():
     """A 2-layer GPT-2-width model at 8·1024 tokens under bf16 autocast: the same loss with the fused
     op on (the model skips the full logits) as with the references, and a lower peak."""
-    from gpt.model import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=1024, n_layer=2)).to(DEVICE)
-    idx = torch.randint(0, 50257, (8, 1024), device=DEVICE)
-    targets = torch.randint(0, 50257, (8, 1024), device=DEVICE)
-
-    def loss_and_peak(spec):
-        model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        with registry.use_kernels(spec), torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(idx, targets)
-        loss.backward()
-        torch.cuda.synchronize()
-        return loss.detach(), torch.cuda.max_memory_allocated() - before
-
-    fused_loss, fused_peak = loss_and_peak("linear_cross_entropy")
-    loss, peak = loss_and_peak("none")
+    (fused_loss, fused_peak), (loss, peak) = gpt2_width_losses_and_peaks("linear_cross_entropy", "none")
     assert_close(fused_loss, loss, torch.bfloat16, "loss")
     assert fused_peak < peak, (fused_peak / 2**20, peak / 2**20)
 
