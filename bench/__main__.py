@@ -156,6 +156,10 @@ def run(argv: list[str]) -> int:
     else:
         print("bench: `python -m bench report` renders the latest run into bench/RESULTS.md")
     failed = [op for op, s in results["ops"]["modules"].items() if s["status"] == "error"]
+    # A baseline that fails (a torch.compile, a competitor) is recorded and the run is fine; one of
+    # our own kernels that fails is a broken run.
+    failed += [f"{row.get('op')} {row.get('case')} {row.get('pass')} (triton)" for row in results["ops"]["rows"]
+               if row.get("impl") == "triton" and row.get("error")]
     failed += [row["name"] for row in results["e2e"]["rows"] if row["status"] == "error"]
     if failed:
         print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)

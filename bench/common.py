@@ -50,6 +50,9 @@ class BenchContext:
     quick: bool
     copy_gbps: float | None = None  # measured device-to-device copy bandwidth, bytes read + written
     matmul_tflops: dict[str, float] = field(default_factory=dict)  # measured matmul rate per dtype name
+    # Called with every row as record/failure make it: the harness saves a module's rows as they come,
+    # so a run killed in the middle of a long module keeps them.
+    on_row: Callable[[dict], None] | None = None
 
     @property
     def is_gpu(self) -> bool:
@@ -131,6 +134,11 @@ class BenchContext:
             ceiling = self.matmul_tflops.get(dtype_name)
             row["fraction_of_matmul"] = row["tflop_per_s"] / ceiling if ceiling else None
         row.update(extra)
+        return self._made(row)
+
+    def _made(self, row: dict) -> dict:
+        if self.on_row is not None:
+            self.on_row(row)
         return row
 
 
@@ -138,9 +146,9 @@ class BenchContext:
                 exc: BaseException) -> dict:
         """A row for an implementation that failed on one case (e.g. torch.compile could not compile
         it): its error in place of the figures, so the op's other rows are kept and the table says why."""
-        return {"op": op, "case": case, "dtype": str(dtype).replace("torch.", ""), "pass": pass_, "impl": impl,
-                "median_ms": None, "p20_ms": None, "p80_ms": None, "peak_memory_mb": None,
-                "error": f"{type(exc).__name__}: {exc}"}
+        return self._made({"op": op, "case": case, "dtype": str(dtype).replace("torch.", ""), "pass": pass_,
+                           "impl": impl, "median_ms": None, "p20_ms": None, "p80_ms": None, "peak_memory_mb": None,
+                           "error": f"{type(exc).__name__}: {exc}"})
 
     def measure(self, step: Callable[[], object], memory: bool = True) -> Measurement:
         """``step``'s first call (:meth:`warm_up`), then its timing and, when ``memory``, its peak memory."""
@@ -191,8 +199,8 @@ def competitors(ctx: BenchContext, eager: Callable, triton_fn: Callable,
                 installed: dict[str, Callable[[], Callable]] | None = None) -> tuple[dict, list[str]]:
     """The implementations one op is timed with, baselines first (rows report speedups over them):
     eager PyTorch; on a GPU its ``torch.compile`` and every installed competitor (``installed`` maps a
-    name to a loader that returns the callable or raises ImportError); then our Triton kernel where
-    it can run. Also returns why any of them is missing. Call once per case: compiled ones are fresh."""
+    name to a loader that returns the callable or raises); then our Triton kernel where it can run.
+    Also returns why any of them is missing. Call once per case: compiled ones are fresh."""
     from kernels import registry
 
     impls, skipped = {"eager": eager}, []
@@ -205,7 +213,9 @@ def competitors(ctx: BenchContext, eager: Callable, triton_fn: Callable,
             try:
                 impls[name] = load()
             except ImportError:
-                pass
+                pass  # not installed: nothing to say
+            except Exception as exc:  # installed but broken (e.g. built for another triton): say why
+                skipped.append(f"{name}: failed to load: {type(exc).__name__}: {exc}")
     else:
         skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
     if registry.triton_runs_on(ctx.device):

@@ -128,15 +128,25 @@ def run_module(ctx: BenchContext, op: str, module_name: str | None) -> tuple[lis
 def run_op_benchmarks(ctx: BenchContext, selected: dict[str, str | None],
                       on_progress: Callable[[dict], None] | None = None) -> dict:
     """The results' ``ops`` section: every row, and each module's status. ``on_progress(section)`` is
-    called before each module (which is marked unfinished until it returns) and after the last, so a
-    caller can save the section as it grows."""
+    called before each module (which is marked unfinished until it returns), after each row it makes,
+    and after the last module, so a caller can save the section as it grows."""
     section = {"rows": [], "modules": {}}
     for op, module_name in selected.items():
         print(f"bench: {op} ({module_name or 'missing'})")
         if on_progress is not None:
             section["modules"][op] = {"status": UNFINISHED, "module": module_name, "error": UNFINISHED_ERROR}
+            made: list[dict] = []  # this module's rows so far, saved beside the finished modules' ones
+
+            def save_row(row: dict) -> None:
+                made.append(row)
+                on_progress({**section, "rows": section["rows"] + made})
+
+            ctx.on_row = save_row
             on_progress(section)
-        rows, status = run_module(ctx, op, module_name)
+        try:
+            rows, status = run_module(ctx, op, module_name)
+        finally:
+            ctx.on_row = None
         section["rows"] += rows
         section["modules"][op] = status
     if on_progress is not None:

@@ -439,7 +439,10 @@ def test_a_killed_run_keeps_what_it_finished(tmp_path, monkeypatch):
     (tmp_path / "fake_bench_fine.py").write_text(
         "def run(ctx):\n    return [{'op': 'fine', 'case': 'c', 'dtype': 'float32', 'pass': 'forward',"
         " 'impl': 'eager', 'median_ms': 1.0, 'p20_ms': 1.0, 'p80_ms': 1.0}]\n")
-    (tmp_path / "fake_bench_stop.py").write_text("def run(ctx):\n    raise KeyboardInterrupt\n")
+    (tmp_path / "fake_bench_stop.py").write_text(  # killed after its first row
+        "from bench.common import Timing\n"
+        "def run(ctx):\n    ctx.record(op='stop', case='c', dtype='float32', pass_='forward', impl='eager',"
+        " timing=Timing(2.0, 2.0, 2.0))\n    raise KeyboardInterrupt\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(runner, "discover", lambda: {"fine": "fake_bench_fine", "stop": "fake_bench_stop"})
     out = tmp_path / "out"
@@ -448,8 +451,9 @@ def test_a_killed_run_keeps_what_it_finished(tmp_path, monkeypatch):
     (run_dir,) = out.iterdir()
     partial = report.read_results(run_dir / "results.json")
     assert partial["complete"] is False and partial["ceilings"]["copy_gbps"] > 0
-    assert partial["ops"]["modules"]["fine"]["status"] == "ok" and len(partial["ops"]["rows"]) == 1
+    assert partial["ops"]["modules"]["fine"]["status"] == "ok"
     assert partial["ops"]["modules"]["stop"]["status"] == UNFINISHED
+    assert [(row["op"], row["median_ms"]) for row in partial["ops"]["rows"]] == [("fine", 1.0), ("stop", 2.0)]
 
     markdown = tmp_path / "RESULTS.md"
     assert main(["report", "--results", str(run_dir), "--markdown", str(markdown), "--allow-quick"]) == 0
@@ -462,7 +466,8 @@ def test_a_killed_run_keeps_what_it_finished(tmp_path, monkeypatch):
     later["environment"]["date_utc"] = "2099-01-01T00:00:00+00:00"
     later["ops"] = {"rows": [], "modules": {"fine": {"status": UNFINISHED, "error": UNFINISHED_ERROR}}}
     merged = report.merge_results([partial, later])
-    assert merged["ops"]["modules"]["fine"]["status"] == "ok" and len(merged["ops"]["rows"]) == 1
+    assert merged["ops"]["modules"]["fine"]["status"] == "ok"
+    assert [row["op"] for row in merged["ops"]["rows"]] == ["fine", "stop"]
     assert [part["complete"] for part in merged["merged_parts"]] == [False, False]
 
 
@@ -571,3 +576,22 @@ def test_a_failing_implementation_costs_its_row_not_the_op(monkeypatch):
         assert (row["speedup_vs_eager"] is None) == beside_failed, row
     table = report._op_table(rows)
     assert "| first_call_s |" in table and "RuntimeError: inductor: lowering failed |" in table
+
+
+@pytest.mark.parametrize("failing_impl, exit_code", [("eager", 0), ("triton", 1)])
+def test_only_our_own_kernel_failing_fails_the_run(monkeypatch, tmp_path, failing_impl, exit_code):
+    """A baseline that fails (torch.compile on the GPU, say) is recorded and the run is fine; a
+    Triton kernel of ours that fails makes the run's exit status 1."""
+    bench = _bench_module("gelu")
+    failing_fn = bench.eager_gelu if failing_impl == "eager" else bench.gelu
+    measure_pass = bench._pass_fn
+
+    def pass_fn(pass_, fn, x, bias, dy):
+        if fn is failing_fn and pass_ == "forward":
+            def first_call_fails():
+                raise RuntimeError("kernel failed")
+            return first_call_fails
+        return measure_pass(pass_, fn, x, bias, dy)
+
+    monkeypatch.setattr(bench, "_pass_fn", pass_fn)
+    assert main(["--quick", "--ops", "gelu", "--ablation", "none", "--out", str(tmp_path)]) == exit_code
