@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gpt.data import write_shard
+from kernels import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -110,10 +111,15 @@ def test_fsdp_optimizer_and_fused_clipping_match_one_process(tmp_path, kernels):
     from gpt.training import make_optimizer
     from kernels.registry import use_kernels
 
+    # The worker's ranks are CPU processes (gloo), so the Triton AdamW runs there in the interpreter,
+    # also on a GPU machine, where only the interpreter's own numpy limit can rule it out.
+    if kernels == "adamw" and registry._interpreter_problem():
+        pytest.skip(f"the CPU ranks cannot run the Triton AdamW: {registry._interpreter_problem()}")
     out = tmp_path / "result.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "fsdp_worker.py"), str(out), kernels]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the worker imports gpt and kernels
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),  # the worker imports gpt and kernels
+           "TRITON_INTERPRET": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     sharded = torch.load(out, weights_only=False)
