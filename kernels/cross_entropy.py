@@ -49,8 +49,9 @@ there the forward writes the unscaled gradient and the backward multiplies by ``
 Layout: logits need unit column stride and any row stride (the model passes a ``[:, :50257]`` view
 of its 50304-column lm_head output, read in place); anything else is copied once. Only a row's last
 block is masked, so rows whose stride is a multiple of 16 elements are read (and the gradient, when
-its rows are so too, written) in 16-byte vectors whatever V is. Targets may have any stride. The gradient is contiguous. Masked logits (-inf) are fine wherever they are, as long as
-a row keeps one finite logit.
+its rows are so too, written) in 16-byte vectors whatever V is. Targets may have any stride. The
+gradient is contiguous. Masked logits (-inf) are fine wherever they are, as long as a row keeps
+one finite logit.
 
 Input checks: ``ValueError`` for wrong shapes, dtypes, devices and options, on the host. Targets
 outside ``[0, V)`` that are not ``ignore_index`` need the targets' values, so checking them costs a
