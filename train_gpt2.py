@@ -206,6 +206,7 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
 
     if dist_info.is_main:
         _print_header(args, config, model, device, dtype, grad_accum, total, data, dist_info)
+        _print_schedule(args, total, train_loader.num_tokens)
     max_lr, min_lr = args.lr, args.lr * args.min_lr_ratio
     flops_per_step = model.flops_per_token(args.seq_len) * total
     peak = datasheet_peak_flops(device)
@@ -349,6 +350,16 @@ def _print_header(args, config, model, device, dtype, grad_accum, total, data, d
         print("kernels: no CUDA GPU here, so every op runs its PyTorch reference "
               "(Triton kernels need a GPU; the tests run them in Triton's slow interpreter)")
     print(registry.report(device))
+
+
+def _print_schedule(args, tokens_per_step: int, train_tokens: int) -> None:
+    scheduled = args.max_steps * tokens_per_step
+    passes = scheduled / train_tokens
+    print(f"schedule: {args.max_steps:,} steps x {tokens_per_step:,} tokens = {scheduled:,} tokens, "
+          f"{passes:,.1f} passes over the {train_tokens:,} training tokens")
+    if passes > 2:
+        print("schedule: the model will see each token many times and overfit; for a real run point --data "
+              "at a larger corpus (python -m gpt.data prepare FILES --out DIR)")
 
 
 if __name__ == "__main__":

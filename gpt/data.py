@@ -492,6 +492,7 @@ class DataLoader:
         needed = self._tokens_per_step + 1
         lengths = [read_shard(p).size for p in self.shard_paths]
         self._usable = [i for i, n in enumerate(lengths) if n >= needed]
+        self.num_tokens = sum(lengths[i] for i in self._usable)  # in the shards this loader reads
         if not self._usable:
             raise DataError(f"no {split} shard in {data} holds the {needed} tokens one step needs "
                             f"(batch_size*seq_len*world_size + 1); the longest has {max(lengths)}")
