@@ -167,7 +167,7 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
     if args.fsdp:
-        _shard(model, dist_info)
+        _shard(model, dist_info, device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     guard = StepGuard(args.on_nonfinite, args.max_consecutive_skips, args.spike_zscore, args.spike_window)
     out_dir = Path(args.out_dir)
@@ -298,16 +298,19 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
     return 0
 
 
-def _shard(model, dist_info) -> None:
+def _shard(model, dist_info, device: torch.device) -> None:
     """FSDP2: each block is one unit of all-gather / reduce-scatter; the root holds the embeddings
     (wte and the tied lm_head stay together) and the final LayerNorm."""
     if not dist_info.enabled:
         raise RunError("--fsdp needs torch.distributed: launch with torchrun --nproc_per_node=N")
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # Without a mesh FSDP2 takes the machine's accelerator, even for a --device cpu run.
+    mesh = init_device_mesh(device.type, (dist_info.world_size,))
     for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     # The returned logits are a view (the vocabulary padding sliced off); nothing modifies them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 

@@ -7,6 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from gpt.model import GPT, GPTConfig
@@ -44,11 +45,14 @@ def train(model, optimizer, rank=0, world_size=1):
 if __name__ == "__main__":
     set_kernels(sys.argv[2])  # the optimizer under test; the model's ops stay on their references
     dist.init_process_group("gloo")
+    # The ranks are CPU processes: without a mesh FSDP2 picks the machine's accelerator, and on a GPU
+    # machine it would move the parameters there.
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(0)
     model = GPT(CONFIG)
     for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1)
     losses, norms = train(model, optimizer, dist.get_rank(), dist.get_world_size())
     # Every rank joins the all-gathers (and waits for them) before rank 0 alone saves the result.

@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
+from conftest import DEVICE  # noqa: E402
 from gpt.data import DataLoader, write_shard  # noqa: E402
 from gpt.tokenizer import VOCAB_SIZE, decode, encode  # noqa: E402
 from kernels import adamw  # noqa: E402
@@ -66,7 +67,8 @@ def test_optimizer_host_side_step(benchmark, monkeypatch):
     for name, stand_in in launches.items():
         monkeypatch.setattr(adamw, name, stand_in)
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(16)) for _ in range(148)]
+    # On the device the optimizer takes: a GPU's, or the CPU where Triton's interpreter makes it one.
+    params = [torch.nn.Parameter(torch.randn(16, device=DEVICE)) for _ in range(148)]
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer = adamw.AdamW([{"params": params[:74], "weight_decay": 0.1},
