@@ -35,7 +35,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import BenchContext, competitors, run_standalone  # noqa: E402
+from bench.common import BenchContext, competitors, run_standalone, speedups  # noqa: E402
 from kernels.layernorm import layer_norm  # noqa: E402
 
 OP = "layernorm"
@@ -143,10 +143,7 @@ def run(ctx: BenchContext) -> list[dict]:
                             continue
                         timing = measured.timing
                         baselines[impl] = timing.median_ms
-                        eager_ms = baselines.get("eager")  # None when eager failed on this case
-                        extra = {"speedup_vs_eager": eager_ms / timing.median_ms if eager_ms else None}
-                        if "torch.compile" in baselines:
-                            extra["speedup_vs_compile"] = baselines["torch.compile"] / timing.median_ms
+                        extra = speedups(baselines, timing.median_ms)
                         rows.append(
                             ctx.record(
                                 **key, timing=timing,

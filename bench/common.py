@@ -170,6 +170,17 @@ class BenchContext:
             return None
 
 
+def speedups(baselines: dict[str, float], median_ms: float) -> dict:
+    """A row's ratios over the baselines timed before it in the same case (impl -> median ms):
+    ``speedup_vs_eager`` (None when eager failed on this case) and, where torch.compile ran,
+    ``speedup_vs_compile``."""
+    eager_ms = baselines.get("eager")
+    ratios = {"speedup_vs_eager": eager_ms / median_ms if eager_ms else None}
+    if "torch.compile" in baselines:
+        ratios["speedup_vs_compile"] = baselines["torch.compile"] / median_ms
+    return ratios
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """Rows as aligned text columns (floats to 4 significant digits)."""
     cells = [columns] + [
