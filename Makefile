@@ -6,6 +6,11 @@
 # reaches only the base installation, never a parent venv. On a CPU machine the pinned CPU builds
 # from requirements-cpu.txt are installed into .venv and shadow whatever the parent has.
 #
+# On a CPU machine every package is installed at the exact version in constraints-cpu.txt, so a
+# release published tomorrow cannot change what `make test` runs (transformers 5 once did).
+# `make constraints` refreshes that file: it builds a throwaway venv from requirements-cpu.txt and
+# setup.py's extras with no pins, and freezes what it got. Run `make test` after and commit both.
+#
 # PIP_FLAGS goes to every pip call: on an offline machine, carry wheels for what is missing and use
 #   make test PIP_FLAGS="--no-index --find-links .whl --no-build-isolation"
 VENV ?= .venv
@@ -14,14 +19,17 @@ PIP_FLAGS ?=
 PY := $(VENV)/bin/python
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: train test bench
+CONSTRAINTS := constraints-cpu.txt
+PIN := $(if $(HAS_GPU),,-c $(CONSTRAINTS))
 
-$(VENV)/.installed: setup.py requirements-cpu.txt
+.PHONY: train test bench constraints
+
+$(VENV)/.installed: setup.py requirements-cpu.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PYTHON) -c 'import site; print("\n".join(f"import site; site.addsitedir({p!r})" for p in site.getsitepackages()))' \
 		> "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/parent-env.pth"
-	$(if $(HAS_GPU),,$(PY) -m pip install $(PIP_FLAGS) -r requirements-cpu.txt)
-	$(PY) -m pip install $(PIP_FLAGS) -e ".[test,bench]"
+	$(if $(HAS_GPU),,$(PY) -m pip install $(PIP_FLAGS) $(PIN) -r requirements-cpu.txt)
+	$(PY) -m pip install $(PIP_FLAGS) $(PIN) -e ".[test,bench]"
 	touch $@
 
 train: $(VENV)/.installed
@@ -32,3 +40,13 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m bench $(ARGS)
+
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install $(PIP_FLAGS) -r requirements-cpu.txt ".[test,bench]"
+	{ echo "# Exact versions for CPU machines (CI and development), used by make as pip -c. Made by"; \
+	  echo "# \`make constraints\` on $$(date -u +%F) with $$(.venv-constraints/bin/python -V)."; \
+	  .venv-constraints/bin/python -m pip freeze --exclude gpt-triton --exclude pip --exclude setuptools; \
+	} > $(CONSTRAINTS).tmp && mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf .venv-constraints

@@ -39,7 +39,7 @@ from gpt.training import (
     rng_state,
     set_rng_state,
 )
-from kernels import registry
+from gpt_kernels import registry
 
 # What a run does when an option is left out: a real GPT-2 124M run on a GPU (build-nanogpt's
 # 10B-token schedule, 0.5M tokens per step); a few-minute run of the tiny preset on a CPU.

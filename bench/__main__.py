@@ -46,7 +46,7 @@ from pathlib import Path  # noqa: E402
 from bench import ceilings, e2e, environment, report, runner  # noqa: E402
 from bench.common import BenchContext  # noqa: E402
 from gpt.config import PRESETS  # noqa: E402
-from kernels import registry  # noqa: E402
+from gpt_kernels import registry  # noqa: E402
 
 
 def parse_run_args(argv: list[str]) -> argparse.Namespace:

@@ -30,8 +30,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 from bench.common import BenchContext, Measurement, run_standalone  # noqa: E402
 from gpt.config import PRESETS  # noqa: E402
 from gpt.model import GPT  # noqa: E402
-from kernels import registry  # noqa: E402
-from kernels.adamw import AdamW  # noqa: E402
+from gpt_kernels import registry  # noqa: E402
+from gpt_kernels.adamw import AdamW  # noqa: E402
 
 OP = "adamw"
 GPU_MODELS = ("gpt2", "gpt2-medium")

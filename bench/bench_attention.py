@@ -32,8 +32,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import BenchContext, run_standalone  # noqa: E402
-from kernels import registry  # noqa: E402
-from kernels.attention import attention  # noqa: E402
+from gpt_kernels import registry  # noqa: E402
+from gpt_kernels.attention import attention  # noqa: E402
 
 OP = "attention"
 PASSES = ("forward", "backward", "forward+backward")

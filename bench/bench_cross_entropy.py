@@ -26,7 +26,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import BenchContext, competitors, run_standalone  # noqa: E402
-from kernels.cross_entropy import cross_entropy  # noqa: E402
+from gpt_kernels.cross_entropy import cross_entropy  # noqa: E402
 
 OP = "cross_entropy"
 PADDED_VOCAB, VOCAB = 50304, 50257

@@ -35,8 +35,8 @@ from gpt.config import GPTConfig, preset  # noqa: E402
 from gpt.generate import generate_tokens  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.training import autocast  # noqa: E402
-from kernels import registry  # noqa: E402
-from kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
+from gpt_kernels import registry  # noqa: E402
+from gpt_kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 
 try:
     from flash_attn import flash_attn_with_kvcache

@@ -28,7 +28,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import BenchContext, competitors, run_standalone, speedups  # noqa: E402
-from kernels.gelu import gelu  # noqa: E402
+from gpt_kernels.gelu import gelu  # noqa: E402
 
 OP = "gelu"
 # (B·T, 4·C): GPT-2 small with B·T = 16·1024 tokens (the target shape), and GPT-2 XL's width.

@@ -36,7 +36,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import BenchContext, competitors, run_standalone, speedups  # noqa: E402
-from kernels.layernorm import layer_norm  # noqa: E402
+from gpt_kernels.layernorm import layer_norm  # noqa: E402
 
 OP = "layernorm"
 EPS = 1e-5

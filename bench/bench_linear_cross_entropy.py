@@ -28,7 +28,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import BenchContext, competitors, run_standalone  # noqa: E402
-from kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from gpt_kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
 OP = "linear_cross_entropy"
 GPU_SHAPES = [(8192, 768, 50304), (16384, 768, 50304)]  # (N, C, V)

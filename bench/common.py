@@ -212,7 +212,7 @@ def competitors(ctx: BenchContext, eager: Callable, triton_fn: Callable,
     eager PyTorch; on a GPU its ``torch.compile`` and every installed competitor (``installed`` maps a
     name to a loader that returns the callable or raises); then our Triton kernel where it can run.
     Also returns why any of them is missing. Call once per case: compiled ones are fresh."""
-    from kernels import registry
+    from gpt_kernels import registry
 
     impls, skipped = {"eager": eager}, []
     if ctx.is_gpu:

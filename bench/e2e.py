@@ -31,8 +31,8 @@ from bench.runner import error_details
 from gpt.config import GPTConfig, preset
 from gpt.model import GPT
 from gpt.training import autocast, datasheet_peak_flops, make_optimizer
-from kernels import registry
-from kernels.registry import OPS, use_kernels
+from gpt_kernels import registry
+from gpt_kernels.registry import OPS, use_kernels
 
 # decode_attention only runs in generation (one query against a KV cache): no training step calls it.
 TRAINING_OPS = tuple(op for op in OPS if op != "decode_attention")

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from bench.common import UNFINISHED, UNFINISHED_ERROR, BenchContext
-from kernels.registry import OPS
+from gpt_kernels.registry import OPS
 
 BENCH_DIR = Path(__file__).resolve().parent
 TRACEBACK_LINES = 12  # enough to find the failing line, short enough for a results file

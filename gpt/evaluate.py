@@ -224,7 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     from gpt import distributed
     from gpt.data import ensure_default_corpus
-    from kernels import registry
+    from gpt_kernels import registry
 
     args = parse_args(argv)
     try:

@@ -332,7 +332,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     from gpt.tokenizer import EOT_TOKEN, decode, encode
     from gpt.training import autocast
-    from kernels import registry
+    from gpt_kernels import registry
 
     args = parse_args(argv)
     try:

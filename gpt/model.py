@@ -1,7 +1,7 @@
 """GPT-2, written to be read top to bottom (after nanoGPT's model.py).
 
 Every op that has a Triton kernel (LayerNorm, attention, GELU, the loss) is called through
-``kernels.registry.ops``, so switching a kernel on or off never touches this file.
+``gpt_kernels.registry.ops``, so switching a kernel on or off never touches this file.
 
 Two things differ from a textbook GPT-2, both for speed and neither for the math:
 * the embedding (tied to lm_head) has 50304 rows, a multiple of 64, while the loss and the
@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import GPTConfig
-from kernels.registry import is_triton, ops
+from gpt_kernels.registry import is_triton, ops
 
 __all__ = ["GPT", "GPTConfig", "KVCache"]
 

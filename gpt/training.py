@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from gpt.distributed import mean_across_ranks
-from kernels.registry import ops
+from gpt_kernels.registry import ops
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, FLOP/s, for MFU. Matched against the
 # device name in this order, so the PCIe and NVL parts are found before the SXM default.

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-from kernels import registry  # noqa: E402  (after TRITON_INTERPRET is set)
+from gpt_kernels import registry  # noqa: E402  (after TRITON_INTERPRET is set)
 
 if DEVICE == "cpu" and registry.INTERPRETER_PROBLEM:
     # Every kernel test would fail deep inside the interpreter; say why once instead.

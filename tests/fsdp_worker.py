@@ -12,7 +12,7 @@ from torch.distributed.fsdp import fully_shard
 
 from gpt.model import GPT, GPTConfig
 from gpt.training import make_optimizer
-from kernels.registry import set_kernels
+from gpt_kernels.registry import set_kernels
 
 CONFIG = GPTConfig(block_size=16, vocab_size=500, n_layer=2, n_head=2, n_embd=32)
 STEPS, BATCH = 3, 4

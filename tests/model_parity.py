@@ -8,7 +8,7 @@ import torch
 
 from conftest import DEVICE
 from gpt.model import GPT, GPTConfig
-from kernels.registry import is_triton, use_kernels
+from gpt_kernels.registry import is_triton, use_kernels
 from numerics import assert_close
 
 # Small enough for Triton's interpreter, yet with GPT-2's shape rules: a padded vocabulary

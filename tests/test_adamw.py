@@ -19,14 +19,14 @@ import re
 import pytest
 import torch
 
-import kernels.adamw as adamw_module
+import gpt_kernels.adamw as adamw_module
 from bench.bench_adamw import run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
 from hopper import run_compile_script
-from kernels import registry
-from kernels.adamw import AdamW, AdamW_reference
-from kernels.registry import ops, use_kernels
+from gpt_kernels import registry
+from gpt_kernels.adamw import AdamW, AdamW_reference
+from gpt_kernels.registry import ops, use_kernels
 from numerics import RTOL, relative_error
 
 STEP_RTOL = 1e-6
@@ -547,7 +547,7 @@ import json, re
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.adamw as am
+import gpt_kernels.adamw as am
 
 def ptx(fn, constexprs, aligned, scalars=(), options=None):
     names = fn.arg_names

@@ -25,8 +25,8 @@ from bench.common import BenchContext
 from conftest import DEVICE
 from hopper import run_compile_script
 from gpt.model import GPT
-from kernels import registry
-from kernels.attention import (
+from gpt_kernels import registry
+from gpt_kernels.attention import (
     HOPPER_CONFIGS,
     AttentionConfig,
     Tile,
@@ -38,9 +38,9 @@ from kernels.attention import (
 from model_parity import TINY, assert_model_parity
 from numerics import FLOAT_DTYPES, RTOL, assert_close, poisoned_like
 
-# The module, not the function of the same name that kernels/__init__ exports (which
-# `import kernels.attention as ...` would give).
-attention_module = importlib.import_module("kernels.attention")
+# The module, not the function of the same name that gpt_kernels/__init__ exports (which
+# `import gpt_kernels.attention as ...` would give).
+attention_module = importlib.import_module("gpt_kernels.attention")
 
 # Triton's interpreter warns on every loop with a runtime bound (numpy deprecates int() of its
 # one-element scalar arrays): thousands of lines of noise, nothing about this code.
@@ -331,7 +331,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import importlib
-am = importlib.import_module("kernels.attention")
+am = importlib.import_module("gpt_kernels.attention")
 
 CONSTEXPRS = ("HEAD_DIM", "CAUSAL", "DOT_PRECISION", "BLOCK_M", "BLOCK_N")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

@@ -23,7 +23,7 @@ from gpt.config import GPTConfig, preset
 from gpt.data import HEADER_INTS, SHARD_MAGIC, write_shard
 from gpt.generate import generate
 from gpt.model import GPT
-from kernels import registry
+from gpt_kernels import registry
 from numerics import assert_close
 
 # A device that is not the tensors' own: on a CPU-only machine the meta device stands in for it.

@@ -21,7 +21,7 @@ from bench import ceilings, e2e, plots, report, runner
 from bench.__main__ import main
 from bench.common import UNFINISHED, UNFINISHED_ERROR, BenchContext
 from gpt.config import preset
-from kernels import registry
+from gpt_kernels import registry
 
 # Cheap modules first: the quick run takes the first two that exist (others may still be written).
 FAST_OPS = ("gelu", "cross_entropy", "adamw", "layernorm", "linear_cross_entropy", "attention")

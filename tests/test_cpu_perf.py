@@ -20,7 +20,7 @@ pytest.importorskip("pytest_benchmark")
 from conftest import DEVICE  # noqa: E402
 from gpt.data import DataLoader, write_shard  # noqa: E402
 from gpt.tokenizer import VOCAB_SIZE, decode, encode  # noqa: E402
-from kernels import adamw  # noqa: E402
+from gpt_kernels import adamw  # noqa: E402
 
 # Real text with code, prose and odd whitespace: the Python sources of this repository's model.
 SAMPLE_TEXT = (Path(__file__).resolve().parents[1] / "gpt" / "model.py").read_text()

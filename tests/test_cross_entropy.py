@@ -19,14 +19,14 @@ from bench.bench_cross_entropy import run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
 from hopper import run_compile_script
-from kernels import registry
-from kernels.cross_entropy import cross_entropy, cross_entropy_forward, cross_entropy_reference
+from gpt_kernels import registry
+from gpt_kernels.cross_entropy import cross_entropy, cross_entropy_forward, cross_entropy_reference
 from model_parity import assert_model_parity, gpt2_width_losses_and_peaks
 from numerics import FLOAT_DTYPES, assert_close, poisoned_like
 
-# The module, not the function of the same name that kernels/__init__ exports (which
-# `import kernels.cross_entropy as ...` would give).
-ce_module = importlib.import_module("kernels.cross_entropy")
+# The module, not the function of the same name that gpt_kernels/__init__ exports (which
+# `import gpt_kernels.cross_entropy as ...` would give).
+ce_module = importlib.import_module("gpt_kernels.cross_entropy")
 
 OPTIONS = {
     "plain": {},
@@ -389,7 +389,7 @@ import collections, importlib, json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-ce = importlib.import_module("kernels.cross_entropy")
+ce = importlib.import_module("gpt_kernels.cross_entropy")
 
 def accesses(fn, signature, constexprs, aligned, num_warps):
     names = fn.arg_names

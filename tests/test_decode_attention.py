@@ -16,14 +16,14 @@ from bench.common import BenchContext
 from conftest import DEVICE
 from gpt.generate import generate_tokens
 from gpt.model import GPT, GPTConfig, KVCache
-from kernels import registry
-from kernels.decode_attention import (
+from gpt_kernels import registry
+from gpt_kernels.decode_attention import (
     MAX_SPLITS,
     decode_attention,
     decode_attention_forward,
     decode_attention_reference,
 )
-from kernels.registry import is_triton, use_kernels
+from gpt_kernels.registry import is_triton, use_kernels
 from numerics import assert_close, poisoned_like
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

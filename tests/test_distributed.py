@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpt.data import write_shard
-from kernels import registry
+from gpt_kernels import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -109,7 +109,7 @@ def test_fsdp_optimizer_and_fused_clipping_match_one_process(tmp_path, kernels):
     import fsdp_worker
     from gpt.model import GPT
     from gpt.training import make_optimizer
-    from kernels.registry import use_kernels
+    from gpt_kernels.registry import use_kernels
 
     # The worker's ranks are CPU processes (gloo), so the Triton AdamW runs there in the interpreter,
     # also on a GPU machine, where only the interpreter's own numpy limit can rule it out.

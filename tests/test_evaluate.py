@@ -18,7 +18,7 @@ from gpt.data import DataLoader, write_shard
 from gpt.evaluate import HellaSwagError, hellaswag_accuracy, load_hellaswag, main, score_endings, validation_loss
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import VOCAB_SIZE, encode
-from kernels.registry import use_kernels
+from gpt_kernels.registry import use_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOST = 10.0

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import DEVICE
-from kernels import registry
+from gpt_kernels import registry
 from numerics import FLOAT_DTYPES, RTOL
 
 ON_GPU = DEVICE == "cuda"

@@ -19,14 +19,14 @@ from bench.bench_gelu import PASSES, run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
 from hopper import run_compile_script
-from kernels import registry
-from kernels.gelu import gelu, gelu_backward, gelu_forward, gelu_reference
+from gpt_kernels import registry
+from gpt_kernels.gelu import gelu, gelu_backward, gelu_forward, gelu_reference
 from model_parity import assert_model_parity
 from numerics import assert_close, poisoned_like
 
-# The module, not the function of the same name that kernels/__init__ exports (which
-# `import kernels.gelu as ...` would give).
-gelu_module = importlib.import_module("kernels.gelu")
+# The module, not the function of the same name that gpt_kernels/__init__ exports (which
+# `import gpt_kernels.gelu as ...` would give).
+gelu_module = importlib.import_module("gpt_kernels.gelu")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (1023,), (3, 4, 768), (257, 3072)] + (
@@ -305,7 +305,7 @@ import importlib, json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-gelu_module = importlib.import_module("kernels.gelu")
+gelu_module = importlib.import_module("gpt_kernels.gelu")
 
 def vector_ops(fn, pointers, constexprs, num_stages):
     names = fn.arg_names

@@ -12,7 +12,7 @@ from gpt.checkpoint import save_checkpoint
 from gpt.generate import filter_logits, generate, generate_tokens, load_model, main, sample_next
 from gpt.model import GPT, GPTConfig, KVCache
 from gpt.tokenizer import EOT_TOKEN, decode, encode
-from kernels.registry import use_kernels
+from gpt_kernels.registry import use_kernels
 
 TINY = GPTConfig(block_size=32, vocab_size=1000, n_layer=2, n_head=2, n_embd=32)
 

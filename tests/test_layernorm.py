@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import kernels.layernorm as layernorm_module
+import gpt_kernels.layernorm as layernorm_module
 from bench.bench_layernorm import PASSES, run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
 from hopper import run_compile_script
-from kernels import registry
-from kernels.layernorm import layer_norm, layer_norm_backward, layer_norm_forward, layer_norm_reference
+from gpt_kernels import registry
+from gpt_kernels.layernorm import layer_norm, layer_norm_backward, layer_norm_forward, layer_norm_reference
 from model_parity import assert_model_parity
 from numerics import RTOL, assert_close, poisoned_like
 
@@ -406,7 +406,7 @@ import json, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.layernorm as ln
+import gpt_kernels.layernorm as ln
 
 def build(fn, pointers, constexprs, num_warps, num_stages, n_cols):
     # As a launch specializes them: pointers, and the width and row strides when divisible by 16.

@@ -18,14 +18,14 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from bench.bench_linear_cross_entropy import run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
-from kernels import registry
-from kernels.linear_cross_entropy import choose_chunk_rows, linear_cross_entropy, linear_cross_entropy_reference
+from gpt_kernels import registry
+from gpt_kernels.linear_cross_entropy import choose_chunk_rows, linear_cross_entropy, linear_cross_entropy_reference
 from model_parity import assert_model_parity, gpt2_width_losses_and_peaks
 from numerics import FLOAT_DTYPES, assert_close
 
-# The module, not the function of the same name that kernels/__init__ exports (which
-# `import kernels.linear_cross_entropy as ...` would give).
-lce_module = importlib.import_module("kernels.linear_cross_entropy")
+# The module, not the function of the same name that gpt_kernels/__init__ exports (which
+# `import gpt_kernels.linear_cross_entropy as ...` would give).
+lce_module = importlib.import_module("gpt_kernels.linear_cross_entropy")
 
 ALL_OPTIONS = {"label_smoothing": 0.1, "lse_square_scale": 1e-3, "softcap": 20.0}
 # The d_hidden sums run over V products: fp32 rounding grows with it, for us and for any fp32 matmul.

@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from kernels import registry
+import gpt_kernels
+from gpt_kernels import registry
 
 
 def test_every_op_registered_and_exported():
@@ -15,9 +15,9 @@ def test_every_op_registered_and_exported():
     )
     for op, function in registry.OP_FUNCTIONS.items():
         assert op in registry._entries
-        assert hasattr(kernels, f"{function}_reference")
+        assert hasattr(gpt_kernels, f"{function}_reference")
         if registry._entries[op].triton is not None:
-            assert getattr(kernels, function) is registry._entries[op].triton
+            assert getattr(gpt_kernels, function) is registry._entries[op].triton
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_report_names_every_op():
 
 
 def test_environment_variable_sets_the_switches():
-    code = "from kernels import registry; print(','.join(sorted(registry.requested_kernels())))"
+    code = "from gpt_kernels import registry; print(','.join(sorted(registry.requested_kernels())))"
     env = {"GPT_KERNELS": "attention,gelu", "PATH": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "attention,gelu"

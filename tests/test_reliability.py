@@ -25,7 +25,7 @@ from gpt.config import preset
 from gpt.data import write_shard
 from gpt.model import GPT
 from gpt.numerics import StepGuard
-from kernels import registry
+from gpt_kernels import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, EVERY = 12, 2

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import registry
+from gpt_kernels import registry
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 from torch.distributed.tensor import DTensor
 
-from kernels import registry
+from gpt_kernels import registry
 
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

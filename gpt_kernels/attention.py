@@ -52,7 +52,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import registry
+from gpt_kernels import registry
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)

@@ -6,14 +6,14 @@ adds an fp32 copy, a softmax-sized tensor for the backward and the gradient of e
 are processed in chunks; for each chunk of ``hidden``:
 
 1. ``logits = hidden_chunk @ weight.T`` (a cuBLAS matmul, fp32 accumulation), a ``(chunk, V)`` block;
-2. the cross-entropy kernel (``kernels.cross_entropy``) writes the chunk's row losses and, over the
+2. the cross-entropy kernel (``gpt_kernels.cross_entropy``) writes the chunk's row losses and, over the
    logits themselves, their gradient. The rule for writing a gradient over logits is that nothing
    else may read them afterwards: this block is this function's own temporary, so it may;
 3. ``grad_hidden_chunk = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden_chunk``.
 
 So the loss, ``grad_hidden`` and ``grad_weight`` all come out of the forward (as Liger-Kernel's fused
 linear cross-entropy does), and the backward only multiplies them by the incoming gradient, in place,
-for free when it is exactly 1 (see ``kernels.cross_entropy.scale_gradient``). With
+for free when it is exactly 1 (see ``gpt_kernels.cross_entropy.scale_gradient``). With
 ``reduction='none'`` the upstream gradient weighs each row inside the ``grad_weight`` sum, so the
 forward computes the loss only and the backward recomputes the chunks with those weights (one more
 matmul per chunk).
@@ -33,7 +33,7 @@ unfused ``lm_head`` does. The loss is fp32; ``grad_hidden`` has ``hidden``'s dty
 ``grad_weight`` ``weight``'s.
 
 Options, the z-loss return (``return_z_loss=True`` -> ``(loss, z_loss)``), ``check_targets`` and the
-input checks are those of ``kernels.cross_entropy.cross_entropy``.
+input checks are those of ``gpt_kernels.cross_entropy.cross_entropy``.
 
 Public: ``linear_cross_entropy`` (the differentiable custom op ``gpt_triton::linear_cross_entropy``),
 ``linear_cross_entropy_reference``, ``choose_chunk_rows``.
@@ -47,8 +47,8 @@ from typing import Optional
 
 import torch
 
-from kernels import registry
-from kernels.cross_entropy import (
+from gpt_kernels import registry
+from gpt_kernels.cross_entropy import (
     SUPPORTED_DTYPES,
     _describe,
     backward_scale,
@@ -351,7 +351,7 @@ def linear_cross_entropy(
 ):
     """``cross_entropy(hidden @ weight.T, targets, ...)`` for ``hidden`` (N, C), ``weight`` (V, C) and
     ``targets`` (N,), differentiable in ``hidden`` and ``weight``, without the (N, V) logits; see the
-    module doc for dtypes and chunking, and ``kernels.cross_entropy`` for the options."""
+    module doc for dtypes and chunking, and ``gpt_kernels.cross_entropy`` for the options."""
     device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
     autocast_on = torch.is_autocast_enabled(device_type)
     check_inputs(hidden, weight, targets, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
