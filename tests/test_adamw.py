@@ -101,6 +101,7 @@ def assert_same_state(opt, ref, params, ref_params, rtol=STEP_RTOL):
             assert err <= rtol, f"param {i} {key}: relative error {err:.2e}"
 
 
+@pytest.mark.gpu_smoke
 def test_50_steps_match_torch_adamw():
     params = make_params()
     ref_params = clone_params(params)
@@ -266,6 +267,7 @@ def _emulated_low_precision_step(p, g, m, v, group, step):
     return p64.to(p.dtype), m64, v64
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_params_with_fp32_moments(dtype):
     """Each step against a float64 emulation started from our own state: moments to fp32 precision,
@@ -335,6 +337,7 @@ def test_capturable_steps_after_warm_up_copy_nothing_to_the_device(monkeypatch):
     assert all(opt.state[p]["step"].item() == 4 for p in params)
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 def test_capturable_step_replays_in_a_cuda_graph():
     params = make_params(SHAPES[:5])

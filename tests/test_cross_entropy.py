@@ -110,6 +110,7 @@ def test_matches_torch_cross_entropy():
                          loss_torch.detach(), torch.float64, "reference")
 
 
+@pytest.mark.gpu_smoke
 def test_padded_vocabulary_view_is_read_in_place():
     """The model's call: a [:, :50257] view of (N, 50304) logits. The padding columns hold NaN, so a
     kernel reading past the view's columns would return NaN."""
@@ -343,10 +344,12 @@ def test_torch_compile_fullgraph():
     assert_close(x.grad, x_ref.grad, torch.float32, "compiled grad", factor=10)
 
 
+@pytest.mark.gpu_smoke
 def test_gpt_model_parity():
     assert_model_parity("cross_entropy")
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPT-2-sized logits and peak memory need CUDA")
 def test_bf16_model_logits_loss_and_memory():
     """The model's training call in bf16 at GPT-2 size: the loss is fp32 and agrees with the reference,
@@ -372,6 +375,7 @@ def test_bf16_model_logits_loss_and_memory():
     assert ours < eager, (ours, eager)
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPT-2-sized activations and peak memory need CUDA")
 def test_gpt_model_peak_memory_lower_with_the_triton_loss():
     """A 2-layer GPT-2-width model at 8·1024 tokens under bf16 autocast, the Triton loss on its logits

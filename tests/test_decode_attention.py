@@ -144,6 +144,7 @@ def test_bad_inputs_raise_value_error():
         decode_attention_forward(q, k, v, lengths, out=torch.empty(2, 2, 1, 8))
 
 
+@pytest.mark.gpu_smoke
 def test_gpt_generation_with_decode_attention_on_triton():
     """The model's decode steps with the Triton kernel give the reference's logits and tokens."""
     torch.manual_seed(0)
@@ -170,6 +171,7 @@ def test_gpt_generation_with_decode_attention_on_triton():
     assert_close(logits["decode_attention"], logits["none"], torch.float32, "logits", factor=10)
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="long caches are too slow for Triton's interpreter")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T", [(1, 8192), (8, 4096), (64, 1024)])

@@ -142,6 +142,7 @@ def test_variants_match_float64(variant, dtype):
 WIDE_SHAPES = [(3, 8192), (1, 8192)] + ([(1000, 8192), (64, 65536)] if DEVICE == "cuda" else [])
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("shape", WIDE_SHAPES, ids=str)
 def test_wide_rows(shape):
     check_launchers(*make_inputs(shape, torch.float32, True, True, True), torch.float32)
@@ -378,6 +379,7 @@ def test_torch_compile_fullgraph():
         assert_close(grad, grad_ref, torch.float32, "compiled grad", factor=10)
 
 
+@pytest.mark.gpu_smoke
 def test_gpt_model_parity():
     assert_model_parity("layernorm")
 
@@ -459,6 +461,7 @@ def test_kernels_compile_for_hopper_without_spills():
             assert result["vector_loads"] > 0, (name, result)
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 linears need CUDA; the CPU covers the dtypes in "
                     "test_autograd_dtypes_match_reference")
 def test_block_tail_under_bf16_autocast():

@@ -103,6 +103,7 @@ def test_z_loss_is_returned_for_logging():
     assert_close(z_loss, z_ref, torch.float32, "z-loss", factor=2)
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_bf16_autocast(reduction):
     """The model's training call: fp32 hidden and weight under bf16 autocast. The matmuls run in bf16
@@ -234,10 +235,12 @@ def test_torch_compile_fullgraph(reduction):
         assert_close(ours, ref, torch.bfloat16, "compiled grad")
 
 
+@pytest.mark.gpu_smoke
 def test_gpt_model_parity():
     assert_model_parity("linear_cross_entropy")
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPT-2-sized logits and peak memory need CUDA")
 def test_gpt2_loss_stage_memory_and_values():
     """At GPT-2's loss stage (16·1024 tokens, C = 768, V = 50257, bf16 autocast): the values agree
@@ -262,6 +265,7 @@ def test_gpt2_loss_stage_memory_and_values():
     assert 4 * ours_peak <= ref_peak, (ours_peak / 2**20, ref_peak / 2**20)
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPT-2-sized activations and peak memory need CUDA")
 def test_gpt_model_peak_memory_lower_with_the_fused_loss():
     """A 2-layer GPT-2-width model at 8·1024 tokens under bf16 autocast: the same loss with the fused
