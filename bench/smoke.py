@@ -90,7 +90,7 @@ STEPS = (
     Step("e2e", "6. end to end", 45, 150, 20),
     Step("e2e_compiled", "6. end to end under torch.compile", 90, 180),
     Step("tests", "gpu_smoke tests (pytest -m gpu_smoke)", 150, 180, where="parent", gpu_only=True),
-    Step("compile_columns", "7. per-op torch.compile columns", 90, 180, 20),
+    Step("compile_columns", "7. per-op torch.compile columns", 120, 240, 20),
     Step("ablation_each", "8. ablation: each kernel alone, all but each", 120, 200, 60),
     Step("autotune", "8. attention tile autotuning", 90, 150, gpu_only=True, env=(("GPT_ATTENTION_AUTOTUNE", "1"),)),
     Step("sweeps", "8. sweeps (every benchmark case)", 240, 300, 20),
