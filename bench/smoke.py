@@ -188,11 +188,21 @@ def check_out_dir(out: Path) -> None:
                              f"or one of an earlier check (at most {MAX_FILES} files come back from a GPU machine)")
 
 
+def _load_libc():
+    with contextlib.suppress(OSError):
+        return ctypes.CDLL(None, use_errno=True)
+    return None
+
+
+# Loaded here, in the parent: a child between fork and exec must not load libraries.
+_LIBC = _load_libc()
+
+
 def _die_with_parent() -> None:
-    """In a child process: SIGKILL when the parent dies (Linux), so a run killed by a time limit
-    leaves no worker holding the GPU."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    """In a child process (``preexec_fn``): SIGKILL when the parent dies (Linux), so a run killed by a
+    time limit leaves no worker holding the GPU."""
+    with contextlib.suppress(AttributeError):
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _child_env(quick: bool, extra: dict | None = None) -> dict:
@@ -446,15 +456,17 @@ def step_autotune(command, emit) -> str:
         start = time.perf_counter()
         attention_module.attention(q, k, v, causal=True).backward(do)
         torch.cuda.synchronize()
-        tiles = {}
+        tiles, timings = {}, {}
         for kernel, tuner in (("forward", attention_module._forward_autotuned),
                               ("dkdv", attention_module._dkdv_autotuned), ("dq", attention_module._dq_autotuned)):
             best = tuner.best_config
             tiles[kernel] = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages)
+            timings[kernel] = {f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}": t
+                               for c, t in (getattr(tuner, "configs_timings", None) or {}).items()}
         tile = ", ".join(f"{kernel}=Tile{value}" for kernel, value in tiles.items())
         entries.append(f"({head_dim}, torch.bfloat16, True): AttentionConfig({tile}),")
         winners.append({"head_dim": head_dim, "dtype": "bfloat16", "causal": True, "tiles": tiles,
-                        "tuning_s": time.perf_counter() - start,
+                        "tuning_s": time.perf_counter() - start, "timings_ms": timings,
                         "table": str(attention_module.HOPPER_CONFIGS[(head_dim, torch.bfloat16, True)])})
         emit(["smoke", "autotune"], {"winners": winners, "table_entries": entries})
     return "; ".join(entries)

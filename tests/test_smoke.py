@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench import report, smoke
+from bench import correctness, report, smoke
 from bench.__main__ import main as bench_main
 from bench.correctness import checks
 from hopper import ROOT
@@ -198,3 +199,25 @@ def test_junit_summary(tmp_path):
     assert (summary["passed"], summary["failed"], summary["skipped"]) == (1, 1, 1)
     assert summary["failures"] == [{"test": "tests.test_gelu::test_b", "kind": "failure",
                                     "message": "relative error 1e-1 > 3e-2"}]
+
+
+def test_correctness_rows_catch_an_unwritten_element_and_a_wrong_value(monkeypatch):
+    real = correctness.gelu
+
+    def skips_first_row(x, bias):
+        y = torch.empty_like(x)  # poisoned by the check: the row left unwritten stays NaN
+        y[1:] = real(x, bias)[1:]
+        return y
+
+    check = correctness.find_check("gelu float32", quick=True)
+    monkeypatch.setattr(correctness, "gelu", skips_first_row)
+    rows = {row["quantity"]: row for row in correctness.run_check(check, quick=True, device="cpu")}
+    assert not rows["y"]["passed"] and rows["y"]["non_finite"] > 0
+
+    monkeypatch.setattr(correctness, "gelu", lambda x, bias: real(x, bias) * (1 + 1e-4))
+    rows = {row["quantity"]: row for row in correctness.run_check(check, quick=True, device="cpu")}
+    assert not rows["y"]["passed"] and rows["y"]["relative_error"] > rows["y"]["tolerance"]
+
+    monkeypatch.setattr(correctness, "gelu", lambda x, bias: 1 / 0)
+    (row,) = correctness.run_check(check, quick=True, device="cpu")
+    assert not row["passed"] and row["error"].startswith("ZeroDivisionError")
