@@ -69,7 +69,7 @@ def create_run_dir(results: dict, root: Path, suffix: str = "") -> Path:
     return run_dir
 
 
-def _write_json(results: dict, path: Path) -> None:
+def write_json(results: dict, path: Path) -> None:
     # Through a temporary file: a run killed while writing keeps its previous, whole, results file.
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
@@ -80,14 +80,14 @@ def save_progress(results: dict, run_dir: Path) -> None:
     """The run's ``results.json`` as it stands, marked incomplete. A run saves after every op module and
     every end-to-end configuration, so one killed by a time limit still leaves every figure it finished
     (``python -m bench report`` renders it, or merges it with the runs that finish the rest)."""
-    _write_json({**results, "complete": False}, run_dir / RESULTS_FILE)
+    write_json({**results, "complete": False}, run_dir / RESULTS_FILE)
 
 
 def finish_run(results: dict, run_dir: Path) -> Path:
     """The finished run into ``run_dir``: its JSON, Markdown and plots; returns ``run_dir``."""
     results["complete"] = True
     results["plots"] = render_plots(results, run_dir)
-    _write_json(results, run_dir / RESULTS_FILE)
+    write_json(results, run_dir / RESULTS_FILE)
     (run_dir / "results.md").write_text(render_markdown(results, image_prefix=""))
     return run_dir
 

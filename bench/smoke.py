@@ -60,6 +60,7 @@ MAX_FILE_BYTES = 15 * 2**20  # under the 16 MiB limit, with room to spare
 RESULTS_JSON, RESULTS_MD, LOG, CACHE_TAR = "results.json", "results.md", "smoke.log", "triton-cache.tar.gz"
 SHEET = SMOKE_SHEET
 OUTPUT_FILES = (RESULTS_JSON, RESULTS_MD, SHEET, LOG, CACHE_TAR)
+SAVE_EVERY_S = 0.5  # rows come faster than that in the sweeps: the files are rewritten at most this often
 FINISH_S = 15  # kept back from the budget for the last results.md, plot sheet and cache tarball
 DEFAULT_BUDGET_S = 390
 # Triton's cache, binaries only: compiled kernels (.cubin), their metadata and group files (.json),
@@ -548,6 +549,7 @@ class Smoke:
         self.start = time.monotonic()
         self.deadline = self.start + args.budget
         self.worker: Worker | None = None
+        self.saved_at = 0.0
         self.lock = threading.Lock()
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.out / LOG, "a", buffering=1)
@@ -582,7 +584,8 @@ class Smoke:
     def save(self, markdown: bool = True) -> None:
         from bench import report
 
-        report._write_json(self.results, self.out / RESULTS_JSON)
+        report.write_json(self.results, self.out / RESULTS_JSON)
+        self.saved_at = time.monotonic()
         if markdown:
             _write_text(self.out / RESULTS_MD, report.render_markdown(self.results, image_prefix=""))
 
@@ -591,7 +594,8 @@ class Smoke:
         for key in path[:-1]:
             target = target.setdefault(key, {})
         target[path[-1]] = value
-        self.save()
+        if time.monotonic() - self.saved_at >= SAVE_EVERY_S:
+            self.save()
 
     # -- the steps
 
