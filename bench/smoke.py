@@ -99,7 +99,7 @@ STEPS = (
 STEP_NAMES = tuple(step.name for step in STEPS)
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM (e.g. from `timeout`): stop, keep what is saved, finish the files."""
 
 
@@ -573,7 +573,8 @@ class Smoke:
     def log(self, text: str) -> None:
         with self.lock:
             print(text, flush=True)
-            self.log_file.write(text + "\n")
+            if not self.log_file.closed:  # a worker's last lines may come after the end
+                self.log_file.write(text + "\n")
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -652,6 +653,10 @@ class Smoke:
                 outcome = PARENT_STEPS[step.name](self, start + limit)
             else:
                 outcome = self.in_worker(step, start + limit)
+        except Exception as exc:  # noqa: BLE001 - a step that fails is recorded; the next one runs
+            from bench.runner import error_details
+
+            outcome = {"status": "error", **error_details(exc)}
         finally:
             entry["seconds"] = time.monotonic() - start
         entry.update(outcome)
@@ -669,7 +674,10 @@ class Smoke:
             self.worker = Worker(self.quick, env, self.log)
         command = {"step": step.name, "quick": self.quick, "ops": self.args.ops, "kernels": self.args.kernels,
                    "results": {key: self.results.get(key) for key in ("environment", "ceilings", "ops", "e2e")}}
-        self.worker.send(command)
+        try:
+            self.worker.send(command)
+        except BrokenPipeError:
+            pass  # it died: the next message says so
         while True:
             try:
                 message = self.worker.next(deadline - time.monotonic())
@@ -694,6 +702,21 @@ class Smoke:
         self.log(f"smoke: precompiling in {workers} processes: {', '.join(jobs)}")
         pending, running, done = list(jobs), {}, []
         record = {"workers": workers, "jobs": done}
+        try:
+            self._run_jobs(pending, running, done, record, workers, deadline)
+        finally:  # a signal must not leave jobs compiling beside what runs next
+            for proc, _ in running.values():
+                _kill(proc)
+        self.set(["smoke", "precompile"], record)
+        self.pack_cache()
+        bad = [job["job"] for job in done if job["status"] != "ok"]
+        summary = f"{len(done) - len(bad)} of {len(done)} jobs ok" + (f"; not ok: {', '.join(bad)}" if bad else "")
+        if any(job["status"] in ("timeout", "not started") for job in done):
+            return {"status": "timeout", "summary": summary}
+        return {"status": "error" if bad else "ok", "summary": summary}
+
+    def _run_jobs(self, pending: list, running: dict, done: list, record: dict, workers: int,
+                  deadline: float) -> None:
         while pending or running:
             while pending and len(running) < workers:
                 name = pending.pop(0)
@@ -713,16 +736,10 @@ class Smoke:
                     _kill(proc)
                     done.append({"job": name, "status": "timeout", "seconds": time.monotonic() - started})
                 done += [{"job": name, "status": "not started"} for name in pending]
-                running, pending = {}, []
+                running.clear()
+                pending.clear()
             self.results["smoke"]["precompile"] = record
             time.sleep(0.2)
-        self.set(["smoke", "precompile"], record)
-        self.pack_cache()
-        bad = [job["job"] for job in done if job["status"] != "ok"]
-        summary = f"{len(done) - len(bad)} of {len(done)} jobs ok" + (f"; not ok: {', '.join(bad)}" if bad else "")
-        if any(job["status"] in ("timeout", "not started") for job in done):
-            return {"status": "timeout", "summary": summary}
-        return {"status": "error" if bad else "ok", "summary": summary}
 
     def tests(self, deadline: float) -> dict:
         with tempfile.TemporaryDirectory() as scratch:
@@ -734,8 +751,9 @@ class Smoke:
             try:
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
             except subprocess.TimeoutExpired:
-                _kill(proc)
                 return {"status": "timeout", "error": f"pytest -m gpu_smoke ran past its limit; see {LOG}"}
+            finally:
+                _kill(proc)  # its whole process group, whatever it started
             summary = parse_junit(junit) if junit.is_file() else {"error": f"no report (exit status {proc.returncode})"}
         summary["exit_status"] = proc.returncode
         self.set(["smoke", "tests"], summary)
