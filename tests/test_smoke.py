@@ -5,6 +5,7 @@ writes valid files, a kill keeps the rows saved so far, the output folder stays 
 compiled-kernel tarball unpacks into a cache Triton reads, somewhere else.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -221,3 +222,19 @@ def test_correctness_rows_catch_an_unwritten_element_and_a_wrong_value(monkeypat
     monkeypatch.setattr(correctness, "gelu", lambda x, bias: 1 / 0)
     (row,) = correctness.run_check(check, quick=True, device="cpu")
     assert not row["passed"] and row["error"].startswith("ZeroDivisionError")
+
+
+def test_a_step_past_its_limit_is_stopped_and_the_next_runs_in_a_fresh_worker(tmp_path, monkeypatch, capsys):
+    steps = {step.name: step for step in smoke.STEPS}
+    monkeypatch.setattr(smoke, "STEPS", (
+        steps["environment"],
+        dataclasses.replace(steps["correctness"], limit_s=0.2, quick_estimate_s=0.1),  # takes seconds here
+        steps["ceilings"],
+    ))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "no-cache"))
+    out = tmp_path / "out"
+    assert bench_main(["smoke", "--budget", "120", "--out", str(out), *QUICK]) == 1
+    results = json.loads((out / smoke.RESULTS_JSON).read_text())
+    statuses = [(step["name"], step["status"]) for step in results["smoke"]["steps"]]
+    assert statuses == [("environment", "ok"), ("correctness", "timeout"), ("ceilings", "ok")]
+    assert results["ceilings"]["copy_gbps"] > 0 and results["complete"] is True
