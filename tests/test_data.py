@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt import data as data_module
+from gpt.data import corpus as corpus_module
+from gpt.data import pipeline as pipeline_module
 from gpt.data import (
     DataError,
     DataLoader,
@@ -214,14 +215,16 @@ def test_manifest_is_written_last_and_stale_shards_go(corpus, tmp_path, monkeypa
 
     written = []
 
-    def checking_write_shard(path, tokens):
+    publish = pipeline_module._publish
+
+    def checking_publish(partial, final):
         assert not (out / "manifest.json").exists()  # an earlier run's manifest is gone before any shard
-        written.append(path)
+        written.append(final)
         if len(written) == 2:
             raise OSError("disk full")
-        return write_shard(path, tokens)
+        return publish(partial, final)
 
-    monkeypatch.setattr(data_module, "write_shard", checking_write_shard)
+    monkeypatch.setattr(pipeline_module, "_publish", checking_publish)
     with pytest.raises(OSError, match="disk full"):
         prepare(corpus, out, shard_tokens=32, workers=1, verbose=False)
     assert not (out / "manifest.json").exists()  # the interrupted folder is known to be incomplete
@@ -290,7 +293,7 @@ def test_ensure_default_corpus(tmp_path, monkeypatch):
     start = text.removeprefix("<|endoftext|>")[:200]  # well inside the batch: no character cut in two
     assert any(path.read_text().startswith(start) for path in default_corpus_files())
 
-    monkeypatch.setattr(data_module, "_prepare_documents", lambda *a, **k: pytest.fail("prepared twice"))
+    monkeypatch.setattr(corpus_module, "prepare_sources", lambda *a, **k: pytest.fail("prepared twice"))
     assert ensure_default_corpus(verbose=False) == folder
 
 
