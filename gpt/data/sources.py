@@ -220,7 +220,8 @@ def plan_jsonl(source: Source, options: ReadOptions, problems: Documents):
             yield JsonLinesTask(source, carry[:end], line)
         last = line + carry[:end].count(b"\n") - 1
         what = f"corrupt {compression} data" if compression else "unreadable"
-        problems.bad_record(f"after line {last}", f"{what} ({type(e).__name__}: {e}); the rest of the file is lost")
+        problems.bad_record(f"after line {last}" if last else "",
+                            f"{what} ({type(e).__name__}: {e}); the rest of the file is lost")
         return
     if carry:
         seen_text = seen_text or bool(carry.strip())
@@ -322,15 +323,16 @@ def plan_arrow(source: Source, options: ReadOptions, problems: Documents):
             continue
         if schema is None or not _text_column_ok(schema, options, problems, where):
             continue
-        start, count, size, first_row = 0, 0, 0, 0
+        start, count, size, first_row, row = 0, 0, 0, 0, 0  # rows are numbered per file
         for index, batch in enumerate(arrow_batches(path)):
             if count and size >= TASK_BYTES:
                 yield ArrowTask(part, path, start, count, first_row)
-                start, count, size, first_row = index, 0, 0, rows
+                start, count, size, first_row = index, 0, 0, row
             count += 1
             size += batch.column(options.text_field).nbytes
-            rows += batch.num_rows
+            row += batch.num_rows
         if count:
             yield ArrowTask(part, path, start, count, first_row)
+        rows += row
     if rows == 0 and not problems.bad_count:
         problems.bad_record("", "empty input: no rows")
