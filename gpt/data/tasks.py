@@ -240,8 +240,16 @@ def run_task(task, options: ReadOptions) -> Tokenized:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory in MiB: Linux's VmHWM, which (unlike getrusage's maxrss)
+    does not carry over the peak of the process this one was exec'd from."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; a fallback elsewhere
 
 
 def arrow_batches(path: Path):
