@@ -371,3 +371,24 @@ def test_bad_input_on_the_command_line(tmp_path):
                               str(tmp_path / "out"), "--skip-bad-records"], capture_output=True, text=True, cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert skipped.returncode == 0 and "skipped 1 bad records or inputs; the first: x.jsonl line 2" in skipped.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# python -m bench data, on a tiny input (the measured figures come from the full run)
+
+
+def test_bench_data_writes_json_and_markdown(tmp_path):
+    from bench import data as bench_data
+
+    assert bench_data.main(["--corpus-mb", "0.05", "--large-mb", "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    [run_dir] = list(tmp_path.iterdir())
+    results = json.loads((run_dir / "data.json").read_text())
+    rows = {row["name"]: row for row in results["rows"]}
+    baseline = rows["tiktoken encode_ordinary_batch (raw baseline, 1 thread)"]
+    for workers in (1, 2):
+        row = rows[bench_data.PARQUET_RUN.format(workers)]
+        assert row["tokens"] == baseline["tokens"]  # prepare tokenized exactly the baseline's documents
+        assert row["tokens_per_s"] > 0 and row["main_peak_rss_mib"] > 0
+    assert rows["prepare, one 1 MB text file, 2 workers"]["worker_peak_rss_mib"] > 0
+    markdown = (run_dir / "data.md").read_text()
+    assert "| prepare, parquet, 2 worker(s) | 2 |" in markdown and "per worker vs baseline" in markdown

@@ -15,6 +15,7 @@ written last, and the progress file then removed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -112,7 +113,9 @@ def prepare_sources(sources: list[Source], out_dir: Path, *, description: str, n
     settings = json.loads(json.dumps({
         "plan_version": PLAN_VERSION, "task_bytes": planning.TASK_BYTES, "name": name, "shard_tokens": shard_tokens,
         "val_fraction": val_fraction, "text_field": text_field, "limit_tokens": limit_tokens,
-        "skip_bad_records": skip_bad_records, "inputs": [planning.signature(s) for s in sources],
+        "skip_bad_records": skip_bad_records,
+        # Every input's size and modification time, hashed: a folder of many files stays a short record.
+        "inputs": hashlib.sha256(json.dumps([planning.signature(s) for s in sources]).encode()).hexdigest(),
     }))
     run = _Run(out_dir, name, shard_tokens, settings, verbose)
     run.skipped_files = len(texts) - len(readable)
