@@ -9,6 +9,7 @@ error naming the input and the record, or, with ``skip_bad_records``, counted an
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import resource
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from gpt.data.shards import DataError
 from gpt.tokenizer import EOT_TOKEN, get_encoding
 
 BAD_RECORD_EXAMPLES = 20  # bad records kept by name in the manifest (all are counted)
+
 
 @dataclass(frozen=True)
 class Source:
@@ -190,14 +192,18 @@ class ArrowTask:
 
     def read(self, options: ReadOptions) -> Documents:
         out = Documents(self.source.name, options)
+        try:
+            batches = [batch.column(options.text_field).to_pylist() for batch in
+                       itertools.islice(arrow_batches(self.path), self.first_batch, self.first_batch + self.batches)]
+        except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError and others for corruption
+            out.bad_record(f"rows {self.first_row}.. (record batches {self.first_batch}..)",
+                           f"unreadable: corrupt Arrow data ({type(e).__name__}: {e})")
+            return out
         row = self.first_row
-        for index, batch in enumerate(arrow_batches(self.path)):
-            if index >= self.first_batch + self.batches:
-                break
-            if index >= self.first_batch:
-                for value in batch.column(options.text_field).to_pylist():
-                    out.add_value(f"row {row}", value)
-                    row += 1
+        for values in batches:
+            for value in values:
+                out.add_value(f"row {row}", value)
+                row += 1
         return out
 
 
