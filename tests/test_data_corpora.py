@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from gpt.data import DataError, find_shards, main, prepare, read_shard
+from gpt.data import DataError, find_shards, main, prepare, read_shard, verify
 from gpt.data import pipeline, sources
 from gpt.data.tasks import split_key
 from gpt.tokenizer import EOT_TOKEN, get_encoding
@@ -254,6 +254,7 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, monkeypatch):
             except OSError:
                 failures += 1
                 assert not (out / "manifest.json").exists()
+                assert any("an unfinished prepare" in note for note in verify(out).notes)
         assert failures == 7
         monkeypatch.setattr(pipeline, "_publish", publish)
         assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "reference"))
