@@ -6,6 +6,7 @@
     python -m bench --quick                          # CPU, Triton's interpreter, toy sizes: checks the harness only
     python -m bench report                           # the latest run -> bench/RESULTS.md
     python -m bench smoke --budget 390 --out DIR     # a short GPU window: most valuable first (bench/smoke.py)
+    python -m bench data                             # prepare's tokens/s against tiktoken alone, its peak memory
 
 A run writes ``bench/results/<UTC date>-<device>/`` (``--quick``: under ``bench/results/quick/``):
 ``results.json`` (environment, ceilings, every figure), ``results.md`` and the plots. The exit
@@ -185,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import smoke
 
             return smoke.main(argv[1:])
+        if argv[:1] == ["data"]:
+            from bench import data
+
+            return data.main(argv[1:])
         return run(argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
