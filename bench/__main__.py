@@ -5,6 +5,7 @@
     python -m bench --kernels all,-attention --preset gpt2-medium --batch-size 8
     python -m bench --quick                          # CPU, Triton's interpreter, toy sizes: checks the harness only
     python -m bench report                           # the latest run -> bench/RESULTS.md
+    python -m bench ledger                           # CPU, seconds: every op's bytes and FLOPs per step (bench/ledger.py)
 
 A run writes ``bench/results/<UTC date>-<device>/`` (``--quick``: under ``bench/results/quick/``):
 ``results.json`` (environment, ceilings, every figure), ``results.md`` and the plots. The exit
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["report"]:
             return render_report(parse_report_args(argv[1:]))
+        if argv[:1] == ["ledger"]:
+            from bench import ledger
+
+            return ledger.main(argv[1:])
         return run(argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

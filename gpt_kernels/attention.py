@@ -685,6 +685,32 @@ def _attention_backward_fake(do, q, k, v, o, lse, causal, scale):
     return _bthd_empty(q), _bthd_empty(q), _bthd_empty(q)
 
 
+def attention_flops(heads: int, t_q: int, t_k: int, head_dim: int, causal: bool, backward: bool = False) -> int:
+    """FLOPs of ``heads`` (B·H) attention heads: QKᵀ and PV forward (2 GEMMs), 5 backward (S recomputed,
+    dP, dV, dQ, dK). Causal masking halves them (the skipped blocks)."""
+    flops = 2 * 2 * heads * t_q * t_k * head_dim
+    flops = flops * 5 // 2 if backward else flops
+    return flops // 2 if causal else flops
+
+
+def _forward_cost(args, outputs):
+    q, k, _, causal, _ = args
+    read, written, _ = registry.default_cost(args, outputs)
+    return read, written, attention_flops(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3], causal)
+
+
+def _backward_cost(args, outputs):
+    do, q, k, _, _, lse, causal, _ = args
+    read, written, _ = registry.default_cost(args, outputs)
+    delta = 2 * registry.tensor_bytes(lse)  # rowsum(dO·O), written by the preprocessing kernel and read back
+    return read + delta // 2, written + delta // 2, attention_flops(
+        q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3], causal, backward=True)
+
+
+registry.register_cost("gpt_triton::attention", _forward_cost)
+registry.register_cost("gpt_triton::attention_backward", _backward_cost)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, causal, scale = inputs
     o, lse = output

@@ -296,6 +296,37 @@ def _linear_cross_entropy_backward_fake(grad_loss, hidden, weight, targets, igno
     )
 
 
+def _forward_cost(args, outputs):
+    """Bytes and FLOPs of the forward as ``_chunked_loss_and_grads`` runs it: the casts to the compute
+    dtype, then per chunk the logits' matmul, the loss kernel over them (gradient written in place),
+    grad_hidden's matmul and the fp32 grad_weight accumulation (read and written per chunk)."""
+    hidden, weight, targets, _, reduction, *_, compute_dtype, want_hidden, want_weight, chunk_size = args
+    (n, c), v, a = hidden.shape, weight.shape[0], compute_dtype.itemsize
+    with_grads = reduction != "none" and (want_hidden or want_weight)
+    chunk = chunk_size if chunk_size > 0 else choose_chunk_rows(n, v, compute_dtype, torch.device("cpu"))
+    chunks = math.ceil(n / max(1, chunk))
+    read = registry.tensor_bytes(targets) + n * c * a + chunks * v * c * a  # count_valid; the logits' matmuls
+    written = n * v * a + 2 * n * 4  # logits; per-row loss and z-loss
+    flops = 2 * n * v * c
+    for t in (hidden, weight):
+        if t.dtype != compute_dtype:
+            read, written = read + registry.tensor_bytes(t), written + t.numel() * a
+    read, written = read + n * v * a, written + (n * v * a if with_grads else 0)  # the loss kernel
+    if with_grads and want_hidden:
+        read, written, flops = read + n * v * a + chunks * v * c * a, written + n * c * hidden.element_size(), flops + 2 * n * v * c
+    if with_grads and want_weight:
+        acc = v * c * 4
+        read += n * v * a + n * c * a + chunks * acc
+        written += acc + chunks * acc  # zeroed, then accumulated per chunk
+        flops += 2 * n * v * c
+        if weight.dtype != torch.float32:
+            read, written = read + acc, written + registry.tensor_bytes(weight)
+    return read, written, flops
+
+
+registry.register_cost("gpt_triton::linear_cross_entropy", _forward_cost)
+
+
 def _setup_context(ctx, inputs, output):
     (hidden, weight, targets, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
      compute_dtype, grad_hidden_needed, grad_weight_needed, chunk_size) = inputs

@@ -68,6 +68,9 @@ class _Entry:
 _entries: dict[str, _Entry] = {}
 _requested: frozenset[str] = frozenset(OPS)
 _warned: set[tuple[str, str]] = set()
+_assume_triton_runs = False  # set by assume_triton_runs(): the ledger's fake tensors stand in for CUDA ones
+# Custom op ("gpt_triton::name") -> its memory traffic and FLOPs, for the step ledger (bench/ledger.py).
+_costs: dict[str, Callable] = {}
 
 
 def register(op: str, *, reference: Callable, triton: Callable | None = None) -> None:
@@ -75,6 +78,58 @@ def register(op: str, *, reference: Callable, triton: Callable | None = None) ->
     if op not in OP_FUNCTIONS:
         raise ValueError(f"unknown op {op!r}; the registry knows {', '.join(OPS)}")
     _entries[op] = _Entry(reference=reference, triton=triton)
+
+
+def register_cost(custom_op: str, cost: Callable) -> None:
+    """``cost(args, outputs) -> (bytes_read, bytes_written, flops)`` of one call of ``custom_op``
+    (e.g. ``"gpt_triton::attention"``), for ops whose kernels move more (or compute more) than
+    reading each input and writing each output once. ``args`` are the op's arguments in schema order."""
+    _costs[custom_op] = cost
+
+
+def op_costs() -> dict[str, Callable]:
+    return dict(_costs)
+
+
+def tensor_bytes(*tensors) -> int:
+    """Bytes of the distinct elements of the given tensors (None skipped; the same view counted once;
+    a broadcast, stride-0 dimension counted once): what a kernel reading or writing each once moves."""
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        key = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        elements = 1
+        for size, stride in zip(t.shape, t.stride()):
+            if stride != 0:
+                elements *= size
+        total += elements * t.element_size()
+    return total
+
+
+def default_cost(args, outputs) -> tuple[int, int, int]:
+    """A fused kernel's cost: each input tensor read once, each output written once, no FLOPs counted."""
+    def tensors(value):
+        if isinstance(value, (list, tuple)):
+            return [t for item in value for t in tensors(item)]
+        return [value] if isinstance(value, torch.Tensor) else []
+    return tensor_bytes(*tensors(args)), tensor_bytes(*tensors(outputs)), 0
+
+
+@contextlib.contextmanager
+def assume_triton_runs() -> Iterator[None]:
+    """Inside, every device counts as one Triton runs on: the step ledger traces the model on CPU fake
+    tensors that stand for CUDA ones, and must take the same paths (no kernel is ever launched there)."""
+    global _assume_triton_runs
+    saved = _assume_triton_runs
+    _assume_triton_runs = True
+    try:
+        yield
+    finally:
+        _assume_triton_runs = saved
 
 
 def parse_kernels(spec: str | None) -> frozenset[str]:
@@ -130,6 +185,8 @@ def use_kernels(spec: str | None) -> Iterator[frozenset[str]]:
 
 
 def triton_runs_on(device: torch.device | str) -> bool:
+    if _assume_triton_runs:
+        return True
     device_type = torch.device(device).type
     return device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETER and INTERPRETER_PROBLEM is None)
 
@@ -141,7 +198,7 @@ def implementation(op: str, device: torch.device | str) -> tuple[str, str]:
         return "torch", "switched off"
     if entry.triton is None:
         return "torch", "no Triton kernel yet"
-    if torch.device(device).type == "cpu" and INTERPRETER_PROBLEM is not None:
+    if torch.device(device).type == "cpu" and INTERPRETER_PROBLEM is not None and not _assume_triton_runs:
         return "torch", INTERPRETER_PROBLEM
     if not triton_runs_on(device):
         return "torch", f"Triton cannot run on {torch.device(device).type} (no CUDA; TRITON_INTERPRET=1 was not set at import)"
