@@ -108,9 +108,7 @@ FP32 -= FP32_BY_DTYPE
 class CudaAutocast(TorchFunctionMode):
     """CUDA autocast's cast policy for tensors on any device (the ledger's CPU fakes).
 
-    Use inside ``torch.autocast("cpu", dtype)`` with the AutocastCPU dispatch key excluded (as
-    :func:`cuda_autocast` does), so that code asking ``torch.is_autocast_enabled`` sees autocast on
-    while only this policy casts."""
+    :func:`cuda_autocast` also makes code that asks whether autocast is on hear yes."""
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -151,11 +149,18 @@ class CudaAutocast(TorchFunctionMode):
 
 @contextlib.contextmanager
 def cuda_autocast(dtype: torch.dtype = torch.bfloat16):
-    """CUDA's bf16/fp16 autocast on CPU tensors: autocast reported on (``torch.is_autocast_enabled``
-    and ``get_autocast_dtype`` answer as on CUDA), CPU autocast's own casts off, CUDA's policy on."""
-    excluded = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-    with torch.autocast("cpu", dtype=dtype), torch._C._ExcludeDispatchKeyGuard(excluded), CudaAutocast(dtype):
-        yield
+    """CUDA's bf16/fp16 autocast on CPU tensors: CUDA's policy casts, and code that asks whether
+    autocast is on (``torch.is_autocast_enabled(device)``, ``torch.get_autocast_dtype(device)``, as
+    our ops' wrappers do) hears yes and ``dtype`` for every device. CPU autocast itself stays off:
+    its lists differ from CUDA's."""
+    saved = torch.is_autocast_enabled, torch.get_autocast_dtype
+    torch.is_autocast_enabled = lambda device_type=None: True
+    torch.get_autocast_dtype = lambda device_type=None: dtype
+    try:
+        with CudaAutocast(dtype):
+            yield
+    finally:
+        torch.is_autocast_enabled, torch.get_autocast_dtype = saved
 
 
 # ------------------------------------------------------------------------------------ the recorder
