@@ -200,9 +200,10 @@ class GPT(nn.Module):
             h = h[torch.arange(B, device=h.device), last]
             return self.lm_head(h)[:, :V], None
         if targets is not None and is_triton("linear_cross_entropy", h.device):
-            weight = self.lm_head.weight[:V]  # the padding rows never score a token
-            loss = ops.linear_cross_entropy(h.view(B * T, -1), weight, targets.reshape(-1), ignore_index=ignore_index,
-                                            check_targets=check_inputs)
+            # The whole padded table: aligned matmuls, the padding rows masked out of the loss by the op
+            # (a weight[:V] slice would cost its backward, a V x C copy into wte.grad).
+            loss = ops.linear_cross_entropy(h.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                            ignore_index=ignore_index, check_targets=check_inputs, n_classes=V)
             return None, loss
         logits = self.lm_head(h)[..., :V]
         loss = None

@@ -160,6 +160,21 @@ def test_model_weight_slice_int32_and_strided_targets():
     assert_all_close(run_ours(hidden, weight, strided, chunk_size=4), reference, torch.float32)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_padding_rows_masked(reduction):
+    """The model passes its whole padded table with ``n_classes``: the padding rows' logits stay out
+    of the loss and their gradient is exactly zero; the rest equals the loss over ``weight[:n_classes]``."""
+    hidden, padded, targets = make_inputs(7, 16, 1024, torch.float32)
+    targets = targets.clamp_max(999)
+    upstream = torch.rand(7, device=DEVICE) if reduction == "none" else None
+    reference = expected(hidden, padded, targets, upstream, reduction=reduction, n_classes=1000)
+    ours = run_ours(hidden, padded, targets, upstream, reduction=reduction, n_classes=1000, chunk_size=3)
+    assert_all_close(ours, reference, torch.float32)
+    assert torch.equal(ours[2][1000:], torch.zeros_like(ours[2][1000:]))
+    with pytest.raises(ValueError, match="n_classes"):
+        linear_cross_entropy(hidden, padded, targets, n_classes=1025)
+
+
 def test_choose_chunk_rows():
     # GPT-2 at 16·1024 tokens in bf16: 4 chunks of 4096 rows (512 MiB of logits each); fp32 doubles the count.
     assert choose_chunk_rows(16384, 50257, torch.bfloat16, torch.device("cpu")) == 4096
