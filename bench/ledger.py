@@ -27,8 +27,8 @@ with leaf weights cast once per forward as CUDA's cast cache does; its fp32 ops 
 ``tests/test_ledger.py`` compares the casts with a real CUDA run when a GPU is present.
 
 The micro-step is a steady-state one of gradient accumulation (every ``.grad`` already holds the
-earlier micro-steps' sum, so autograd accumulates into it), with ``(loss / grad_accum).backward()``
-as ``train_gpt2.py`` does. The optimizer step (``clip_grad_norm_``, ``step``, ``zero_grad``) is
+earlier micro-steps' sum, so autograd accumulates into it), with ``model(..., loss_scale=1/grad_accum)``
+and ``loss.backward()`` as ``train_gpt2.py`` does. The optimizer step (``clip_grad_norm_``, ``step``, ``zero_grad``) is
 counted separately by formula: the fused AdamW kernels cannot run on fake tensors.
 
 The **ideal** (:func:`ideal_ops`) is what the step must move at least with this model's numerics
@@ -307,9 +307,10 @@ def fake_mode():
 
 
 def record_micro_step(step: Callable[[], torch.Tensor], params: list[torch.Tensor], dtype: torch.dtype,
-                      grad_accum: int) -> list[Op]:
-    """The ops of ``(step() / grad_accum).backward()`` with ``step`` run under CUDA's autocast, on
-    fake tensors, after every ``.grad`` already holds a sum (a steady-state accumulation micro-step)."""
+                      grad_accum: int, loss_scaled: bool = False) -> list[Op]:
+    """The ops of ``(step() / grad_accum).backward()`` (``step().backward()`` when ``loss_scaled``:
+    the step returns its loss already scaled by 1/grad_accum) with ``step`` run under CUDA's autocast,
+    on fake tensors, after every ``.grad`` already holds a sum (a steady-state accumulation micro-step)."""
     for p in params:
         p.grad = torch.zeros_like(p)
     recorder = Recorder()
@@ -320,7 +321,7 @@ def record_micro_step(step: Callable[[], torch.Tensor], params: list[torch.Tenso
             with cuda_autocast(dtype):
                 loss = step()
         recorder.phase = "backward"
-        (loss / grad_accum).backward()
+        (loss if loss_scaled else loss / grad_accum).backward()
     return recorder.ops
 
 
@@ -483,13 +484,15 @@ def run_ledger(config: GPTConfig, batch_size: int, seq_len: int, grad_accum: int
     results = {"preset": config.to_dict(), "batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum,
                "dtype": str(dtype).removeprefix("torch."), "ceilings": ceilings, "ideal": ideal, "configs": []}
     started = time.perf_counter()
-    with fake_mode(), registry.assume_triton_runs(), torch.device("cpu"):
+    with fake_mode(), registry.assume_triton_runs(unit_loss_gradient=True), torch.device("cpu"):
         model, params = build_model(config)
         idx = torch.zeros((batch_size, seq_len), dtype=torch.long)
         targets = torch.zeros((batch_size, seq_len), dtype=torch.long)
         for label, spec in configs:
             with registry.use_kernels(spec):
-                ops = record_micro_step(lambda: model(idx, targets, check_inputs=False)[1], params, dtype, grad_accum)
+                # As train_gpt2.py: the loss comes back scaled by 1/grad_accum and loss.backward() is called.
+                ops = record_micro_step(lambda: model(idx, targets, check_inputs=False, loss_scale=1 / grad_accum)[1],
+                                        params, dtype, grad_accum, loss_scaled=True)
                 fused_optimizer = "adamw" in registry.requested_kernels()
             step = summarize(ops, ceilings)
             optimizer = summarize(optimizer_ops(params, fused=True), ceilings)

@@ -743,4 +743,120 @@ def attention_reference(q, k, v, causal=True, scale=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
-registry.register("attention", reference=attention_reference, triton=attention)
+# ----------------------------------------------------------------------------- packed q, k, v
+#
+# The model's c_attn writes q, k and v side by side, (B, T, 3C). Taking that tensor whole, the
+# backward writes dq, dk and dv into one (B, T, 3C) buffer, the gradient c_attn's backward reads;
+# three separate gradients would be concatenated into it by autograd (the backward of the split), a
+# read and a write of the whole (B, T, 3C) gradient.
+
+
+def _check_packed(qkv, n_heads) -> None:
+    if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1:
+        raise ValueError(f"attention_qkv: n_heads must be an int >= 1, got {n_heads!r}")
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3 or qkv.shape[-1] % (3 * n_heads):
+        raise ValueError(f"attention_qkv: qkv must be a (B, T, 3·C) tensor with C divisible by n_heads={n_heads}, "
+                         f"got {_describe(qkv)}")
+
+
+def split_qkv(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, 3C) -> q, k, v as (B, H, T, D) views (no copy)."""
+    B, T, three_c = qkv.shape
+    C = three_c // 3
+    return tuple(t.view(B, T, n_heads, C // n_heads).transpose(1, 2) for t in qkv.split(C, dim=2))
+
+
+def _bhtd_view(btc: torch.Tensor, n_heads: int) -> torch.Tensor:
+    B, T, C = btc.shape
+    return btc.view(B, T, n_heads, C // n_heads).transpose(1, 2)
+
+
+@torch.library.custom_op("gpt_triton::attention_qkv", mutates_args=())
+def _attention_qkv_op(qkv: torch.Tensor, n_heads: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = split_qkv(qkv, n_heads)
+    B, T, three_c = qkv.shape
+    out = torch.empty((B, T, three_c // 3), dtype=qkv.dtype, device=qkv.device)
+    _, lse = attention_forward(q, k, v, causal, scale, out=_bhtd_view(out, n_heads))
+    return out, lse
+
+
+@_attention_qkv_op.register_fake
+def _attention_qkv_fake(qkv, n_heads, causal, scale):
+    B, T, three_c = qkv.shape
+    return qkv.new_empty((B, T, three_c // 3)), qkv.new_empty((B, n_heads, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt_triton::attention_qkv_backward", mutates_args=())
+def _attention_qkv_backward_op(
+    do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, n_heads: int, causal: bool, scale: float,
+) -> torch.Tensor:
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = split_qkv(dqkv, n_heads)
+    attention_backward(_bhtd_view(do, n_heads), *split_qkv(qkv, n_heads), _bhtd_view(o, n_heads), lse, causal, scale,
+                       dq=dq, dk=dk, dv=dv)
+    return dqkv
+
+
+@_attention_qkv_backward_op.register_fake
+def _attention_qkv_backward_fake(do, qkv, o, lse, n_heads, causal, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _packed_forward_cost(args, outputs):
+    qkv, n_heads, causal, _ = args
+    read, written, _ = registry.default_cost(args, outputs)
+    B, T, three_c = qkv.shape
+    return read, written, attention_flops(B * n_heads, T, T, three_c // 3 // n_heads, causal)
+
+
+def _packed_backward_cost(args, outputs):
+    do, qkv, o, lse, n_heads, causal, _ = args
+    read, written, _ = registry.default_cost(args, outputs)
+    delta = registry.tensor_bytes(lse)  # rowsum(dO·O), written by the preprocessing kernel and read back
+    B, T, three_c = qkv.shape
+    return read + delta, written + delta, attention_flops(B * n_heads, T, T, three_c // 3 // n_heads, causal,
+                                                          backward=True)
+
+
+registry.register_cost("gpt_triton::attention_qkv", _packed_forward_cost)
+registry.register_cost("gpt_triton::attention_qkv_backward", _packed_backward_cost)
+
+
+def _setup_packed(ctx, inputs, output):
+    qkv, n_heads, causal, scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.n_heads, ctx.causal, ctx.scale = n_heads, causal, scale
+
+
+def _packed_backward(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    dqkv = torch.ops.gpt_triton.attention_qkv_backward(do.contiguous(), qkv, o, lse, ctx.n_heads, ctx.causal,
+                                                      ctx.scale)
+    return dqkv, None, None, None
+
+
+_attention_qkv_op.register_autograd(_packed_backward, setup_context=_setup_packed)
+
+
+def attention_qkv(qkv: torch.Tensor, n_heads: int, causal: bool = True, scale: Optional[float] = None) -> torch.Tensor:
+    """Attention over the packed output of a fused q/k/v projection: ``qkv`` (B, T, 3C) holds q, k and v
+    side by side, each C = n_heads · D wide; returns (B, T, C), the heads side by side (what the
+    output projection takes). The gradient of ``qkv`` is written as one (B, T, 3C) tensor."""
+    _check_packed(qkv, n_heads)
+    q, k, v = split_qkv(qkv, n_heads)
+    _check_inputs(q, k, v, scale)
+    return torch.ops.gpt_triton.attention_qkv(qkv, n_heads, bool(causal), _default_scale(q, scale))[0]
+
+
+def attention_qkv_reference(qkv, n_heads, causal=True, scale=None):
+    """PyTorch reference: the split into heads, ``F.scaled_dot_product_attention``, the heads joined."""
+    _check_packed(qkv, n_heads)
+    B, T, _ = qkv.shape
+    y = attention_reference(*split_qkv(qkv, n_heads), causal=causal, scale=scale)
+    return y.transpose(1, 2).reshape(B, T, -1)
+
+
+registry.register("attention", reference=attention_reference, triton=attention,
+                  variants={"attention_qkv": (attention_qkv_reference, attention_qkv)})

@@ -237,22 +237,25 @@ def _linear_cross_entropy_op(
     grad_weight_needed: bool,
     chunk_size: int,
     n_classes: int = -1,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, z_loss, grad_hidden, grad_weight), the gradients for an upstream gradient of 1 (empty
-    tensors where not needed, and always for 'none'). ``chunk_size`` 0 means automatic; weight rows
-    from ``n_classes`` on (-1: none) are padding."""
+    """(loss · loss_scale, z_loss, grad_hidden, grad_weight), the gradients those of the scaled loss
+    for an upstream gradient of 1 (empty tensors where not needed, and always for 'none').
+    ``chunk_size`` 0 means automatic; weight rows from ``n_classes`` on (-1: none) are padding."""
     n_valid = count_valid(targets, ignore_index)
     grad_scale = None
     if reduction != "none" and (grad_hidden_needed or grad_weight_needed):
-        grad_scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
+        grad_scale = torch.full((1,), loss_scale if folds_scale_into_forward(compute_dtype) else 1.0,
+                                dtype=torch.float32, device=hidden.device)
         if folds_mean_into_forward(reduction, compute_dtype):
             grad_scale = grad_scale / n_valid.clamp_min(1)
     loss_rows, z_loss_rows, grad_hidden, grad_weight = _chunked_loss_and_grads(
         hidden, weight, targets, ignore_index, label_smoothing, lse_square_scale, softcap, compute_dtype,
         grad_scale, grad_hidden_needed, grad_weight_needed, chunk_size, n_classes,
     )
+    loss = reduce_rows(loss_rows, n_valid, reduction)
     return (
-        reduce_rows(loss_rows, n_valid, reduction),
+        loss * loss_scale if loss_scale != 1.0 else loss,
         reduce_rows(z_loss_rows, n_valid, reduction),
         grad_hidden if grad_hidden is not None else hidden.new_empty(0),
         grad_weight if grad_weight is not None else weight.new_empty(0),
@@ -262,7 +265,7 @@ def _linear_cross_entropy_op(
 @_linear_cross_entropy_op.register_fake
 def _linear_cross_entropy_fake(hidden, weight, targets, ignore_index, reduction, label_smoothing, lse_square_scale,
                                softcap, compute_dtype, grad_hidden_needed, grad_weight_needed, chunk_size,
-                               n_classes=-1):
+                               n_classes=-1, loss_scale=1.0):
     loss_shape = (hidden.shape[0],) if reduction == "none" else ()
     in_forward = reduction != "none"
     return (
@@ -311,6 +314,12 @@ def _linear_cross_entropy_backward_fake(grad_loss, hidden, weight, targets, igno
     )
 
 
+def folds_scale_into_forward(compute_dtype: torch.dtype) -> bool:
+    """Whether the forward's gradients carry ``loss_scale`` (not in fp16, whose small gradients would
+    underflow: there the backward multiplies, as it does the mean's 1/n)."""
+    return compute_dtype != torch.float16
+
+
 def _forward_cost(args, outputs):
     """Bytes and FLOPs of the forward as ``_chunked_loss_and_grads`` runs it: the casts to the compute
     dtype, then per chunk the logits' matmul, the loss kernel over them (gradient written in place),
@@ -344,7 +353,7 @@ registry.register_cost("gpt_triton::linear_cross_entropy", _forward_cost)
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, targets, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
-     compute_dtype, grad_hidden_needed, grad_weight_needed, chunk_size, n_classes) = inputs
+     compute_dtype, grad_hidden_needed, grad_weight_needed, chunk_size, n_classes, loss_scale) = inputs
     _, z_loss, grad_hidden, grad_weight = output
     ctx.mark_non_differentiable(z_loss, grad_hidden, grad_weight)
     # Outputs without a gradient get None in the backward, not zero tensors (grad_weight's is V x C).
@@ -355,16 +364,20 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(targets, grad_hidden, grad_weight)
     ctx.options = (ignore_index, label_smoothing, lse_square_scale, softcap, compute_dtype)
     ctx.reduction, ctx.chunk_size, ctx.n_classes = reduction, chunk_size, n_classes
+    # The part of loss_scale the backward applies: none when the forward's gradients carry it.
+    ctx.backward_loss_scale = 1.0 if reduction != "none" and folds_scale_into_forward(compute_dtype) else loss_scale
     ctx.grads_needed = (grad_hidden_needed, grad_weight_needed)
 
 
 def _backward(ctx, grad_loss, _grad_z_loss, _grad_grad_hidden, _grad_grad_weight):
     grad_hidden_needed, grad_weight_needed = ctx.grads_needed
     if grad_loss is None:  # the loss was not used: no gradient reaches hidden or weight
-        return (None,) * 13
+        return (None,) * 14
     ignore_index, label_smoothing, lse_square_scale, softcap, compute_dtype = ctx.options
     if (ctx.needs_input_grad[0] and not grad_hidden_needed) or (ctx.needs_input_grad[1] and not grad_weight_needed):
         raise RuntimeError("gpt_triton::linear_cross_entropy was told a gradient is not needed, so it has none")
+    if ctx.backward_loss_scale != 1.0:
+        grad_loss = grad_loss * ctx.backward_loss_scale
     if ctx.reduction == "none":
         hidden, weight, targets = ctx.saved_tensors
         grad_hidden, grad_weight = torch.ops.gpt_triton.linear_cross_entropy_backward(
@@ -373,13 +386,19 @@ def _backward(ctx, grad_loss, _grad_z_loss, _grad_grad_hidden, _grad_grad_weight
         )
     else:
         targets, grad_hidden, grad_weight = ctx.saved_tensors
-        scale = backward_scale(grad_loss, targets, ignore_index, ctx.reduction, compute_dtype)
-        if grad_hidden_needed:
-            grad_hidden = scale_gradient(grad_hidden, scale)
-        if grad_weight_needed:
-            grad_weight = scale_gradient(grad_weight, scale)
+        # The forward's gradients are final when the upstream gradient is exactly 1 (loss.backward() with
+        # loss_scale folded in): scale_rows_ then reads the factor and exits. The step ledger's fake
+        # tensors cannot be read, so it says so (registry.unit_loss_gradient).
+        final = registry.unit_loss_gradient() and ctx.backward_loss_scale == 1.0 and (
+            ctx.reduction == "sum" or folds_mean_into_forward(ctx.reduction, compute_dtype))
+        if not final:
+            scale = backward_scale(grad_loss, targets, ignore_index, ctx.reduction, compute_dtype)
+            if grad_hidden_needed:
+                grad_hidden = scale_gradient(grad_hidden, scale)
+            if grad_weight_needed:
+                grad_weight = scale_gradient(grad_weight, scale)
     return (grad_hidden if grad_hidden_needed else None, grad_weight if grad_weight_needed else None,
-            None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -399,17 +418,23 @@ def linear_cross_entropy(
     check_targets: bool = True,
     chunk_size: Optional[int] = None,
     n_classes: Optional[int] = None,
+    loss_scale: float = 1.0,
 ):
-    """``cross_entropy(hidden @ weight[:n_classes].T, targets, ...)`` for ``hidden`` (N, C), ``weight``
+    """``loss_scale · cross_entropy(hidden @ weight[:n_classes].T, targets, ...)`` for ``hidden`` (N, C), ``weight``
     (V, C) and ``targets`` (N,), differentiable in ``hidden`` and ``weight``, without the (N, V)
     logits. Rows of ``weight`` from ``n_classes`` on (default: none) are padding, such as the
     model's 50304-row table for 50257 tokens: they take part in the aligned matmuls, never in the
-    loss, and get a zero gradient. See the module doc for dtypes and chunking, and
+    loss, and get a zero gradient. ``loss_scale`` (a number, e.g. ``1/grad_accum``) is folded into the
+    gradients the forward computes, so ``loss.backward()`` needs no rescaling pass over them, as
+    ``(loss / grad_accum).backward()`` would. See the module doc for dtypes and chunking, and
     ``gpt_kernels.cross_entropy`` for the options."""
     device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
     autocast_on = torch.is_autocast_enabled(device_type)
     check_inputs(hidden, weight, targets, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
                  chunk_size, autocast_on, n_classes)
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale) \
+            or loss_scale <= 0:
+        raise ValueError(f"linear_cross_entropy: loss_scale must be a finite number > 0, got {loss_scale!r}")
     if check_targets:
         check_targets_in_range("linear_cross_entropy", targets, n_classes or weight.shape[0], ignore_index)
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else hidden.dtype
@@ -418,6 +443,7 @@ def linear_cross_entropy(
         hidden, weight, targets, ignore_index, reduction, float(label_smoothing), float(lse_square_scale),
         None if softcap is None else float(softcap), compute_dtype,
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad, chunk_size or 0, n_classes or -1,
+        float(loss_scale),
     )
     return (loss, z_loss) if return_z_loss else loss
 
@@ -436,13 +462,17 @@ def linear_cross_entropy_reference(
     check_targets=True,
     chunk_size=None,
     n_classes=None,
+    loss_scale=1.0,
 ):
-    """PyTorch reference: the full (N, n_classes) logits, then the loss in fp32. ``chunk_size`` is
-    accepted (so that either implementation takes the same call) and has no effect here."""
-    return cross_entropy_reference(
+    """PyTorch reference: the full (N, n_classes) logits, then the loss in fp32, times ``loss_scale``.
+    ``chunk_size`` is accepted (so that either implementation takes the same call) and has no effect here."""
+    result = cross_entropy_reference(
         hidden @ weight[:n_classes].T, targets, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
         lse_square_scale=lse_square_scale, softcap=softcap, return_z_loss=return_z_loss, check_targets=check_targets,
     )
+    if loss_scale == 1.0:
+        return result
+    return (result[0] * loss_scale, result[1]) if return_z_loss else result * loss_scale
 
 
 registry.register("linear_cross_entropy", reference=linear_cross_entropy_reference, triton=linear_cross_entropy)

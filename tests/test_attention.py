@@ -33,6 +33,8 @@ from gpt_kernels.attention import (
     attention,
     attention_backward,
     attention_forward,
+    attention_qkv,
+    attention_qkv_reference,
     attention_reference,
 )
 from model_parity import TINY, assert_model_parity
@@ -206,6 +208,45 @@ def test_model_layout_strided_views(monkeypatch):
     y_ref.backward(dy.double())
     assert_close(y, y_ref, torch.float32, "y")
     assert_close(qkv.grad, qkv64.grad, torch.float32, "dqkv")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_packed_qkv_one_gradient_buffer(dtype, monkeypatch):
+    """attention_qkv takes c_attn's (B, T, 3C) output whole and returns (B, T, C); its backward writes
+    dq, dk and dv into one contiguous (B, T, 3C) gradient (no cat), reading every input in place."""
+    B, T, H, D = 2, 37, 2, 16
+    C = H * D
+    qkv = torch.randn(B, T, 3 * C, device=DEVICE).to(dtype).requires_grad_()
+    dy = torch.randn(B, T, C, device=DEVICE).to(dtype)
+    copied = []
+    readable = attention_module._readable
+    monkeypatch.setattr(attention_module, "_readable", lambda t: copied.append(readable(t) is not t) or readable(t))
+    calls = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append("cat") or real_cat(*a, **k))
+    y = attention_qkv(qkv, H)
+    assert y.shape == (B, T, C) and y.dtype == dtype and y.is_contiguous()
+    y.backward(dy)
+    assert copied and not any(copied) and not calls
+    assert qkv.grad.shape == qkv.shape and qkv.grad.is_contiguous()
+    qkv64 = qkv.detach().double().requires_grad_()
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv64.split(C, dim=2))
+    y_ref = explicit_attention(q, k, v, True)[0].transpose(1, 2).reshape(B, T, C)
+    y_ref.backward(dy.double())
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(qkv.grad, qkv64.grad, dtype, "dqkv")
+    reference = attention_qkv_reference(qkv64.detach(), H)
+    assert_close(reference, y_ref, torch.float64, "reference")
+    with pytest.raises(ValueError, match="n_heads"):
+        attention_qkv(qkv, 5)
+
+
+def test_packed_qkv_opcheck():
+    qkv = torch.randn(1, 19, 3 * 32, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.gpt_triton.attention_qkv.default, (qkv, 2, True, 0.25))
+    o, lse = torch.ops.gpt_triton.attention_qkv(qkv.detach(), 2, True, 0.25)
+    torch.library.opcheck(torch.ops.gpt_triton.attention_qkv_backward.default,
+                          (torch.randn_like(o), qkv.detach(), o, lse, 2, True, 0.25))
 
 
 def test_non_unit_last_stride_and_broadcast_gradient():

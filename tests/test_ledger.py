@@ -92,12 +92,14 @@ def _activation(shape) -> bool:
 
 
 def test_all_on_casts_only_weights():
-    """With every kernel on, the only casts left are autocast's one cast of each weight and bias to bf16
+    """With every kernel on, no cat or stack, and the only casts left are autocast's one cast of each weight and bias to bf16
     (and its gradient's back to fp32): none of an activation, none beside a LayerNorm (its y is
     written in bf16 and its backward reads the bf16 dy)."""
     ops = _gpt_ledger([("all on", "all")])["configs"][0]["ops"]
     casts = [op for op in ops if op["name"] == "aten._to_copy"]
-    assert casts
+    assert casts and not [op for op in casts if _activation(op["inputs"][0]["shape"])]
+    # Attention takes c_attn's output whole and writes its gradient as one tensor: nothing to concatenate.
+    assert not [op for op in ops if op["name"] in ("aten.cat", "aten.stack")]
     for i, op in enumerate(ops):
         if op["name"].startswith("gpt_triton.layer_norm"):
             for neighbour in ops[max(0, i - 1):i] + ops[i + 1:i + 2]:
@@ -116,7 +118,7 @@ def test_gpt_step_ledger_totals_add_up_and_kernels_move_less():
     assert on["micro_step"]["flops"] == pytest.approx(off["micro_step"]["flops"], rel=0.02)
     assert results["ideal"]["bytes"] < on["micro_step"]["bytes"]
     names = {op["name"] for op in on["ops"]}
-    assert {"gpt_triton.layer_norm_residual", "gpt_triton.attention", "gpt_triton.gelu",
+    assert {"gpt_triton.layer_norm_residual", "gpt_triton.attention_qkv", "gpt_triton.gelu",
             "gpt_triton.linear_cross_entropy"} <= names
     assert "aten._scaled_dot_product_flash_attention_for_cpu" not in names
 
