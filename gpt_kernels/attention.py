@@ -28,7 +28,11 @@ Dtypes: fp16 and bf16 (the training path) and fp32; q, k and v share one dtype (
 autocast-aware, but under autocast all three come out of the same bf16 matmul). Math is fp32:
 scores, softmax statistics and all accumulators; P and dS are rounded to the input dtype before
 their matmuls, as in FlashAttention. fp32 inputs use IEEE fp32 matmuls (not TF32), so fp32 results
-are accurate to fp32 everywhere. Head dims 16, 32, 64 and 128; any sequence length.
+are accurate to fp32 everywhere. Any head dim from 1 to 256 (16, 32, 64, 128 and 256 run as they
+are; the others on the next of those blocks, masked along D); any sequence length.
+
+``attention_qkv(qkv, n_heads)`` takes the model's fused ``c_attn`` output (B, T, 3C) whole and
+returns (B, T, C); its backward writes dq, dk and dv into one (B, T, 3C) gradient.
 
 Tiles: ``HOPPER_CONFIGS`` holds block shapes, warps and pipeline stages per (head dim, dtype,
 causal): starting points from Triton's fused-attention tutorial and FlashAttention-2's H100 tiles,
@@ -55,7 +59,10 @@ import triton.language as tl
 from gpt_kernels import registry
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# Head dims run on a block of the next of these (masked past D): D = 12 on the 16-wide kernels,
+# D = 80 or 96 on the 128-wide ones.
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+MAX_HEAD_DIM = SUPPORTED_HEAD_DIMS[-1]
 AUTOTUNE = os.environ.get("GPT_ATTENTION_AUTOTUNE", "0") == "1"
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2(e))
@@ -105,19 +112,25 @@ class AttentionConfig:
 #   dK/dV 32 queries × 128 keys, 8 warps: 122, 118, 178, 245 regs; 15-115 KB. 4 warps spill at D64+.
 #   dQ 128 queries × 64 keys, 8 warps: 122, 119, 128 regs (D16-64); at D128 128×32: 146 regs, 115 KB
 #     (128×64 takes 254 regs and 164 KB).
+#   D256 (half-height tiles, 2 stages): forward 64×32 184 regs, dK/dV 16×32 176 (16×64 spills),
+#     dQ 64×32 239. Head dims masked up to a block (96 on the D128 tiles) take about the block's.
 # fp32 runs IEEE matmuls on FMA units, whose layouts cost far more registers: its spill-free tiles
-# are much smaller (forward D128 fits only 32×16).
+# are much smaller (forward D128 fits only 32×16). Head dims between two entries run on the larger
+# one's kernels, masked along D.
 _HALF_TILES = {
     16: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
     32: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
     64: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
     128: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
+    # D256 (and 129-255 masked up to it): fp32 accumulators of 256 columns need half-height tiles.
+    256: AttentionConfig(forward=Tile(64, 32, 8, 2), dkdv=Tile(16, 32, 8, 2), dq=Tile(64, 32, 8, 2)),
 }
 _FP32_TILES = {
     16: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
     32: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
     64: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
     128: AttentionConfig(forward=Tile(32, 16, 8, 3), dkdv=Tile(16, 32, 8, 3), dq=Tile(64, 16, 8, 3)),
+    256: AttentionConfig(forward=Tile(16, 16, 8, 2), dkdv=Tile(16, 16, 8, 2), dq=Tile(16, 16, 8, 2)),
 }
 HOPPER_CONFIGS: dict[tuple[int, torch.dtype, bool], AttentionConfig] = {
     (head_dim, dtype, causal): (_FP32_TILES if dtype == torch.float32 else _HALF_TILES)[head_dim]
@@ -135,7 +148,7 @@ def select_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch
     """The tiles for these inputs: the interpreter's on the CPU, the Hopper table's on a GPU."""
     if device.type == "cpu":
         return INTERPRETER_CONFIG
-    return HOPPER_CONFIGS[(head_dim, dtype, bool(causal))]
+    return HOPPER_CONFIGS[(head_block(head_dim), dtype, bool(causal))]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -150,25 +163,48 @@ def _head_offset(bh, n_heads, stride_b, stride_h):
 
 
 @triton.jit
+def _load(ptrs, mask, d_mask, MASKED: tl.constexpr, PAD_D: tl.constexpr):
+    """A block load, masked by ``mask`` (rows or keys past the end) when MASKED and by ``d_mask`` (the
+    head dimension padded up to its block) when PAD_D: at the supported head dims an unmasked block
+    load stays unmasked."""
+    if MASKED:
+        if PAD_D:
+            return tl.load(ptrs, mask=mask & d_mask, other=0.0)
+        else:
+            return tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        if PAD_D:
+            return tl.load(ptrs, mask=d_mask, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _store(ptrs, value, mask, d_mask, PAD_D: tl.constexpr):
+    if PAD_D:
+        tl.store(ptrs, value, mask=mask & d_mask)
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
 def _forward_inner(
     acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, lo, hi,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi). MASKED blocks may hold keys past the end or above
     the diagonal; unmasked ones are known to be entirely valid, so they skip all mask arithmetic."""
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt_ptrs = k_head + offs_n[None, :] * stride_kt + offs_d[:, None]  # Kᵀ block (D, BLOCK_N)
         v_ptrs = v_head + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
-            in_range = offs_n < seq_len
-            kt = tl.load(kt_ptrs, mask=in_range[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
+        in_range = offs_n < seq_len
+        kt = _load(kt_ptrs, in_range[None, :], d_ok[:, None], MASKED, PAD_D)
+        v = _load(v_ptrs, in_range[:, None], d_ok[None, :], MASKED, PAD_D)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # log2-scaled scores, fp32
         if MASKED:
             valid = in_range[None, :]
@@ -192,7 +228,7 @@ def _attention_forward_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     n_heads, seq_len, T_BUCKET, qk_scale,  # T_BUCKET only keys the autotuner
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -207,80 +243,85 @@ def _attention_forward_kernel(
     o_head = O + _head_offset(bh, n_heads, stride_ob, stride_oh)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     row_ok = offs_m < seq_len
-    q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok[:, None], d_ok[None, :], True, PAD_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
         # Keys before this block's first row are visible to every row; the diagonal block is masked.
         diag = start_m * BLOCK_M
         acc, m_i, l_i = _forward_inner(
             acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, diag,
-            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PRECISION,
         )
         acc, m_i, l_i = _forward_inner(
             acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale,
             diag, tl.minimum(diag + BLOCK_M, seq_len),
-            HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PRECISION,
         )
     else:
         full = (seq_len // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _forward_inner(
             acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, full,
-            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PRECISION,
         )
         acc, m_i, l_i = _forward_inner(
             acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, full, seq_len,
-            HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PRECISION,
         )
 
     o = acc / l_i[:, None]
-    tl.store(o_head + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    _store(o_head + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty), row_ok[:, None],
+           d_ok[None, :], PAD_D)
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["n_heads"])
 def _backward_preprocess_kernel(
     O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
-    n_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    n_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(dO ∘ O), the softmax backward's ``Σ_j P_ij dP_ij`` without P."""
     bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     row_ok = offs_m < seq_len
     o_ptrs = O + _head_offset(bh, n_heads, stride_ob, stride_oh) + offs_m[:, None] * stride_ot + offs_d[None, :]
     do_ptrs = DO + _head_offset(bh, n_heads, stride_dob, stride_doh) + offs_m[:, None] * stride_dot + offs_d[None, :]
-    o = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    o = _load(o_ptrs, row_ok[:, None], d_ok[None, :], True, PAD_D).to(tl.float32)
+    do = _load(do_ptrs, row_ok[:, None], d_ok[None, :], True, PAD_D).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale, lo, hi,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate one key block's dK and dV over query blocks [lo, hi), in transposed form
     (keys along rows), so the key block's K and V stay in registers."""
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qt_ptrs = q_head + offs_m[None, :] * stride_qt + offs_d[:, None]  # Qᵀ block (D, BLOCK_M)
         do_ptrs = do_head + offs_m[:, None] * stride_dot + offs_d[None, :]
+        row_ok = offs_m < seq_len
+        qt = _load(qt_ptrs, row_ok[None, :], d_ok[:, None], MASKED, PAD_D)
+        do = _load(do_ptrs, row_ok[:, None], d_ok[None, :], MASKED, PAD_D)
         if MASKED:
-            row_ok = offs_m < seq_len
-            qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_row + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
         else:
-            qt = tl.load(qt_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(lse_row + offs_m)
             delta = tl.load(delta_row + offs_m)
         pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # Pᵀ
@@ -303,7 +344,7 @@ def _attention_backward_dkdv_kernel(
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     n_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Under causal masking the first key blocks are seen by the most queries; the natural order
@@ -316,14 +357,16 @@ def _attention_backward_dkdv_kernel(
     delta_row = DELTA + bh.to(tl.int64) * seq_len
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     key_ok = offs_n[:, None] < seq_len
     k_ptrs = K + _head_offset(bh, n_heads, stride_kb, stride_kh) + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + _head_offset(bh, n_heads, stride_vb, stride_vh) + offs_n[:, None] * stride_vt + offs_d[None, :]
-    k = tl.load(k_ptrs, mask=key_ok, other=0.0)
-    v = tl.load(v_ptrs, mask=key_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    k = _load(k_ptrs, key_ok, d_ok[None, :], True, PAD_D)
+    v = _load(v_ptrs, key_ok, d_ok[None, :], True, PAD_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # Query blocks in three runs: the diagonal (masked), whole blocks below it (unmasked), and the
     # last partial block (masked). Without causal masking the diagonal run is empty. Rows of keys
@@ -335,43 +378,41 @@ def _attention_backward_dkdv_kernel(
         below = diag + BLOCK_N
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
-            diag, tl.minimum(below, seq_len), HEAD_DIM, BLOCK_M, True, CAUSAL, DOT_PRECISION,
+            diag, tl.minimum(below, seq_len), HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION,
         )
     dk, dv = _dkdv_inner(
         dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
-        below, full, HEAD_DIM, BLOCK_M, False, CAUSAL, DOT_PRECISION,
+        below, full, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION,
     )
     dk, dv = _dkdv_inner(
         dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
-        tl.maximum(full, below), seq_len, HEAD_DIM, BLOCK_M, True, CAUSAL, DOT_PRECISION,
+        tl.maximum(full, below), seq_len, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION,
     )
 
     dk *= sm_scale  # S = scale · QKᵀ, so dK = scale · dSᵀ Q
     dk_ptrs = DK + _head_offset(bh, n_heads, stride_dkb, stride_dkh) + offs_n[:, None] * stride_dkt + offs_d[None, :]
     dv_ptrs = DV + _head_offset(bh, n_heads, stride_dvb, stride_dvh) + offs_n[:, None] * stride_dvt + offs_d[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=key_ok)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok)
+    _store(dk_ptrs, dk.to(DK.dtype.element_ty), key_ok, d_ok[None, :], PAD_D)
+    _store(dv_ptrs, dv.to(DV.dtype.element_ty), key_ok, d_ok[None, :], PAD_D)
 
 
 @triton.jit
 def _dq_inner(
     dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, lo, hi,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate one query block's dQ over key blocks [lo, hi)."""
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt_ptrs = k_head + offs_n[None, :] * stride_kt + offs_d[:, None]  # Kᵀ block (D, BLOCK_N)
         vt_ptrs = v_head + offs_n[None, :] * stride_vt + offs_d[:, None]
-        if MASKED:
-            in_range = offs_n < seq_len
-            kt = tl.load(kt_ptrs, mask=in_range[None, :], other=0.0)
-            vt = tl.load(vt_ptrs, mask=in_range[None, :], other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-            vt = tl.load(vt_ptrs)
+        in_range = offs_n < seq_len
+        kt = _load(kt_ptrs, in_range[None, :], d_ok[:, None], MASKED, PAD_D)
+        vt = _load(vt_ptrs, in_range[None, :], d_ok[:, None], MASKED, PAD_D)
         p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if MASKED:
             valid = in_range[None, :]
@@ -390,7 +431,7 @@ def _attention_backward_dq_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
     n_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -402,41 +443,43 @@ def _attention_backward_dq_kernel(
     v_head = V + _head_offset(bh, n_heads, stride_vb, stride_vh)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     row_ok = offs_m < seq_len
     q_ptrs = Q + _head_offset(bh, n_heads, stride_qb, stride_qh) + offs_m[:, None] * stride_qt + offs_d[None, :]
     do_ptrs = DO + _head_offset(bh, n_heads, stride_dob, stride_doh) + offs_m[:, None] * stride_dot + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+    q = _load(q_ptrs, row_ok[:, None], d_ok[None, :], True, PAD_D)
+    do = _load(do_ptrs, row_ok[:, None], d_ok[None, :], True, PAD_D)
     # Rows past the end load lse = delta = 0 and dO = 0: finite values, their dQ is never stored.
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if CAUSAL:
         diag = start_m * BLOCK_M
         dq = _dq_inner(
             dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, diag,
-            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PRECISION,
         )
         dq = _dq_inner(
             dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale,
-            diag, tl.minimum(diag + BLOCK_M, seq_len), HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+            diag, tl.minimum(diag + BLOCK_M, seq_len), HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PRECISION,
         )
     else:
         full = (seq_len // BLOCK_N) * BLOCK_N
         dq = _dq_inner(
             dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, full,
-            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PRECISION,
         )
         dq = _dq_inner(
             dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, full, seq_len,
-            HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PRECISION,
         )
 
     dq *= sm_scale
     dq_ptrs = DQ + _head_offset(bh, n_heads, stride_dqb, stride_dqh) + offs_m[:, None] * stride_dqt + offs_d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    _store(dq_ptrs, dq.to(DQ.dtype.element_ty), row_ok[:, None], d_ok[None, :], PAD_D)
 
 
 # Autotuned variants (GPT_ATTENTION_AUTOTUNE=1, fp16 and bf16). The key is (T bucket, head dim,
@@ -504,11 +547,8 @@ def _check_inputs(q, k, v, scale) -> None:
             "attention: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before import, for CPU), "
             f"got tensors on {q.device}"
         )
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"attention: head dim D = {q.shape[-1]} is not supported; supported head dims are "
-            f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
-        )
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim D = {q.shape[-1]} is not supported; head dims run from 1 to {MAX_HEAD_DIM}")
     is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
     if scale is not None and not (is_number and math.isfinite(scale)):
         raise ValueError(f"attention: scale must be None (1/sqrt(D)) or a finite number, got {scale!r}")
@@ -573,7 +613,12 @@ def _constexprs(q: torch.Tensor, causal: bool) -> dict:
     # fp32 inputs get IEEE matmuls (Triton's default for them is TF32, a 10-bit mantissa); the
     # setting is ignored for fp16/bf16 inputs.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return dict(HEAD_DIM=q.shape[-1], CAUSAL=bool(causal), DOT_PRECISION=precision)
+    return dict(HEAD_DIM=q.shape[-1], BLOCK_D=head_block(q.shape[-1]), CAUSAL=bool(causal), DOT_PRECISION=precision)
+
+
+def head_block(head_dim: int) -> int:
+    """The kernels' block along the head dimension: the smallest supported head dim >= ``head_dim``."""
+    return next(block for block in SUPPORTED_HEAD_DIMS if block >= head_dim)
 
 
 def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -639,7 +684,8 @@ def attention_backward(
 
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     _backward_preprocess_kernel[(B * H, triton.cdiv(T, PREPROCESS_BLOCK_M))](
-        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4,
+        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_D=head_block(D), BLOCK_M=PREPROCESS_BLOCK_M,
+        num_warps=4,
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     tail = (H, T, triton.next_power_of_2(T), sm_scale, sm_scale * LOG2E)
