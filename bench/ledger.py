@@ -510,6 +510,86 @@ def run_ledger(config: GPTConfig, batch_size: int, seq_len: int, grad_accum: int
     return results
 
 
+# ----------------------------------------------------------------------------------- host overhead
+
+
+@contextlib.contextmanager
+def _launches_stubbed():
+    """Every Triton launch returns at once and is counted: what is left is the host's own work
+    (validation, registry, custom-op dispatch, autograd, allocation, aten's dispatch)."""
+    from triton.runtime import interpreter, jit
+
+    counter = {"launches": 0}
+
+    def stub(self, *args, **kwargs):
+        counter["launches"] += 1
+
+    saved = jit.JITFunction.run, interpreter.InterpretedFunction.run
+    jit.JITFunction.run = interpreter.InterpretedFunction.run = stub
+    try:
+        yield counter
+    finally:
+        jit.JITFunction.run, interpreter.InterpretedFunction.run = saved
+
+
+def _microseconds(fn, repeat: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat * 1e6
+
+
+def host_overhead(config: GPTConfig, repeat: int = 20) -> dict:
+    """Host time, in µs on this CPU, of one call of each op and of one all-on micro-step (forward and
+    backward, in fp32: autocast adds one cast per weight, ~150 aten calls), with every Triton launch
+    stubbed out (counted, not run).
+
+    The tensors are real CPU tensors of a tiny size (one sequence of 16 tokens, width 64, a 512-token
+    vocabulary, the preset's depth): the host's work per op does not depend on sizes, and the aten ops'
+    own CPU work stays in the noise. Not counted: Triton's launcher and CUDA's launch calls, which need
+    a GPU (a few µs per launch; the launch count is given)."""
+    import dataclasses
+
+    small = dataclasses.replace(config, n_embd=64, n_head=4, vocab_size=512, block_size=16, dropout=0.0)
+    results = {"config": small.to_dict(), "per_call_us": {}}
+    # The stubbed kernels leave their outputs uninitialized; denormals there would make the aten
+    # matmuls that read them take milliseconds. One thread: worker threads would not flush them.
+    torch.set_flush_denormal(True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with registry.assume_triton_runs(unit_loss_gradient=True), registry.use_kernels("all"), \
+            _launches_stubbed() as launches:
+        ops = registry.ops
+        x, residual = torch.randn(1, 16, 64), torch.randn(1, 16, 64)
+        weight, bias = torch.ones(64), torch.zeros(64)
+        calls = {
+            "aten add (for scale)": lambda: x + residual,
+            "layer_norm (+ residual)": lambda: ops.layer_norm(x, weight, bias, 1e-5, residual=residual),
+            "attention_qkv": lambda: ops.attention_qkv(torch.randn(1, 16, 192), 4),
+            "gelu": lambda: ops.gelu(torch.randn(1, 16, 256), torch.zeros(256)),
+            "linear_cross_entropy": lambda: ops.linear_cross_entropy(x.view(16, 64), torch.randn(512, 64),
+                                                                     torch.zeros(16, dtype=torch.long)),
+        }
+        for name, call in calls.items():
+            results["per_call_us"][name] = _microseconds(call, 200)
+        torch.manual_seed(0)
+        model = GPT(small)
+        idx = torch.zeros((1, 16), dtype=torch.long)
+
+        def micro_step():  # fp32: bf16 matmuls on a CPU cost milliseconds even this small
+            loss = model(idx, idx, check_inputs=False, loss_scale=0.5)[1]
+            loss.backward()
+
+        micro_step()
+        launches["launches"] = 0
+        results["micro_step_us"] = _microseconds(micro_step, repeat)
+        results["launches_per_micro_step"] = launches["launches"] // repeat
+    torch.set_flush_denormal(False)  # the default
+    torch.set_num_threads(threads)
+    return results
+
+
 # ---------------------------------------------------------------------------------------- output
 
 
@@ -532,6 +612,13 @@ def render_markdown(results: dict, top: int = 12) -> str:
         lines.append(f"| {row['label']} | {step['bytes'] / GB:.2f} | {ideal['bytes'] / GB:.2f} | "
                      f"{row['ratio_to_ideal']:.2f} | {step['flops'] / 1e12:.2f} | {step['roofline_ms']:.2f} | "
                      f"{row['optimizer']['bytes'] / GB:.2f} | {row['predicted_tokens_per_s_upper_bound']:,.0f} |")
+    host = results.get("host_overhead")
+    if host:
+        lines += ["", "## Host overhead (measured on this CPU, Triton launches stubbed)", "",
+                  "| call | µs |", "| --- | ---: |"]
+        lines += [f"| {name} | {us:.1f} |" for name, us in host["per_call_us"].items()]
+        lines.append(f"| all-on micro-step ({host['launches_per_micro_step']} Triton launches not included) | "
+                     f"{host['micro_step_us']:,.0f} |")
     for row in results["configs"]:
         lines += ["", f"## {row['label']} (`--kernels {row['kernels']}`): top ops by bytes", "",
                   "| op | calls | GB read | GB written | TFLOP | predicted ms |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -612,6 +699,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="a results.json or folder of runs whose ceilings to use (default: the latest GPU run "
                         "under bench/results, else H100 SXM datasheet figures)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for ledger.json/.md/.png (default {DEFAULT_OUT})")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="also time the host's work per op call and per all-on micro-step on this CPU (Triton launches "
+                        "stubbed), beside the predicted GPU time")
     return p.parse_args(argv)
 
 
@@ -623,12 +713,19 @@ def main(argv: list[str]) -> int:
     ceilings = find_ceilings(args.ceilings or RESULTS_DIR)
     results = run_ledger(config, args.batch_size, args.seq_len, args.grad_accum, getattr(torch, args.dtype),
                          configurations(args.configs), ceilings)
+    if args.host_overhead:
+        results["host_overhead"] = host_overhead(config)
     write_outputs(results, args.out)
     ideal = results["ideal"]["bytes"] / GB
     for row in results["configs"]:
         print(f"  {row['label']:28s} {row['micro_step']['bytes'] / GB:7.2f} GB/micro-step ({row['ratio_to_ideal']:.2f}x "
               f"ideal {ideal:.2f})  predicted {row['micro_step']['roofline_ms']:6.2f} ms, "
               f"{row['predicted_tokens_per_s_upper_bound']:>10,.0f} tokens/s at most")
+    host = results.get("host_overhead")
+    if host:
+        calls = ", ".join(f"{name} {us:.0f} µs" for name, us in host["per_call_us"].items())
+        print(f"host (this CPU, launches stubbed): {calls}; all-on micro-step {host['micro_step_us'] / 1e3:.1f} ms "
+              f"with {host['launches_per_micro_step']} Triton launches")
     print(f"ledger: {len(results['configs'])} configurations in {results['seconds']:.1f} s; "
           f"ceilings: {ceilings['name']}; written to {args.out}")
     return 0

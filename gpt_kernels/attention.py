@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
+from gpt_kernels.host import cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Head dims run on a block of the next of these (masked past D): D = 12 on the 16-wide kernels,
@@ -584,7 +585,7 @@ def _grid(n_heads_total: int, seq_len: int, block: str):
     """(B·H, blocks along T). Heads on the first axis: it has no 65535 limit, and since the GPU
     launches programs in order of that axis first, under causal masking every head's heaviest block
     starts before any lighter one (longest first, the shortest tail)."""
-    return lambda meta: (n_heads_total, triton.cdiv(seq_len, meta[block]))
+    return lambda meta: (n_heads_total, cdiv(seq_len, meta[block]))
 
 
 def _launch(kernel, autotuned, tile: Optional[Tile], grid, args, constexprs) -> None:
@@ -646,7 +647,7 @@ def attention_forward(
         _attention_forward_kernel, _forward_autotuned, config and config.forward,
         _grid(B * H, T, "BLOCK_M"),
         (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-         H, T, triton.next_power_of_2(T), sm_scale * LOG2E),
+         H, T, next_power_of_2(T), sm_scale * LOG2E),
         _constexprs(q, causal),
     )
     return out, lse
@@ -683,12 +684,12 @@ def attention_backward(
     constexprs = _constexprs(q, causal)
 
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    _backward_preprocess_kernel[(B * H, triton.cdiv(T, PREPROCESS_BLOCK_M))](
+    _backward_preprocess_kernel[(B * H, cdiv(T, PREPROCESS_BLOCK_M))](
         o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_D=head_block(D), BLOCK_M=PREPROCESS_BLOCK_M,
         num_warps=4,
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    tail = (H, T, triton.next_power_of_2(T), sm_scale, sm_scale * LOG2E)
+    tail = (H, T, next_power_of_2(T), sm_scale, sm_scale * LOG2E)
     _launch(
         _attention_backward_dkdv_kernel, _dkdv_autotuned, config and config.dkdv,
         _grid(B * H, T, "BLOCK_N"),

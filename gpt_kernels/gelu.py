@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
+from gpt_kernels.host import cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -181,8 +182,8 @@ def _check_out(out: torch.Tensor, like: torch.Tensor, name: str) -> None:
 
 
 def _block_shape(n_rows: int, n_cols: int) -> tuple[int, int]:
-    block_n = min(MAX_BLOCK_N, triton.next_power_of_2(n_cols))
-    block_m = min(TILE_ELEMENTS // block_n, triton.next_power_of_2(n_rows))
+    block_n = min(MAX_BLOCK_N, next_power_of_2(n_cols))
+    block_m = min(TILE_ELEMENTS // block_n, next_power_of_2(n_rows))
     return block_m, block_n
 
 
@@ -190,7 +191,7 @@ def _tiles_per_strip(row_tiles: int, col_blocks: int) -> int:
     """Row tiles each backward program walks: a power of two, at most MAX_TILES_PER_STRIP, while
     the grid keeps MIN_PROGRAMS programs. (Without a bias there is nothing to reduce: 1.)"""
     tiles = 1
-    while tiles < MAX_TILES_PER_STRIP and triton.cdiv(row_tiles, 2 * tiles) * col_blocks >= MIN_PROGRAMS:
+    while tiles < MAX_TILES_PER_STRIP and cdiv(row_tiles, 2 * tiles) * col_blocks >= MIN_PROGRAMS:
         tiles *= 2
     return tiles
 
@@ -210,7 +211,7 @@ def gelu_forward(
     x2, y2 = _rows(x, n_cols), out.view(-1, n_cols)
     n_rows = x2.shape[0]
     block_m, block_n = _block_shape(n_rows, n_cols)
-    grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(n_cols, block_n),)
+    grid = (cdiv(n_rows, block_m) * cdiv(n_cols, block_n),)
     _gelu_forward_kernel[grid](
         x2, bias if bias is not None else x2, y2,
         n_rows, n_cols, x2.stride(0), y2.stride(0),
@@ -242,9 +243,9 @@ def gelu_backward(
     x2, dy2, dx2 = _rows(x, n_cols), _rows(dy, n_cols), dx.view(-1, n_cols)
     n_rows = x2.shape[0]
     block_m, block_n = _block_shape(n_rows, n_cols)
-    row_tiles, col_blocks = triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)
+    row_tiles, col_blocks = cdiv(n_rows, block_m), cdiv(n_cols, block_n)
     tiles_per_strip = _tiles_per_strip(row_tiles, col_blocks) if bias is not None else 1
-    n_strips = triton.cdiv(row_tiles, tiles_per_strip)
+    n_strips = cdiv(row_tiles, tiles_per_strip)
     partial = torch.empty((n_strips, n_cols), dtype=torch.float32, device=x.device) if bias is not None else x2
     _gelu_backward_kernel[(n_strips * col_blocks,)](
         dy2, x2, bias if bias is not None else x2, dx2, partial,

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
+from gpt_kernels.host import cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 65536
@@ -289,8 +290,8 @@ def _check_out(out: torch.Tensor, shape, dtype: torch.dtype, device: torch.devic
 
 def _tile(n_rows: int, n_cols: int, tile_elements: int, warp_elements: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols`` elements."""
-    block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, min(tile_elements // block_n, triton.next_power_of_2(n_rows)))
+    block_n = next_power_of_2(n_cols)
+    block_m = max(1, min(tile_elements // block_n, next_power_of_2(n_rows)))
     num_warps = min(MAX_WARPS, max(MIN_WARPS, block_m * block_n // warp_elements))
     return block_m, block_n, num_warps
 
@@ -337,7 +338,7 @@ def layer_norm_forward(
     stream2 = stream.view(-1, n_cols) if stream is not None else y2
     n_rows = x2.shape[0]
     block_m, block_n, num_warps = _tile(n_rows, n_cols, FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS)
-    _layer_norm_forward_kernel[(triton.cdiv(n_rows, block_m),)](
+    _layer_norm_forward_kernel[(cdiv(n_rows, block_m),)](
         x2, residual2, weight if weight is not None else x2, bias if bias is not None else x2,
         y2, stream2, mean, rstd,
         n_rows, n_cols, x2.stride(0), residual2.stride(0), y2.stride(0), stream2.stride(0), float(eps),
@@ -410,7 +411,7 @@ def layer_norm_backward(
     dresidual2 = dresidual.view(-1, n_cols) if dresidual is not None else dx2
     n_rows = stream2.shape[0]
     block_m, block_n, num_warps = _tile(n_rows, n_cols, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS)
-    n_tiles = triton.cdiv(n_rows, block_m)
+    n_tiles = cdiv(n_rows, block_m)
     # Without parameters there is nothing to reduce across rows: one tile per program.
     n_programs = min(n_tiles, _max_backward_programs(stream.device)) if n_params else n_tiles
     partial = dx2  # a placeholder pointer when there is nothing to reduce
@@ -426,7 +427,7 @@ def layer_norm_backward(
     dweight = torch.empty_like(weight) if weight is not None else None
     dbias = torch.empty_like(bias) if bias is not None else None
     if n_params:
-        _sum_partials_kernel[(triton.cdiv(n_cols, SUM_BLOCK_N),)](
+        _sum_partials_kernel[(cdiv(n_cols, SUM_BLOCK_N),)](
             partial, dweight if dweight is not None else partial, dbias if dbias is not None else partial,
             n_programs, n_cols, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_P=SUM_BLOCK_P, BLOCK_N=SUM_BLOCK_N, num_warps=4,
@@ -545,8 +546,9 @@ _layer_norm_residual_op.register_autograd(
 
 def output_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
     """The dtype of ``y``: the autocast dtype when autocast is on for ``x``'s device, else the stream's."""
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return stream_dtype(x, residual)
 
 

@@ -429,7 +429,7 @@ def linear_cross_entropy(
     ``(loss / grad_accum).backward()`` would. See the module doc for dtypes and chunking, and
     ``gpt_kernels.cross_entropy`` for the options."""
     device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
-    autocast_on = torch.is_autocast_enabled(device_type)
+    autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     check_inputs(hidden, weight, targets, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
                  chunk_size, autocast_on, n_classes)
     if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale) \

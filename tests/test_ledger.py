@@ -166,3 +166,13 @@ def test_autocast_policy_matches_cuda():
         (loss / 4).backward()
     real = [vars(op) for op in recorder.ops]
     assert _casts(fake) == _casts(real)
+
+
+def test_host_overhead_stubs_launches_and_restores_them():
+    from triton.runtime import interpreter, jit
+
+    saved = jit.JITFunction.run, interpreter.InterpretedFunction.run
+    result = ledger.host_overhead(preset("tiny", n_layer=2), repeat=2)
+    assert (jit.JITFunction.run, interpreter.InterpretedFunction.run) == saved
+    assert result["launches_per_micro_step"] > 0 and result["micro_step_us"] > 0
+    assert set(result["per_call_us"]) >= {"layer_norm (+ residual)", "attention_qkv", "gelu", "linear_cross_entropy"}
