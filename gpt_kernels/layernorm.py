@@ -73,6 +73,10 @@ MIN_WARPS, MAX_WARPS = 4, 32
 # row tiles: fewer programs mean fewer partial dweight/dbias rows to write and sum. On the CPU
 # (interpreter) a handful, so that tests exercise the loop.
 BACKWARD_PROGRAMS_PER_SM = 2
+# Pipeline depth of the backward's row loop: two stages (one tile in flight). Tiles that need
+# MAX_WARPS (widths from 8192: 64 registers per thread) run unpipelined, since the extra buffers
+# make the fp32 backward spill there.
+BACKWARD_STAGES = 2
 INTERPRETER_BACKWARD_PROGRAMS = 4
 # The partial rows are summed by a (SUM_BLOCK_P, SUM_BLOCK_N) tile per column block. Narrow column
 # blocks, because this grid is all the parallelism the sum has: at width 768, 32 columns give 24
@@ -119,7 +123,7 @@ def _layer_norm_backward_kernel(
     dy_ptr, dstream_ptr, stream_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dresidual_ptr, partial_ptr,
     n_rows, n_cols, stride_dy_row, stride_dstream_row, stride_stream_row, stride_dx_row, stride_dresidual_row,
     HAS_DSTREAM: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -129,8 +133,9 @@ def _layer_norm_backward_kernel(
     if HAS_BIAS:
         dbias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
-    # Program p takes tiles p, p + P, p + 2P, ...: neighbouring programs read neighbouring rows.
-    for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+    # Program p takes tiles p, p + P, p + 2P, ...: neighbouring programs read neighbouring rows. The
+    # loop is software-pipelined (cp.async on sm_90): the next tile's rows load while this one computes.
+    for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0), num_stages=NUM_STAGES):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
@@ -296,6 +301,10 @@ def _tile(n_rows: int, n_cols: int, tile_elements: int, warp_elements: int) -> t
     return block_m, block_n, num_warps
 
 
+def backward_stages(num_warps: int) -> int:
+    return BACKWARD_STAGES if num_warps < MAX_WARPS else 1
+
+
 @functools.lru_cache(maxsize=None)
 def _max_backward_programs(device: torch.device) -> int:
     if device.type == "cuda":
@@ -422,7 +431,7 @@ def layer_norm_backward(
         n_rows, n_cols, dy2.stride(0), dstream2.stride(0), stream2.stride(0), dx2.stride(0), dresidual2.stride(0),
         HAS_DSTREAM=dstream is not None, WRITE_DRESIDUAL=dresidual is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=backward_stages(num_warps), num_warps=num_warps, num_stages=2,
     )
     dweight = torch.empty_like(weight) if weight is not None else None
     dbias = torch.empty_like(bias) if bias is not None else None

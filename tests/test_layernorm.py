@@ -462,7 +462,9 @@ def build(fn, pointers, constexprs, num_warps, num_stages, n_cols):
                                 capture_output=True, text=True, check=True).stderr
     return dict(registers=int(re.search(r"Used (\d+) registers", report)[1]),
                 spilled=int(re.search(r"(\d+) bytes spill stores", report)[1]),
-                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)))
+                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+                async_copies=len(re.findall(r"cp\.async\.\w+\.shared\.global", ptx)),
+                async_vector_copies=len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x10,", ptx)))
 
 def forward(width, x, stream, param, residual=True, weight=True, bias=True):
     block_m, block_n, warps = ln._tile(16384, width, ln.FORWARD_TILE_ELEMENTS, ln.FORWARD_WARP_ELEMENTS)
@@ -476,6 +478,7 @@ def backward(width, x, stream, param, dstream=True, weight=True, bias=True):
                     dresidual_ptr=stream)
     flags = dict(HAS_DSTREAM=dstream, WRITE_DRESIDUAL=x != stream, HAS_WEIGHT=weight, HAS_BIAS=bias,
                  BLOCK_M=block_m, BLOCK_N=block_n)
+    flags["NUM_STAGES"] = ln.backward_stages(warps)
     return build(ln._layer_norm_backward_kernel, pointers, flags, warps, 2, width)
 
 results = {}
@@ -497,12 +500,17 @@ print(json.dumps(results))
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_without_spills():
     """Every kernel compiles for sm_90 (the interpreter runs Python, not Triton's compiler), the
-    GPT-2 widths and 8192 fit in registers, and aligned rows are read with 16-byte vector loads."""
+    GPT-2 widths and 8192 fit in registers, and aligned rows are read 16 bytes at a time (vector
+    loads, or 16-byte async copies). The backward's row loop is software-pipelined: its loads are
+    cp.async copies into shared memory (but at 8192, where 32 warps leave 64 registers a thread),
+    with registers for at least 2 resident programs of 8 warps per SM (<= 128)."""
     results = run_compile_script(HOPPER_BUILD)
     for name, result in results.items():
         assert result["spilled"] == 0, (name, result)
         if " 771 " not in name:
-            assert result["vector_loads"] > 0, (name, result)
+            assert result["vector_loads"] + result["async_vector_copies"] > 0, (name, result)
+        if name.startswith("backward") and " 8192 " not in name:
+            assert result["async_copies"] > 0 and result["registers"] <= 128, (name, result)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 linears need CUDA; the CPU covers the dtypes in "
