@@ -247,11 +247,13 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
                 elif args.fsdp:  # reduce-scatter only once, after the last micro-step
                     model.set_requires_gradient_sync(last_micro)
                 with autocast(device, dtype):
-                    _, loss = train_model(x, y, check_inputs=False)  # the loader has checked every shard's ids
-                (loss / grad_accum).backward()
+                    # The loader has checked every shard's ids. The loss comes back divided by grad_accum,
+                    # which the fused loss folds into the gradients it computes (no rescaling pass after).
+                    _, loss = train_model(x, y, check_inputs=False, loss_scale=1 / grad_accum)
+                loss.backward()
                 loss_sum += loss.detach().float()
             grad_norm = optimizer.clip_grad_norm_(args.grad_clip).item()
-            train_loss = distributed.mean_across_ranks(loss_sum / grad_accum).item()
+            train_loss = distributed.mean_across_ranks(loss_sum).item()
             verdict = guard.check(step, train_loss, grad_norm)  # NaN/inf and loss spikes skip the update
             if verdict.update:
                 optimizer.step()

@@ -7,6 +7,7 @@
     python -m bench report                           # the latest run -> bench/RESULTS.md
     python -m bench smoke --budget 390 --out DIR     # a short GPU window: most valuable first (bench/smoke.py)
     python -m bench data                             # prepare's tokens/s against tiktoken alone, its peak memory
+    python -m bench ledger                           # CPU, seconds: every op's bytes and FLOPs per step (bench/ledger.py)
 
 A run writes ``bench/results/<UTC date>-<device>/`` (``--quick``: under ``bench/results/quick/``):
 ``results.json`` (environment, ceilings, every figure), ``results.md`` and the plots. The exit
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import data
 
             return data.main(argv[1:])
+        if argv[:1] == ["ledger"]:
+            from bench import ledger
+
+            return ledger.main(argv[1:])
         return run(argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

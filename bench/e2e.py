@@ -165,8 +165,9 @@ def training_step(model, optimizer, batches, grad_accum: int, device: torch.devi
             x, y = batches[position % len(batches)]
             position += 1
             with autocast(device, dtype):
-                _, loss = model(x, y, check_inputs=False)  # as train_gpt2.py: no per-call range-check sync
-            (loss / grad_accum).backward()
+                # As train_gpt2.py: no per-call range-check sync, the 1/grad_accum folded into the loss.
+                _, loss = model(x, y, check_inputs=False, loss_scale=1 / grad_accum)
+            loss.backward()
         optimizer.clip_grad_norm_(grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -55,12 +55,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv_cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        qkv = self.c_attn(x)
+        if kv_cache is None:
+            # q, k, v packed as c_attn wrote them: the kernel reads the heads in place and writes their
+            # gradient as one (B, T, 3C) tensor, with no concatenation in the backward.
+            y = ops.attention_qkv(qkv, self.n_head, causal=True)
+            return self.resid_dropout(self.c_proj(y))
         # (B, T, C) -> (B, H, T, D) views: the attention kernel reads them through their strides.
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if kv_cache is None or kv_cache.prefilling:
-            if kv_cache is not None:
-                kv_cache.write(layer, k, v)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+        if kv_cache.prefilling:
+            kv_cache.write(layer, k, v)
             y = ops.attention(q, k, v, causal=True)
         else:  # one new token per row: its query against every cached key of its row
             keys, values = kv_cache.write(layer, k, v)
@@ -151,7 +155,8 @@ class GPT(nn.Module):
         n = self.num_parameters() - self.transformer.wpe.weight.numel()
         return 6 * n + 6 * self.config.n_layer * seq_len * self.config.n_embd
 
-    def forward(self, idx, targets=None, ignore_index=-100, kv_cache=None, prompt_lengths=None, check_inputs=True):
+    def forward(self, idx, targets=None, ignore_index=-100, kv_cache=None, prompt_lengths=None, check_inputs=True,
+                loss_scale=1.0):
         """Returns ``(logits, loss)``: logits (B, T, vocab_size) and the mean loss over non-ignored targets.
 
         With ``targets`` and the fused ``linear_cross_entropy`` kernel on, the loss comes straight
@@ -166,6 +171,10 @@ class GPT(nn.Module):
         ``check_inputs=False`` skips the range checks of token ids and targets, which cost a host
         sync each per call on a GPU; the training loop passes it because its loader has checked
         every shard's ids once. Shapes and dtypes are always checked (on the host, for free).
+
+        ``loss_scale`` multiplies the returned loss: gradient accumulation passes ``1/grad_accum`` and
+        calls ``loss.backward()``, so that the fused loss computes its gradients already scaled instead
+        of rescaling them in the backward, as ``(loss / grad_accum).backward()`` makes it do.
         """
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be a (B, T) tensor of int64/int32 token ids, got {tuple(idx.shape)} {idx.dtype}")
@@ -200,15 +209,19 @@ class GPT(nn.Module):
             h = h[torch.arange(B, device=h.device), last]
             return self.lm_head(h)[:, :V], None
         if targets is not None and is_triton("linear_cross_entropy", h.device):
-            weight = self.lm_head.weight[:V]  # the padding rows never score a token
-            loss = ops.linear_cross_entropy(h.view(B * T, -1), weight, targets.reshape(-1), ignore_index=ignore_index,
-                                            check_targets=check_inputs)
+            # The whole padded table: aligned matmuls, the padding rows masked out of the loss by the op
+            # (a weight[:V] slice would cost its backward, a V x C copy into wte.grad).
+            loss = ops.linear_cross_entropy(h.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                            ignore_index=ignore_index, check_targets=check_inputs, n_classes=V,
+                                            loss_scale=loss_scale)
             return None, loss
         logits = self.lm_head(h)[..., :V]
         loss = None
         if targets is not None:
             loss = ops.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=ignore_index,
                                      check_targets=check_inputs)
+            if loss_scale != 1.0:
+                loss = loss * loss_scale
         return logits, loss
 
     @classmethod

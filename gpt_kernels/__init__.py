@@ -6,7 +6,7 @@ through ``gpt_kernels.registry.ops``, which picks Triton or the reference per op
 
 from gpt_kernels import registry
 from gpt_kernels.adamw import AdamW, AdamW_reference
-from gpt_kernels.attention import attention, attention_reference
+from gpt_kernels.attention import attention, attention_qkv, attention_qkv_reference, attention_reference
 from gpt_kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from gpt_kernels.decode_attention import decode_attention, decode_attention_reference
 from gpt_kernels.gelu import gelu, gelu_reference
@@ -17,7 +17,7 @@ from gpt_kernels.registry import ops, report, set_kernels, use_kernels
 __all__ = [
     "registry", "ops", "report", "set_kernels", "use_kernels",
     "layer_norm", "layer_norm_reference",
-    "attention", "attention_reference",
+    "attention", "attention_reference", "attention_qkv", "attention_qkv_reference",
     "gelu", "gelu_reference",
     "cross_entropy", "cross_entropy_reference",
     "linear_cross_entropy", "linear_cross_entropy_reference",

@@ -28,7 +28,11 @@ Dtypes: fp16 and bf16 (the training path) and fp32; q, k and v share one dtype (
 autocast-aware, but under autocast all three come out of the same bf16 matmul). Math is fp32:
 scores, softmax statistics and all accumulators; P and dS are rounded to the input dtype before
 their matmuls, as in FlashAttention. fp32 inputs use IEEE fp32 matmuls (not TF32), so fp32 results
-are accurate to fp32 everywhere. Head dims 16, 32, 64 and 128; any sequence length.
+are accurate to fp32 everywhere. Any head dim from 1 to 256 (16, 32, 64, 128 and 256 run as they
+are; the others on the next of those blocks, masked along D); any sequence length.
+
+``attention_qkv(qkv, n_heads)`` takes the model's fused ``c_attn`` output (B, T, 3C) whole and
+returns (B, T, C); its backward writes dq, dk and dv into one (B, T, 3C) gradient.
 
 Tiles: ``HOPPER_CONFIGS`` holds block shapes, warps and pipeline stages per (head dim, dtype,
 causal): starting points from Triton's fused-attention tutorial and FlashAttention-2's H100 tiles,
@@ -53,9 +57,13 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
+from gpt_kernels.host import cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# Head dims run on a block of the next of these (masked past D): D = 12 on the 16-wide kernels,
+# D = 80 or 96 on the 128-wide ones.
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+MAX_HEAD_DIM = SUPPORTED_HEAD_DIMS[-1]
 AUTOTUNE = os.environ.get("GPT_ATTENTION_AUTOTUNE", "0") == "1"
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2(e))
@@ -105,19 +113,25 @@ class AttentionConfig:
 #   dK/dV 32 queries × 128 keys, 8 warps: 122, 118, 178, 245 regs; 15-115 KB. 4 warps spill at D64+.
 #   dQ 128 queries × 64 keys, 8 warps: 122, 119, 128 regs (D16-64); at D128 128×32: 146 regs, 115 KB
 #     (128×64 takes 254 regs and 164 KB).
+#   D256 (half-height tiles, 2 stages): forward 64×32 184 regs, dK/dV 16×32 176 (16×64 spills),
+#     dQ 64×32 239. Head dims masked up to a block (96 on the D128 tiles) take about the block's.
 # fp32 runs IEEE matmuls on FMA units, whose layouts cost far more registers: its spill-free tiles
-# are much smaller (forward D128 fits only 32×16).
+# are much smaller (forward D128 fits only 32×16). Head dims between two entries run on the larger
+# one's kernels, masked along D.
 _HALF_TILES = {
     16: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
     32: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
     64: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
     128: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
+    # D256 (and 129-255 masked up to it): fp32 accumulators of 256 columns need half-height tiles.
+    256: AttentionConfig(forward=Tile(64, 32, 8, 2), dkdv=Tile(16, 32, 8, 2), dq=Tile(64, 32, 8, 2)),
 }
 _FP32_TILES = {
     16: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
     32: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
     64: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
     128: AttentionConfig(forward=Tile(32, 16, 8, 3), dkdv=Tile(16, 32, 8, 3), dq=Tile(64, 16, 8, 3)),
+    256: AttentionConfig(forward=Tile(16, 16, 8, 2), dkdv=Tile(16, 16, 8, 2), dq=Tile(16, 16, 8, 2)),
 }
 HOPPER_CONFIGS: dict[tuple[int, torch.dtype, bool], AttentionConfig] = {
     (head_dim, dtype, causal): (_FP32_TILES if dtype == torch.float32 else _HALF_TILES)[head_dim]
@@ -135,7 +149,7 @@ def select_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch
     """The tiles for these inputs: the interpreter's on the CPU, the Hopper table's on a GPU."""
     if device.type == "cpu":
         return INTERPRETER_CONFIG
-    return HOPPER_CONFIGS[(head_dim, dtype, bool(causal))]
+    return HOPPER_CONFIGS[(head_block(head_dim), dtype, bool(causal))]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -150,25 +164,48 @@ def _head_offset(bh, n_heads, stride_b, stride_h):
 
 
 @triton.jit
+def _load(ptrs, mask, d_mask, MASKED: tl.constexpr, PAD_D: tl.constexpr):
+    """A block load, masked by ``mask`` (rows or keys past the end) when MASKED and by ``d_mask`` (the
+    head dimension padded up to its block) when PAD_D: at the supported head dims an unmasked block
+    load stays unmasked."""
+    if MASKED:
+        if PAD_D:
+            return tl.load(ptrs, mask=mask & d_mask, other=0.0)
+        else:
+            return tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        if PAD_D:
+            return tl.load(ptrs, mask=d_mask, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _store(ptrs, value, mask, d_mask, PAD_D: tl.constexpr):
+    if PAD_D:
+        tl.store(ptrs, value, mask=mask & d_mask)
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
 def _forward_inner(
     acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, lo, hi,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi). MASKED blocks may hold keys past the end or above
     the diagonal; unmasked ones are known to be entirely valid, so they skip all mask arithmetic."""
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt_ptrs = k_head + offs_n[None, :] * stride_kt + offs_d[:, None]  # Kᵀ block (D, BLOCK_N)
         v_ptrs = v_head + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
-            in_range = offs_n < seq_len
-            kt = tl.load(kt_ptrs, mask=in_range[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
+        in_range = offs_n < seq_len
+        kt = _load(kt_ptrs, in_range[None, :], d_ok[:, None], MASKED, PAD_D)
+        v = _load(v_ptrs, in_range[:, None], d_ok[None, :], MASKED, PAD_D)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # log2-scaled scores, fp32
         if MASKED:
             valid = in_range[None, :]
@@ -192,7 +229,7 @@ def _attention_forward_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     n_heads, seq_len, T_BUCKET, qk_scale,  # T_BUCKET only keys the autotuner
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -207,80 +244,85 @@ def _attention_forward_kernel(
     o_head = O + _head_offset(bh, n_heads, stride_ob, stride_oh)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     row_ok = offs_m < seq_len
-    q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok[:, None], d_ok[None, :], True, PAD_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
         # Keys before this block's first row are visible to every row; the diagonal block is masked.
         diag = start_m * BLOCK_M
         acc, m_i, l_i = _forward_inner(
             acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, diag,
-            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PRECISION,
         )
         acc, m_i, l_i = _forward_inner(
             acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale,
             diag, tl.minimum(diag + BLOCK_M, seq_len),
-            HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PRECISION,
         )
     else:
         full = (seq_len // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _forward_inner(
             acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, full,
-            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PRECISION,
         )
         acc, m_i, l_i = _forward_inner(
             acc, m_i, l_i, q, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, full, seq_len,
-            HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PRECISION,
         )
 
     o = acc / l_i[:, None]
-    tl.store(o_head + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    _store(o_head + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty), row_ok[:, None],
+           d_ok[None, :], PAD_D)
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["n_heads"])
 def _backward_preprocess_kernel(
     O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
-    n_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    n_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(dO ∘ O), the softmax backward's ``Σ_j P_ij dP_ij`` without P."""
     bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     row_ok = offs_m < seq_len
     o_ptrs = O + _head_offset(bh, n_heads, stride_ob, stride_oh) + offs_m[:, None] * stride_ot + offs_d[None, :]
     do_ptrs = DO + _head_offset(bh, n_heads, stride_dob, stride_doh) + offs_m[:, None] * stride_dot + offs_d[None, :]
-    o = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    o = _load(o_ptrs, row_ok[:, None], d_ok[None, :], True, PAD_D).to(tl.float32)
+    do = _load(do_ptrs, row_ok[:, None], d_ok[None, :], True, PAD_D).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale, lo, hi,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate one key block's dK and dV over query blocks [lo, hi), in transposed form
     (keys along rows), so the key block's K and V stay in registers."""
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qt_ptrs = q_head + offs_m[None, :] * stride_qt + offs_d[:, None]  # Qᵀ block (D, BLOCK_M)
         do_ptrs = do_head + offs_m[:, None] * stride_dot + offs_d[None, :]
+        row_ok = offs_m < seq_len
+        qt = _load(qt_ptrs, row_ok[None, :], d_ok[:, None], MASKED, PAD_D)
+        do = _load(do_ptrs, row_ok[:, None], d_ok[None, :], MASKED, PAD_D)
         if MASKED:
-            row_ok = offs_m < seq_len
-            qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_row + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
         else:
-            qt = tl.load(qt_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(lse_row + offs_m)
             delta = tl.load(delta_row + offs_m)
         pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # Pᵀ
@@ -303,7 +345,7 @@ def _attention_backward_dkdv_kernel(
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     n_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Under causal masking the first key blocks are seen by the most queries; the natural order
@@ -316,14 +358,16 @@ def _attention_backward_dkdv_kernel(
     delta_row = DELTA + bh.to(tl.int64) * seq_len
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     key_ok = offs_n[:, None] < seq_len
     k_ptrs = K + _head_offset(bh, n_heads, stride_kb, stride_kh) + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + _head_offset(bh, n_heads, stride_vb, stride_vh) + offs_n[:, None] * stride_vt + offs_d[None, :]
-    k = tl.load(k_ptrs, mask=key_ok, other=0.0)
-    v = tl.load(v_ptrs, mask=key_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    k = _load(k_ptrs, key_ok, d_ok[None, :], True, PAD_D)
+    v = _load(v_ptrs, key_ok, d_ok[None, :], True, PAD_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # Query blocks in three runs: the diagonal (masked), whole blocks below it (unmasked), and the
     # last partial block (masked). Without causal masking the diagonal run is empty. Rows of keys
@@ -335,43 +379,41 @@ def _attention_backward_dkdv_kernel(
         below = diag + BLOCK_N
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
-            diag, tl.minimum(below, seq_len), HEAD_DIM, BLOCK_M, True, CAUSAL, DOT_PRECISION,
+            diag, tl.minimum(below, seq_len), HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION,
         )
     dk, dv = _dkdv_inner(
         dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
-        below, full, HEAD_DIM, BLOCK_M, False, CAUSAL, DOT_PRECISION,
+        below, full, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION,
     )
     dk, dv = _dkdv_inner(
         dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
-        tl.maximum(full, below), seq_len, HEAD_DIM, BLOCK_M, True, CAUSAL, DOT_PRECISION,
+        tl.maximum(full, below), seq_len, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION,
     )
 
     dk *= sm_scale  # S = scale · QKᵀ, so dK = scale · dSᵀ Q
     dk_ptrs = DK + _head_offset(bh, n_heads, stride_dkb, stride_dkh) + offs_n[:, None] * stride_dkt + offs_d[None, :]
     dv_ptrs = DV + _head_offset(bh, n_heads, stride_dvb, stride_dvh) + offs_n[:, None] * stride_dvt + offs_d[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=key_ok)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok)
+    _store(dk_ptrs, dk.to(DK.dtype.element_ty), key_ok, d_ok[None, :], PAD_D)
+    _store(dv_ptrs, dv.to(DV.dtype.element_ty), key_ok, d_ok[None, :], PAD_D)
 
 
 @triton.jit
 def _dq_inner(
     dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, lo, hi,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate one query block's dQ over key blocks [lo, hi)."""
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt_ptrs = k_head + offs_n[None, :] * stride_kt + offs_d[:, None]  # Kᵀ block (D, BLOCK_N)
         vt_ptrs = v_head + offs_n[None, :] * stride_vt + offs_d[:, None]
-        if MASKED:
-            in_range = offs_n < seq_len
-            kt = tl.load(kt_ptrs, mask=in_range[None, :], other=0.0)
-            vt = tl.load(vt_ptrs, mask=in_range[None, :], other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-            vt = tl.load(vt_ptrs)
+        in_range = offs_n < seq_len
+        kt = _load(kt_ptrs, in_range[None, :], d_ok[:, None], MASKED, PAD_D)
+        vt = _load(vt_ptrs, in_range[None, :], d_ok[:, None], MASKED, PAD_D)
         p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if MASKED:
             valid = in_range[None, :]
@@ -390,7 +432,7 @@ def _attention_backward_dq_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
     n_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -402,41 +444,43 @@ def _attention_backward_dq_kernel(
     v_head = V + _head_offset(bh, n_heads, stride_vb, stride_vh)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     row_ok = offs_m < seq_len
     q_ptrs = Q + _head_offset(bh, n_heads, stride_qb, stride_qh) + offs_m[:, None] * stride_qt + offs_d[None, :]
     do_ptrs = DO + _head_offset(bh, n_heads, stride_dob, stride_doh) + offs_m[:, None] * stride_dot + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+    q = _load(q_ptrs, row_ok[:, None], d_ok[None, :], True, PAD_D)
+    do = _load(do_ptrs, row_ok[:, None], d_ok[None, :], True, PAD_D)
     # Rows past the end load lse = delta = 0 and dO = 0: finite values, their dQ is never stored.
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if CAUSAL:
         diag = start_m * BLOCK_M
         dq = _dq_inner(
             dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, diag,
-            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PRECISION,
         )
         dq = _dq_inner(
             dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale,
-            diag, tl.minimum(diag + BLOCK_M, seq_len), HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+            diag, tl.minimum(diag + BLOCK_M, seq_len), HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PRECISION,
         )
     else:
         full = (seq_len // BLOCK_N) * BLOCK_N
         dq = _dq_inner(
             dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, 0, full,
-            HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PRECISION,
         )
         dq = _dq_inner(
             dq, q, do, lse, delta, k_head, v_head, offs_m, seq_len, stride_kt, stride_vt, qk_scale, full, seq_len,
-            HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PRECISION,
         )
 
     dq *= sm_scale
     dq_ptrs = DQ + _head_offset(bh, n_heads, stride_dqb, stride_dqh) + offs_m[:, None] * stride_dqt + offs_d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    _store(dq_ptrs, dq.to(DQ.dtype.element_ty), row_ok[:, None], d_ok[None, :], PAD_D)
 
 
 # Autotuned variants (GPT_ATTENTION_AUTOTUNE=1, fp16 and bf16). The key is (T bucket, head dim,
@@ -504,11 +548,8 @@ def _check_inputs(q, k, v, scale) -> None:
             "attention: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before import, for CPU), "
             f"got tensors on {q.device}"
         )
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"attention: head dim D = {q.shape[-1]} is not supported; supported head dims are "
-            f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
-        )
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim D = {q.shape[-1]} is not supported; head dims run from 1 to {MAX_HEAD_DIM}")
     is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
     if scale is not None and not (is_number and math.isfinite(scale)):
         raise ValueError(f"attention: scale must be None (1/sqrt(D)) or a finite number, got {scale!r}")
@@ -544,7 +585,7 @@ def _grid(n_heads_total: int, seq_len: int, block: str):
     """(B·H, blocks along T). Heads on the first axis: it has no 65535 limit, and since the GPU
     launches programs in order of that axis first, under causal masking every head's heaviest block
     starts before any lighter one (longest first, the shortest tail)."""
-    return lambda meta: (n_heads_total, triton.cdiv(seq_len, meta[block]))
+    return lambda meta: (n_heads_total, cdiv(seq_len, meta[block]))
 
 
 def _launch(kernel, autotuned, tile: Optional[Tile], grid, args, constexprs) -> None:
@@ -573,7 +614,12 @@ def _constexprs(q: torch.Tensor, causal: bool) -> dict:
     # fp32 inputs get IEEE matmuls (Triton's default for them is TF32, a 10-bit mantissa); the
     # setting is ignored for fp16/bf16 inputs.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return dict(HEAD_DIM=q.shape[-1], CAUSAL=bool(causal), DOT_PRECISION=precision)
+    return dict(HEAD_DIM=q.shape[-1], BLOCK_D=head_block(q.shape[-1]), CAUSAL=bool(causal), DOT_PRECISION=precision)
+
+
+def head_block(head_dim: int) -> int:
+    """The kernels' block along the head dimension: the smallest supported head dim >= ``head_dim``."""
+    return next(block for block in SUPPORTED_HEAD_DIMS if block >= head_dim)
 
 
 def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -601,7 +647,7 @@ def attention_forward(
         _attention_forward_kernel, _forward_autotuned, config and config.forward,
         _grid(B * H, T, "BLOCK_M"),
         (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-         H, T, triton.next_power_of_2(T), sm_scale * LOG2E),
+         H, T, next_power_of_2(T), sm_scale * LOG2E),
         _constexprs(q, causal),
     )
     return out, lse
@@ -638,11 +684,12 @@ def attention_backward(
     constexprs = _constexprs(q, causal)
 
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    _backward_preprocess_kernel[(B * H, triton.cdiv(T, PREPROCESS_BLOCK_M))](
-        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4,
+    _backward_preprocess_kernel[(B * H, cdiv(T, PREPROCESS_BLOCK_M))](
+        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_D=head_block(D), BLOCK_M=PREPROCESS_BLOCK_M,
+        num_warps=4,
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    tail = (H, T, triton.next_power_of_2(T), sm_scale, sm_scale * LOG2E)
+    tail = (H, T, next_power_of_2(T), sm_scale, sm_scale * LOG2E)
     _launch(
         _attention_backward_dkdv_kernel, _dkdv_autotuned, config and config.dkdv,
         _grid(B * H, T, "BLOCK_N"),
@@ -685,6 +732,32 @@ def _attention_backward_fake(do, q, k, v, o, lse, causal, scale):
     return _bthd_empty(q), _bthd_empty(q), _bthd_empty(q)
 
 
+def attention_flops(heads: int, t_q: int, t_k: int, head_dim: int, causal: bool, backward: bool = False) -> int:
+    """FLOPs of ``heads`` (B·H) attention heads: QKᵀ and PV forward (2 GEMMs), 5 backward (S recomputed,
+    dP, dV, dQ, dK). Causal masking halves them (the skipped blocks)."""
+    flops = 2 * 2 * heads * t_q * t_k * head_dim
+    flops = flops * 5 // 2 if backward else flops
+    return flops // 2 if causal else flops
+
+
+def _forward_cost(args, outputs):
+    q, k, _, causal, _ = args
+    read, written, _ = registry.default_cost(args, outputs)
+    return read, written, attention_flops(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3], causal)
+
+
+def _backward_cost(args, outputs):
+    do, q, k, _, _, lse, causal, _ = args
+    read, written, _ = registry.default_cost(args, outputs)
+    delta = 2 * registry.tensor_bytes(lse)  # rowsum(dO·O), written by the preprocessing kernel and read back
+    return read + delta // 2, written + delta // 2, attention_flops(
+        q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3], causal, backward=True)
+
+
+registry.register_cost("gpt_triton::attention", _forward_cost)
+registry.register_cost("gpt_triton::attention_backward", _backward_cost)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, causal, scale = inputs
     o, lse = output
@@ -717,4 +790,120 @@ def attention_reference(q, k, v, causal=True, scale=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
-registry.register("attention", reference=attention_reference, triton=attention)
+# ----------------------------------------------------------------------------- packed q, k, v
+#
+# The model's c_attn writes q, k and v side by side, (B, T, 3C). Taking that tensor whole, the
+# backward writes dq, dk and dv into one (B, T, 3C) buffer, the gradient c_attn's backward reads;
+# three separate gradients would be concatenated into it by autograd (the backward of the split), a
+# read and a write of the whole (B, T, 3C) gradient.
+
+
+def _check_packed(qkv, n_heads) -> None:
+    if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1:
+        raise ValueError(f"attention_qkv: n_heads must be an int >= 1, got {n_heads!r}")
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3 or qkv.shape[-1] % (3 * n_heads):
+        raise ValueError(f"attention_qkv: qkv must be a (B, T, 3·C) tensor with C divisible by n_heads={n_heads}, "
+                         f"got {_describe(qkv)}")
+
+
+def split_qkv(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, 3C) -> q, k, v as (B, H, T, D) views (no copy)."""
+    B, T, three_c = qkv.shape
+    C = three_c // 3
+    return tuple(t.view(B, T, n_heads, C // n_heads).transpose(1, 2) for t in qkv.split(C, dim=2))
+
+
+def _bhtd_view(btc: torch.Tensor, n_heads: int) -> torch.Tensor:
+    B, T, C = btc.shape
+    return btc.view(B, T, n_heads, C // n_heads).transpose(1, 2)
+
+
+@torch.library.custom_op("gpt_triton::attention_qkv", mutates_args=())
+def _attention_qkv_op(qkv: torch.Tensor, n_heads: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = split_qkv(qkv, n_heads)
+    B, T, three_c = qkv.shape
+    out = torch.empty((B, T, three_c // 3), dtype=qkv.dtype, device=qkv.device)
+    _, lse = attention_forward(q, k, v, causal, scale, out=_bhtd_view(out, n_heads))
+    return out, lse
+
+
+@_attention_qkv_op.register_fake
+def _attention_qkv_fake(qkv, n_heads, causal, scale):
+    B, T, three_c = qkv.shape
+    return qkv.new_empty((B, T, three_c // 3)), qkv.new_empty((B, n_heads, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt_triton::attention_qkv_backward", mutates_args=())
+def _attention_qkv_backward_op(
+    do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, n_heads: int, causal: bool, scale: float,
+) -> torch.Tensor:
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = split_qkv(dqkv, n_heads)
+    attention_backward(_bhtd_view(do, n_heads), *split_qkv(qkv, n_heads), _bhtd_view(o, n_heads), lse, causal, scale,
+                       dq=dq, dk=dk, dv=dv)
+    return dqkv
+
+
+@_attention_qkv_backward_op.register_fake
+def _attention_qkv_backward_fake(do, qkv, o, lse, n_heads, causal, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _packed_forward_cost(args, outputs):
+    qkv, n_heads, causal, _ = args
+    read, written, _ = registry.default_cost(args, outputs)
+    B, T, three_c = qkv.shape
+    return read, written, attention_flops(B * n_heads, T, T, three_c // 3 // n_heads, causal)
+
+
+def _packed_backward_cost(args, outputs):
+    do, qkv, o, lse, n_heads, causal, _ = args
+    read, written, _ = registry.default_cost(args, outputs)
+    delta = registry.tensor_bytes(lse)  # rowsum(dO·O), written by the preprocessing kernel and read back
+    B, T, three_c = qkv.shape
+    return read + delta, written + delta, attention_flops(B * n_heads, T, T, three_c // 3 // n_heads, causal,
+                                                          backward=True)
+
+
+registry.register_cost("gpt_triton::attention_qkv", _packed_forward_cost)
+registry.register_cost("gpt_triton::attention_qkv_backward", _packed_backward_cost)
+
+
+def _setup_packed(ctx, inputs, output):
+    qkv, n_heads, causal, scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.n_heads, ctx.causal, ctx.scale = n_heads, causal, scale
+
+
+def _packed_backward(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    dqkv = torch.ops.gpt_triton.attention_qkv_backward(do.contiguous(), qkv, o, lse, ctx.n_heads, ctx.causal,
+                                                      ctx.scale)
+    return dqkv, None, None, None
+
+
+_attention_qkv_op.register_autograd(_packed_backward, setup_context=_setup_packed)
+
+
+def attention_qkv(qkv: torch.Tensor, n_heads: int, causal: bool = True, scale: Optional[float] = None) -> torch.Tensor:
+    """Attention over the packed output of a fused q/k/v projection: ``qkv`` (B, T, 3C) holds q, k and v
+    side by side, each C = n_heads · D wide; returns (B, T, C), the heads side by side (what the
+    output projection takes). The gradient of ``qkv`` is written as one (B, T, 3C) tensor."""
+    _check_packed(qkv, n_heads)
+    q, k, v = split_qkv(qkv, n_heads)
+    _check_inputs(q, k, v, scale)
+    return torch.ops.gpt_triton.attention_qkv(qkv, n_heads, bool(causal), _default_scale(q, scale))[0]
+
+
+def attention_qkv_reference(qkv, n_heads, causal=True, scale=None):
+    """PyTorch reference: the split into heads, ``F.scaled_dot_product_attention``, the heads joined."""
+    _check_packed(qkv, n_heads)
+    B, T, _ = qkv.shape
+    y = attention_reference(*split_qkv(qkv, n_heads), causal=causal, scale=scale)
+    return y.transpose(1, 2).reshape(B, T, -1)
+
+
+registry.register("attention", reference=attention_reference, triton=attention,
+                  variants={"attention_qkv": (attention_qkv_reference, attention_qkv)})

@@ -77,6 +77,7 @@ import triton.language as tl
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from gpt_kernels import registry
+from gpt_kernels.host import cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -351,7 +352,7 @@ def cross_entropy_forward(
     if n_rows == 0:
         return loss_rows, z_loss_rows, grad
 
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_cols))
+    block_v = min(MAX_BLOCK_V, next_power_of_2(n_cols))
     compute_grad = grad_scale is not None
     _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0),
@@ -376,9 +377,9 @@ def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     scale, stride_scale = _checked_scale(scale, n_rows, x.device)
     if x.numel() == 0:
         return x
-    block_n = min(SCALE_MAX_BLOCK_N, triton.next_power_of_2(n_cols))
-    block_m = min(SCALE_TILE_ELEMENTS // block_n, triton.next_power_of_2(n_rows))
-    grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(n_cols, block_n),)
+    block_n = min(SCALE_MAX_BLOCK_N, next_power_of_2(n_cols))
+    block_m = min(SCALE_TILE_ELEMENTS // block_n, next_power_of_2(n_rows))
+    grid = (cdiv(n_rows, block_m) * cdiv(n_cols, block_n),)
     _scale_rows_kernel[grid](
         x, x.stride(0), scale, stride_scale, n_rows, n_cols,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n),

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
+from gpt_kernels.host import cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -214,8 +215,8 @@ def _sm_count(device: torch.device) -> int:
 
 def _num_splits(n_programs: int, max_len: int, block_n: int, device: torch.device) -> int:
     """Enough splits for PROGRAMS_PER_SM programs per SM, but never less than one key block each."""
-    wanted = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), n_programs)
-    return max(1, min(wanted, triton.cdiv(max_len, block_n), MAX_SPLITS))
+    wanted = cdiv(PROGRAMS_PER_SM * _sm_count(device), n_programs)
+    return max(1, min(wanted, cdiv(max_len, block_n), MAX_SPLITS))
 
 
 def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -243,14 +244,14 @@ def decode_attention_forward(
         return out
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
 
-    block_d = triton.next_power_of_2(D)
+    block_d = next_power_of_2(D)
     block_n, num_warps = _tile(block_d)
     if num_splits is None:
         num_splits = _num_splits(B * H, max_len, block_n, q.device)
     elif not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"decode_attention: num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     # Whole key blocks per split; the last splits may get fewer keys, or none.
-    keys_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
+    keys_per_split = cdiv(cdiv(max_len, num_splits), block_n) * block_n
     single = num_splits == 1
     if single:
         partial_out = partial_lse = out  # unused: the split kernel writes the output itself
@@ -271,7 +272,7 @@ def decode_attention_forward(
     if not single:
         _decode_combine_kernel[(B * H,)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), H, num_splits,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=next_power_of_2(num_splits), num_warps=4,
         )
     return out
 

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
+from gpt_kernels.host import cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -49,6 +50,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_N = 256
 TILE_ELEMENTS = 4096
 NUM_WARPS = 8
+# The backward's strip loop is software-pipelined this deep (two stages: one tile in flight; sm_90
+# builds it with cp.async at 64 registers, three stages take 76).
+BACKWARD_STAGES = 2
 # The backward's strip of rows per program is a power of two up to this many tiles, as long as
 # the grid keeps at least MIN_PROGRAMS programs (several waves on 132 SMs): longer strips mean
 # fewer partial dbias rows to write and sum.
@@ -102,6 +106,7 @@ def _gelu_backward_kernel(
     dy_ptr, x_ptr, bias_ptr, dx_ptr, dbias_partial_ptr,
     n_rows, n_cols, stride_dy_row, stride_x_row, stride_dx_row,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_STRIP: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     col_blocks = tl.cdiv(n_cols, BLOCK_N)  # a flat grid, as in the forward
     strip = tl.program_id(0) // col_blocks
@@ -110,7 +115,8 @@ def _gelu_backward_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         dbias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tile in range(TILES_PER_STRIP):
+    # Software-pipelined (cp.async on sm_90): the next tile's h and dy load while this one computes.
+    for tile in tl.range(TILES_PER_STRIP, num_stages=NUM_STAGES):
         rows = (strip * TILES_PER_STRIP + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (rows[:, None] < n_rows) & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
@@ -181,8 +187,8 @@ def _check_out(out: torch.Tensor, like: torch.Tensor, name: str) -> None:
 
 
 def _block_shape(n_rows: int, n_cols: int) -> tuple[int, int]:
-    block_n = min(MAX_BLOCK_N, triton.next_power_of_2(n_cols))
-    block_m = min(TILE_ELEMENTS // block_n, triton.next_power_of_2(n_rows))
+    block_n = min(MAX_BLOCK_N, next_power_of_2(n_cols))
+    block_m = min(TILE_ELEMENTS // block_n, next_power_of_2(n_rows))
     return block_m, block_n
 
 
@@ -190,7 +196,7 @@ def _tiles_per_strip(row_tiles: int, col_blocks: int) -> int:
     """Row tiles each backward program walks: a power of two, at most MAX_TILES_PER_STRIP, while
     the grid keeps MIN_PROGRAMS programs. (Without a bias there is nothing to reduce: 1.)"""
     tiles = 1
-    while tiles < MAX_TILES_PER_STRIP and triton.cdiv(row_tiles, 2 * tiles) * col_blocks >= MIN_PROGRAMS:
+    while tiles < MAX_TILES_PER_STRIP and cdiv(row_tiles, 2 * tiles) * col_blocks >= MIN_PROGRAMS:
         tiles *= 2
     return tiles
 
@@ -210,7 +216,7 @@ def gelu_forward(
     x2, y2 = _rows(x, n_cols), out.view(-1, n_cols)
     n_rows = x2.shape[0]
     block_m, block_n = _block_shape(n_rows, n_cols)
-    grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(n_cols, block_n),)
+    grid = (cdiv(n_rows, block_m) * cdiv(n_cols, block_n),)
     _gelu_forward_kernel[grid](
         x2, bias if bias is not None else x2, y2,
         n_rows, n_cols, x2.stride(0), y2.stride(0),
@@ -242,15 +248,15 @@ def gelu_backward(
     x2, dy2, dx2 = _rows(x, n_cols), _rows(dy, n_cols), dx.view(-1, n_cols)
     n_rows = x2.shape[0]
     block_m, block_n = _block_shape(n_rows, n_cols)
-    row_tiles, col_blocks = triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)
+    row_tiles, col_blocks = cdiv(n_rows, block_m), cdiv(n_cols, block_n)
     tiles_per_strip = _tiles_per_strip(row_tiles, col_blocks) if bias is not None else 1
-    n_strips = triton.cdiv(row_tiles, tiles_per_strip)
+    n_strips = cdiv(row_tiles, tiles_per_strip)
     partial = torch.empty((n_strips, n_cols), dtype=torch.float32, device=x.device) if bias is not None else x2
     _gelu_backward_kernel[(n_strips * col_blocks,)](
         dy2, x2, bias if bias is not None else x2, dx2, partial,
         n_rows, n_cols, dy2.stride(0), x2.stride(0), dx2.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, TILES_PER_STRIP=tiles_per_strip,
-        num_warps=NUM_WARPS, num_stages=2,
+        NUM_STAGES=BACKWARD_STAGES, num_warps=NUM_WARPS, num_stages=2,
     )
     dbias = partial.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dbias

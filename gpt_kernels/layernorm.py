@@ -13,7 +13,9 @@ bf16 output, ``residual`` the fp32 stream and the parameters fp32):
 
 * the sum ``x + residual`` is computed in fp32 and stored in ``promote_types(x, residual)``;
 * the normalized output has the dtype of the stream it normalizes (the sum, or ``x`` without a
-  residual), which is what ``F.layer_norm`` gives under autocast (it runs fp32 inputs in fp32);
+  residual), except under autocast, where it has the autocast dtype: the next op is a linear,
+  which autocast would cast it to anyway, and writing bf16 saves that cast (a read and a write of
+  the fp32 output) and its backward's upcast of ``dy`` (the backward reads a bf16 ``dy`` as it is);
 * ``weight`` and ``bias`` are read in their own dtype, which is the stream's or fp32;
 * statistics and all arithmetic are fp32; every gradient comes back in its input's dtype.
 
@@ -51,6 +53,7 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
+from gpt_kernels.host import cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 65536
@@ -70,6 +73,10 @@ MIN_WARPS, MAX_WARPS = 4, 32
 # row tiles: fewer programs mean fewer partial dweight/dbias rows to write and sum. On the CPU
 # (interpreter) a handful, so that tests exercise the loop.
 BACKWARD_PROGRAMS_PER_SM = 2
+# Pipeline depth of the backward's row loop: two stages (one tile in flight). Tiles that need
+# MAX_WARPS (widths from 8192: 64 registers per thread) run unpipelined, since the extra buffers
+# make the fp32 backward spill there.
+BACKWARD_STAGES = 2
 INTERPRETER_BACKWARD_PROGRAMS = 4
 # The partial rows are summed by a (SUM_BLOCK_P, SUM_BLOCK_N) tile per column block. Narrow column
 # blocks, because this grid is all the parallelism the sum has: at width 768, 32 columns give 24
@@ -116,7 +123,7 @@ def _layer_norm_backward_kernel(
     dy_ptr, dstream_ptr, stream_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dresidual_ptr, partial_ptr,
     n_rows, n_cols, stride_dy_row, stride_dstream_row, stride_stream_row, stride_dx_row, stride_dresidual_row,
     HAS_DSTREAM: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -126,8 +133,9 @@ def _layer_norm_backward_kernel(
     if HAS_BIAS:
         dbias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
-    # Program p takes tiles p, p + P, p + 2P, ...: neighbouring programs read neighbouring rows.
-    for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+    # Program p takes tiles p, p + P, p + 2P, ...: neighbouring programs read neighbouring rows. The
+    # loop is software-pipelined (cp.async on sm_90): the next tile's rows load while this one computes.
+    for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0), num_stages=NUM_STAGES):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
@@ -204,8 +212,10 @@ def stream_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dty
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
-def _check_inputs(x, weight, bias, eps, residual) -> None:
+def _check_inputs(x, weight, bias, eps, residual, out_dtype=None) -> None:
     """ValueError for anything the kernels cannot take, saying what was expected."""
+    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"layer_norm: out_dtype must be None, float32, float16 or bfloat16, got {out_dtype}")
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"layer_norm: x must be a tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -285,10 +295,14 @@ def _check_out(out: torch.Tensor, shape, dtype: torch.dtype, device: torch.devic
 
 def _tile(n_rows: int, n_cols: int, tile_elements: int, warp_elements: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols`` elements."""
-    block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, min(tile_elements // block_n, triton.next_power_of_2(n_rows)))
+    block_n = next_power_of_2(n_cols)
+    block_m = max(1, min(tile_elements // block_n, next_power_of_2(n_rows)))
     num_warps = min(MAX_WARPS, max(MIN_WARPS, block_m * block_n // warp_elements))
     return block_m, block_n, num_warps
+
+
+def backward_stages(num_warps: int) -> int:
+    return BACKWARD_STAGES if num_warps < MAX_WARPS else 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -306,16 +320,18 @@ def layer_norm_forward(
     residual: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     stream_out: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: ``(y, stream, mean, rstd)``. ``stream`` is ``x + residual``
-    (None without a residual), ``y`` its LayerNorm, ``mean``/``rstd`` fp32 of shape ``x.shape[:-1]``.
-    ``y`` and ``stream`` go into ``out`` / ``stream_out`` when given."""
-    _check_inputs(x, weight, bias, eps, residual)
+    (None without a residual), ``y`` its LayerNorm in ``out_dtype`` (default: the stream's),
+    ``mean``/``rstd`` fp32 of shape ``x.shape[:-1]``. ``y`` and ``stream`` go into ``out`` /
+    ``stream_out`` when given."""
+    _check_inputs(x, weight, bias, eps, residual, out_dtype)
     weight, bias = _unit_stride(weight), _unit_stride(bias)
     dtype = stream_dtype(x, residual)
     if out is None:
-        out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    _check_out(out, x.shape, dtype, x.device, "out")
+        out = torch.empty(x.shape, dtype=out_dtype or dtype, device=x.device)
+    _check_out(out, x.shape, out_dtype or dtype, x.device, "out")
     stream = None
     if residual is not None:
         stream = torch.empty(x.shape, dtype=dtype, device=x.device) if stream_out is None else stream_out
@@ -331,7 +347,7 @@ def layer_norm_forward(
     stream2 = stream.view(-1, n_cols) if stream is not None else y2
     n_rows = x2.shape[0]
     block_m, block_n, num_warps = _tile(n_rows, n_cols, FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS)
-    _layer_norm_forward_kernel[(triton.cdiv(n_rows, block_m),)](
+    _layer_norm_forward_kernel[(cdiv(n_rows, block_m),)](
         x2, residual2, weight if weight is not None else x2, bias if bias is not None else x2,
         y2, stream2, mean, rstd,
         n_rows, n_cols, x2.stride(0), residual2.stride(0), y2.stride(0), stream2.stride(0), float(eps),
@@ -404,7 +420,7 @@ def layer_norm_backward(
     dresidual2 = dresidual.view(-1, n_cols) if dresidual is not None else dx2
     n_rows = stream2.shape[0]
     block_m, block_n, num_warps = _tile(n_rows, n_cols, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS)
-    n_tiles = triton.cdiv(n_rows, block_m)
+    n_tiles = cdiv(n_rows, block_m)
     # Without parameters there is nothing to reduce across rows: one tile per program.
     n_programs = min(n_tiles, _max_backward_programs(stream.device)) if n_params else n_tiles
     partial = dx2  # a placeholder pointer when there is nothing to reduce
@@ -415,12 +431,12 @@ def layer_norm_backward(
         n_rows, n_cols, dy2.stride(0), dstream2.stride(0), stream2.stride(0), dx2.stride(0), dresidual2.stride(0),
         HAS_DSTREAM=dstream is not None, WRITE_DRESIDUAL=dresidual is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=backward_stages(num_warps), num_warps=num_warps, num_stages=2,
     )
     dweight = torch.empty_like(weight) if weight is not None else None
     dbias = torch.empty_like(bias) if bias is not None else None
     if n_params:
-        _sum_partials_kernel[(triton.cdiv(n_cols, SUM_BLOCK_N),)](
+        _sum_partials_kernel[(cdiv(n_cols, SUM_BLOCK_N),)](
             partial, dweight if dweight is not None else partial, dbias if dbias is not None else partial,
             n_programs, n_cols, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_P=SUM_BLOCK_P, BLOCK_N=SUM_BLOCK_N, num_warps=4,
@@ -433,30 +449,33 @@ def layer_norm_backward(
 
 @torch.library.custom_op("gpt_triton::layer_norm", mutates_args=())
 def _layer_norm_op(
-    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, _, mean, rstd = layer_norm_forward(x, weight, bias, eps)
+    y, _, mean, rstd = layer_norm_forward(x, weight, bias, eps, out_dtype=out_dtype)
     return y, mean, rstd
 
 
 @_layer_norm_op.register_fake
-def _layer_norm_fake(x, weight, bias, eps):
+def _layer_norm_fake(x, weight, bias, eps, out_dtype=None):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("gpt_triton::layer_norm_residual", mutates_args=())
 def _layer_norm_residual_op(
-    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_forward(x, weight, bias, eps, residual)
+    return layer_norm_forward(x, weight, bias, eps, residual, out_dtype=out_dtype)
 
 
 @_layer_norm_residual_op.register_fake
-def _layer_norm_residual_fake(x, residual, weight, bias, eps):
+def _layer_norm_residual_fake(x, residual, weight, bias, eps, out_dtype=None):
     dtype = stream_dtype(x, residual)
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype), stats, torch.empty_like(stats)
+    return (x.new_empty(x.shape, dtype=out_dtype or dtype), x.new_empty(x.shape, dtype=dtype), stats,
+            torch.empty_like(stats))
 
 
 # Returns [dx, dresidual?, dweight?, dbias?]: dresidual only when residual_dtype is given, the
@@ -487,11 +506,11 @@ def _layer_norm_backward_fake(dy, dstream, stream, weight, bias, mean, rstd, x_d
 
 def _setup_context(ctx, inputs, output, has_residual):
     if has_residual:
-        x, residual, weight, bias, _ = inputs
+        x, residual, weight, bias, _, _ = inputs
         _, stream, mean, rstd = output
         ctx.residual_dtype = residual.dtype
     else:
-        x, weight, bias, _ = inputs
+        x, weight, bias, _, _ = inputs
         stream, (_, mean, rstd) = x, output
     ctx.x_dtype = x.dtype
     ctx.has_residual = has_residual
@@ -502,7 +521,8 @@ def _setup_context(ctx, inputs, output, has_residual):
 
 
 def _backward(ctx, dy, dstream):
-    """Gradients of (x, [residual,] weight, bias, eps) from those of y and (with a residual) the stream."""
+    """Gradients of (x, [residual,] weight, bias, eps, out_dtype) from those of y and (with a residual) the
+    stream. ``dy`` comes in y's dtype (bf16 under autocast): the kernel reads it as it is."""
     stream, weight, bias, mean, rstd = ctx.saved_tensors
     has_residual = ctx.has_residual
     if dy is None:  # only the stream output was used: its gradient passes straight through
@@ -519,8 +539,8 @@ def _backward(ctx, dy, dstream):
         dweight = next(grads) if weight is not None else None
         dbias = next(grads) if bias is not None else None
     if has_residual:
-        return dx, dresidual, dweight, dbias, None
-    return dx, dweight, dbias, None
+        return dx, dresidual, dweight, dbias, None, None
+    return dx, dweight, dbias, None, None
 
 
 _layer_norm_op.register_autograd(
@@ -533,29 +553,41 @@ _layer_norm_residual_op.register_autograd(
 )
 
 
+def output_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of ``y``: the autocast dtype when autocast is on for ``x``'s device, else the stream's."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return stream_dtype(x, residual)
+
+
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     """Triton LayerNorm over the last dimension: ``y``, or with ``residual`` the pair
     ``(layer_norm(x + residual), x + residual)``; differentiable in every tensor. See the module doc
-    for dtypes. Bad inputs raise ValueError before anything is launched."""
+    for dtypes (``y`` in the autocast dtype under autocast). Bad inputs raise ValueError before
+    anything is launched."""
     _check_inputs(x, weight, bias, eps, residual)
+    out_dtype = output_dtype(x, residual)
     if residual is None:
-        return torch.ops.gpt_triton.layer_norm(x, weight, bias, float(eps))[0]
-    y, stream, _, _ = torch.ops.gpt_triton.layer_norm_residual(x, residual, weight, bias, float(eps))
+        return torch.ops.gpt_triton.layer_norm(x, weight, bias, float(eps), out_dtype)[0]
+    y, stream, _, _ = torch.ops.gpt_triton.layer_norm_residual(x, residual, weight, bias, float(eps), out_dtype)
     return y, stream
 
 
 def layer_norm_reference(x, weight, bias, eps=1e-5, residual=None):
-    """PyTorch reference with the Triton op's dtype contract, whatever autocast says: the sum
-    ``x + residual`` in ``promote_types(x, residual)`` (PyTorch adds in fp32 and rounds once); the
-    normalization in fp32 (or float64 for float64 inputs) with the parameters upcast, so fp32
-    parameters may meet an fp16/bf16 stream; the output in the stream's dtype; each gradient in its
+    """PyTorch reference with the Triton op's dtype contract: the sum ``x + residual`` in
+    ``promote_types(x, residual)`` (PyTorch adds in fp32 and rounds once); the normalization in fp32
+    (or float64 for float64 inputs) with the parameters upcast, so fp32 parameters may meet an
+    fp16/bf16 stream; the output in the stream's dtype, or the autocast dtype under autocast (what
+    eager PyTorch gives the next linear: ``F.layer_norm``'s fp32 output, cast); each gradient in its
     input's dtype. For a single fp32 dtype this is exactly ``F.layer_norm``."""
+    out_dtype = output_dtype(x, residual)
     if residual is not None:
         x = x + residual
     math_dtype = torch.promote_types(x.dtype, torch.float32)
     weight = weight.to(math_dtype) if weight is not None else None
     bias = bias.to(math_dtype) if bias is not None else None
-    y = F.layer_norm(x.to(math_dtype), (x.shape[-1],), weight, bias, eps).to(x.dtype)
+    y = F.layer_norm(x.to(math_dtype), (x.shape[-1],), weight, bias, eps).to(out_dtype)
     return (y, x) if residual is not None else y
 
 

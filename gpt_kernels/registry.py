@@ -63,18 +63,88 @@ INTERPRETER_PROBLEM = _interpreter_problem() if TRITON_INTERPRETER else None
 class _Entry:
     reference: Callable
     triton: Callable | None = None
+    # Other entry points of the same op, switched with it: name -> (reference, triton).
+    variants: dict[str, tuple[Callable, Callable | None]] | None = None
 
 
 _entries: dict[str, _Entry] = {}
 _requested: frozenset[str] = frozenset(OPS)
 _warned: set[tuple[str, str]] = set()
+_assume_triton_runs = False  # set by assume_triton_runs(): the ledger's fake tensors stand in for CUDA ones
+_unit_loss_gradient = False
+# Custom op ("gpt_triton::name") -> its memory traffic and FLOPs, for the step ledger (bench/ledger.py).
+_costs: dict[str, Callable] = {}
 
 
-def register(op: str, *, reference: Callable, triton: Callable | None = None) -> None:
-    """Called once by each op module: its reference, and its Triton version where one exists."""
+def register(op: str, *, reference: Callable, triton: Callable | None = None,
+             variants: dict[str, tuple[Callable, Callable | None]] | None = None) -> None:
+    """Called once by each op module: its reference, and its Triton version where one exists;
+    ``variants`` are other entry points of the op (e.g. attention over packed q/k/v), each a
+    (reference, triton) pair that follows the op's switch."""
     if op not in OP_FUNCTIONS:
         raise ValueError(f"unknown op {op!r}; the registry knows {', '.join(OPS)}")
-    _entries[op] = _Entry(reference=reference, triton=triton)
+    _entries[op] = _Entry(reference=reference, triton=triton, variants=variants)
+
+
+def register_cost(custom_op: str, cost: Callable) -> None:
+    """``cost(args, outputs) -> (bytes_read, bytes_written, flops)`` of one call of ``custom_op``
+    (e.g. ``"gpt_triton::attention"``), for ops whose kernels move more (or compute more) than
+    reading each input and writing each output once. ``args`` are the op's arguments in schema order."""
+    _costs[custom_op] = cost
+
+
+def op_costs() -> dict[str, Callable]:
+    return dict(_costs)
+
+
+def tensor_bytes(*tensors) -> int:
+    """Bytes of the distinct elements of the given tensors (None skipped; the same view counted once;
+    a broadcast, stride-0 dimension counted once): what a kernel reading or writing each once moves."""
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        key = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        elements = 1
+        for size, stride in zip(t.shape, t.stride()):
+            if stride != 0:
+                elements *= size
+        total += elements * t.element_size()
+    return total
+
+
+def default_cost(args, outputs) -> tuple[int, int, int]:
+    """A fused kernel's cost: each input tensor read once, each output written once, no FLOPs counted."""
+    def tensors(value):
+        if isinstance(value, (list, tuple)):
+            return [t for item in value for t in tensors(item)]
+        return [value] if isinstance(value, torch.Tensor) else []
+    return tensor_bytes(*tensors(args)), tensor_bytes(*tensors(outputs)), 0
+
+
+@contextlib.contextmanager
+def assume_triton_runs(unit_loss_gradient: bool = False) -> Iterator[None]:
+    """Inside, every device counts as one Triton runs on: the step ledger traces the model on CPU fake
+    tensors that stand for CUDA ones, and must take the same paths (no kernel is ever launched there).
+
+    ``unit_loss_gradient``: the ledger calls ``loss.backward()`` on the loss itself, whose upstream
+    gradient is exactly 1. Where a GPU kernel skips its work on reading a factor of 1 (the fused
+    loss's rescale), :func:`unit_loss_gradient` lets the traced path skip it too: fake tensors hold
+    no value to test."""
+    global _assume_triton_runs, _unit_loss_gradient
+    saved = _assume_triton_runs, _unit_loss_gradient
+    _assume_triton_runs, _unit_loss_gradient = True, unit_loss_gradient
+    try:
+        yield
+    finally:
+        _assume_triton_runs, _unit_loss_gradient = saved
+
+
+def unit_loss_gradient() -> bool:
+    return _unit_loss_gradient
 
 
 def parse_kernels(spec: str | None) -> frozenset[str]:
@@ -130,6 +200,8 @@ def use_kernels(spec: str | None) -> Iterator[frozenset[str]]:
 
 
 def triton_runs_on(device: torch.device | str) -> bool:
+    if _assume_triton_runs:
+        return True
     device_type = torch.device(device).type
     return device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETER and INTERPRETER_PROBLEM is None)
 
@@ -141,7 +213,7 @@ def implementation(op: str, device: torch.device | str) -> tuple[str, str]:
         return "torch", "switched off"
     if entry.triton is None:
         return "torch", "no Triton kernel yet"
-    if torch.device(device).type == "cpu" and INTERPRETER_PROBLEM is not None:
+    if torch.device(device).type == "cpu" and INTERPRETER_PROBLEM is not None and not _assume_triton_runs:
         return "torch", INTERPRETER_PROBLEM
     if not triton_runs_on(device):
         return "torch", f"Triton cannot run on {torch.device(device).type} (no CUDA; TRITON_INTERPRET=1 was not set at import)"
@@ -155,16 +227,17 @@ def is_triton(op: str, device: torch.device | str) -> bool:
     return implementation(op, device)[0] == "triton"
 
 
-def resolve(op: str, device: torch.device | str) -> Callable:
-    """The callable that ``op`` runs on ``device`` now; warns once per fallback reason."""
+def resolve(op: str, device: torch.device | str, variant: str | None = None) -> Callable:
+    """The callable that ``op`` (or its ``variant``) runs on ``device`` now; warns once per fallback reason."""
     impl, why = implementation(op, device)
     entry = _entries[op]
+    reference, triton = entry.variants[variant] if variant else (entry.reference, entry.triton)
     if impl == "triton":
-        return entry.triton
+        return triton
     if op in _requested and (op, why) not in _warned:
         _warned.add((op, why))
         warnings.warn(f"kernel {op!r} asked on Triton runs its PyTorch reference: {why}", stacklevel=3)
-    return entry.reference
+    return reference
 
 
 def report(device: torch.device | str) -> str:
@@ -203,6 +276,9 @@ class _Ops:
 
     def attention(self, *args, **kwargs):
         return resolve("attention", _first_device(args, kwargs))(*args, **kwargs)
+
+    def attention_qkv(self, *args, **kwargs):
+        return resolve("attention", _first_device(args, kwargs), "attention_qkv")(*args, **kwargs)
 
     def gelu(self, *args, **kwargs):
         return resolve("gelu", _first_device(args, kwargs))(*args, **kwargs)

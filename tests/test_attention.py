@@ -11,6 +11,7 @@ interpreter: on the CPU a greedy all-pairs subset covers every pair of values of
 product runs, plus long sequences (up to 4096) and bf16.
 """
 
+import dataclasses
 import itertools
 import importlib
 import math
@@ -28,11 +29,14 @@ from gpt.model import GPT
 from gpt_kernels import registry
 from gpt_kernels.attention import (
     HOPPER_CONFIGS,
+    SUPPORTED_HEAD_DIMS,
     AttentionConfig,
     Tile,
     attention,
     attention_backward,
     attention_forward,
+    attention_qkv,
+    attention_qkv_reference,
     attention_reference,
 )
 from model_parity import TINY, assert_model_parity
@@ -209,6 +213,58 @@ def test_model_layout_strided_views(monkeypatch):
     assert_close(qkv.grad, qkv64.grad, torch.float32, "dqkv")
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_packed_qkv_one_gradient_buffer(dtype, monkeypatch):
+    """attention_qkv takes c_attn's (B, T, 3C) output whole and returns (B, T, C); its backward writes
+    dq, dk and dv into one contiguous (B, T, 3C) gradient (no cat), reading every input in place."""
+    B, T, H, D = 2, 37, 2, 16
+    C = H * D
+    qkv = torch.randn(B, T, 3 * C, device=DEVICE).to(dtype).requires_grad_()
+    dy = torch.randn(B, T, C, device=DEVICE).to(dtype)
+    copied = []
+    readable = attention_module._readable
+    monkeypatch.setattr(attention_module, "_readable", lambda t: copied.append(readable(t) is not t) or readable(t))
+    calls = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append("cat") or real_cat(*a, **k))
+    y = attention_qkv(qkv, H)
+    assert y.shape == (B, T, C) and y.dtype == dtype and y.is_contiguous()
+    y.backward(dy)
+    assert copied and not any(copied) and not calls
+    assert qkv.grad.shape == qkv.shape and qkv.grad.is_contiguous()
+    qkv64 = qkv.detach().double().requires_grad_()
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv64.split(C, dim=2))
+    y_ref = explicit_attention(q, k, v, True)[0].transpose(1, 2).reshape(B, T, C)
+    y_ref.backward(dy.double())
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(qkv.grad, qkv64.grad, dtype, "dqkv")
+    reference = attention_qkv_reference(qkv64.detach(), H)
+    assert_close(reference, y_ref, torch.float64, "reference")
+    with pytest.raises(ValueError, match="n_heads"):
+        attention_qkv(qkv, 5)
+
+
+def test_packed_qkv_opcheck():
+    qkv = torch.randn(1, 19, 3 * 32, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.gpt_triton.attention_qkv.default, (qkv, 2, True, 0.25))
+    o, lse = torch.ops.gpt_triton.attention_qkv(qkv.detach(), 2, True, 0.25)
+    torch.library.opcheck(torch.ops.gpt_triton.attention_qkv_backward.default,
+                          (torch.randn_like(o), qkv.detach(), o, lse, 2, True, 0.25))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [1, 12, 24, 80, 96])
+def test_any_head_dim_masked_to_its_block(head_dim, dtype):
+    """Head dims between the kernels' blocks run on the next block, masked along D: the padding columns
+    are never read from the inputs nor written to the outputs (poisoned outputs stay NaN-free)."""
+    q, k, v, do = make_inputs(1, 2, 19, head_dim, dtype)
+    o_ref, lse_ref, *grads_ref = expected(q, k, v, do, True)
+    o, lse = attention_forward(q, k, v, True, out=poisoned_like(q))
+    assert_close(o, o_ref, dtype, "o")
+    grads = attention_backward(do, q, k, v, o, lse, True, dq=poisoned_like(q), dk=poisoned_like(q), dv=poisoned_like(q))
+    assert_grads_close(grads, grads_ref, dtype, floor=1.0)
+
+
 def test_non_unit_last_stride_and_broadcast_gradient():
     # Every other element of the last dim (copied before launch), and .sum()'s stride-0 gradient.
     bases = [torch.randn(1, 2, 40, 64, device=DEVICE, requires_grad=True) for _ in range(3)]
@@ -251,8 +307,8 @@ BAD_INPUTS = {
     "mismatched_T": (lambda: attention(_x(1, 2, 8, 16), _x(1, 2, 9, 16), _x(1, 2, 8, 16)), "same (B, H, T, D) shape"),
     "three_dims": (lambda: attention(*(_x(2, 8, 16),) * 3), "q must be a 4-D (B, H, T, D) tensor"),
     "not_a_tensor": (lambda: attention(_x(1, 2, 8, 16), [0.0], _x(1, 2, 8, 16)), "k must be a 4-D"),
-    "head_dim_48": (lambda: attention(*(_x(1, 2, 8, 48),) * 3), "supported head dims are 16, 32, 64, 128"),
-    "head_dim_256": (lambda: attention(*(_x(1, 1, 4, 256),) * 3), "D = 256 is not supported"),
+    "head_dim_257": (lambda: attention(*(_x(1, 1, 4, 257),) * 3), "D = 257 is not supported; head dims run from 1 to 256"),
+    "head_dim_0": (lambda: attention(*(_x(1, 1, 4, 0),) * 3), "D = 0 is not supported"),
     "mixed_dtypes": (
         lambda: attention(_x(1, 2, 8, 16), _x(1, 2, 8, 16, dtype=torch.float16), _x(1, 2, 8, 16)),
         "share one dtype, got q torch.float32, k torch.float16",
@@ -292,7 +348,7 @@ def test_cpu_tensors_rejected_on_gpu_build():
 def test_config_rules():
     for config in HOPPER_CONFIGS.values():  # __post_init__ has checked nesting; the table is complete
         assert isinstance(config, AttentionConfig)
-    assert len(HOPPER_CONFIGS) == 4 * 3 * 2
+    assert len(HOPPER_CONFIGS) == len(SUPPORTED_HEAD_DIMS) * 3 * 2
     with pytest.raises(ValueError, match="nest"):
         AttentionConfig(forward=Tile(32, 64), dkdv=Tile(16, 32), dq=Tile(32, 16))
     with pytest.raises(ValueError, match="nest"):
@@ -335,7 +391,7 @@ from triton.compiler import ASTSource
 import importlib
 am = importlib.import_module("gpt_kernels.attention")
 
-CONSTEXPRS = ("HEAD_DIM", "CAUSAL", "DOT_PRECISION", "BLOCK_M", "BLOCK_N")
+CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "CAUSAL", "DOT_PRECISION", "BLOCK_M", "BLOCK_N")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -350,8 +406,8 @@ def arg_type(name, dtype):
 
 def resources(fn, head_dim, dtype, causal, block_m, block_n, num_warps, num_stages):
     names = fn.arg_names
-    constexprs = dict(HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                      BLOCK_M=block_m, BLOCK_N=block_n)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=am.head_block(head_dim), CAUSAL=causal,
+                      DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n)
     constexprs = {(names.index(k),): v for k, v in constexprs.items() if k in names}
     # As the model's views are specialized at launch: 16-byte-aligned pointers and strides (without
     # that, addressing alone makes dK/dV at head dim 128 spill), T no multiple of 16.
@@ -372,9 +428,12 @@ kernels = {"forward": am._attention_forward_kernel, "dkdv": am._attention_backwa
 # bf16 entry (tensor cores), and the dK/dV kernel of its other bf16 entry and of fp32 (FMA units).
 cases = [(name, 128, torch.bfloat16, True) for name in kernels]
 cases += [("dkdv", 128, torch.bfloat16, False), ("dkdv", 128, torch.float32, True)]
+# Head dim 256's half-height tiles, and head dims masked up to their block (96 on the 128 kernels).
+cases += [(name, 256, torch.bfloat16, True) for name in kernels] + [("dkdv", 256, torch.float32, True)]
+cases += [(name, 96, torch.bfloat16, True) for name in kernels]
 report = {}
 for name, head_dim, dtype, causal in cases:
-    tile = getattr(am.HOPPER_CONFIGS[(head_dim, dtype, causal)], name)
+    tile = getattr(am.HOPPER_CONFIGS[(am.head_block(head_dim), dtype, causal)], name)
     report[f"{name} D{head_dim} {dtype} causal={causal} {tile}"] = resources(
         kernels[name], head_dim, dtype, causal, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages)
 print(json.dumps(report))
@@ -432,7 +491,7 @@ def test_gpt_model_compiles_in_one_graph():
         _, loss = torch.compile(model, fullgraph=True, backend=counter)(idx, targets)
         loss.backward()
     called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
-    assert counter.frame_count == 1 and called.count("gpt_triton.attention") == TINY.n_layer, called
+    assert counter.frame_count == 1 and called.count("gpt_triton.attention_qkv") == TINY.n_layer, called
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
@@ -445,6 +504,12 @@ def test_registered_as_the_triton_attention():
 @pytest.mark.gpu_smoke
 def test_gpt_model_parity():
     assert_model_parity("attention")
+
+
+def test_gpt_model_parity_head_dim_12():
+    """A GPT-2-layout model with 4 heads of width 12 (once a ValueError): head dim 12 runs on the
+    16-wide kernels, masked."""
+    assert_model_parity("attention", dataclasses.replace(TINY, n_head=4, n_embd=48))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="autotuning times kernels on a GPU")

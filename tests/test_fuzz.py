@@ -36,7 +36,7 @@ FUZZ = settings(
 MAX_COLS = 1024 if ON_GPU else 160
 MAX_SEQ = 256 if ON_GPU else 24
 MAX_VOCAB = 4096 if ON_GPU else 300
-HEAD_DIMS = (16, 32, 64, 128) if ON_GPU else (16, 32)
+HEAD_DIMS = (16, 32, 64, 96, 128) if ON_GPU else (5, 16, 24, 32)  # 5, 24, 96: masked up to their block
 
 
 def triton_version(op: str):

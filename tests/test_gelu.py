@@ -319,7 +319,9 @@ def vector_ops(fn, pointers, constexprs, num_stages):
     options = {"num_warps": gelu_module.NUM_WARPS, "num_stages": num_stages}
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     ops = ("ld.global.v4", "st.global.v4", "ld.global.b16", "st.global.b16")
-    return {op: len(re.findall(re.escape(op), ptx)) for op in ops}
+    counts = {op: len(re.findall(re.escape(op), ptx)) for op in ops}
+    counts["cp.async 16 bytes"] = len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x10,", ptx))
+    return counts
 
 block_m, block_n = gelu_module._block_shape(16384, 3072)
 tile = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n)
@@ -329,7 +331,8 @@ print(json.dumps({
     "backward": vector_ops(gelu_module._gelu_backward_kernel,
                            {"dy_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*fp32", "dx_ptr": "*bf16",
                             "dbias_partial_ptr": "*fp32"},
-                           dict(tile, TILES_PER_STRIP=gelu_module.MAX_TILES_PER_STRIP), 2),
+                           dict(tile, TILES_PER_STRIP=gelu_module.MAX_TILES_PER_STRIP,
+                                NUM_STAGES=gelu_module.BACKWARD_STAGES), 2),
 }))
 """
 
@@ -337,10 +340,12 @@ print(json.dumps({
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_with_vector_loads():
     """The model's case (bf16 activation, fp32 bias, (16384, 3072)) as launched: the activation is
-    moved in 16-byte vectors (x and dy both, in the backward), never one bf16 element at a time."""
+    moved in 16-byte vectors, never one bf16 element at a time. The backward's strip loop is
+    software-pipelined: x and dy arrive by 16-byte cp.async copies (the next tile's while this one
+    computes)."""
     counts = run_compile_script(HOPPER_PTX)
     assert counts["forward"]["ld.global.v4"] >= 1 and counts["forward"]["st.global.v4"] >= 1, counts
-    assert counts["backward"]["ld.global.v4"] >= 2 and counts["backward"]["st.global.v4"] >= 1, counts
+    assert counts["backward"]["cp.async 16 bytes"] >= 2 and counts["backward"]["st.global.v4"] >= 1, counts
     for kernel in counts.values():
         assert kernel["ld.global.b16"] == kernel["st.global.b16"] == 0, counts
 

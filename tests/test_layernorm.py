@@ -195,6 +195,36 @@ def test_autograd_dtypes_match_reference(x_dtype, residual_dtype, param_dtype):
             assert_close(leaf.grad, grad_ref, tolerance_dtype, f"{name} {label}")
 
 
+HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter runs fp16, not bf16
+
+
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "plain"])
+def test_autocast_writes_y_in_the_autocast_dtype_and_takes_a_half_dy(with_residual):
+    """Under autocast y comes out in the autocast dtype (the next linear's input, with no cast between)
+    and the backward takes that dtype's dy as it is; the stream and every gradient keep their dtypes.
+    The model's pattern: a half branch, an fp32 stream and fp32 parameters."""
+    x, residual, weight, bias, _, ds = make_inputs((3, 5, 96), HALF if with_residual else torch.float32,
+                                                   with_residual, True, True, torch.float32, torch.float32)
+    dy = (torch.randn(x.shape, device=DEVICE)).to(HALF)
+    y_ref, stream_ref, grads_ref = expected(x, residual, weight, bias, dy, ds)
+    for name, fn in (("triton", layer_norm), ("reference", layer_norm_reference)):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, residual, weight, bias)]
+        with torch.autocast(DEVICE, dtype=HALF):
+            out = fn(leaves[0], leaves[2], leaves[3], EPS, residual=leaves[1])
+        y, stream = out if with_residual else (out, None)
+        assert y.dtype == HALF, name
+        assert_close(y, y_ref, HALF, f"{name} y")
+        if with_residual:
+            assert stream.dtype == torch.float32, name
+            torch.autograd.backward([y, stream], [dy, ds])
+        else:
+            y.backward(dy)
+        for leaf, grad_ref, label in zip(leaves, grads_ref, ("dx", "dresidual", "dweight", "dbias")):
+            if leaf is not None:
+                assert leaf.grad.dtype == leaf.dtype, f"{name} {label}"
+                assert_close(leaf.grad, grad_ref, HALF, f"{name} {label}")
+
+
 def test_only_one_output_used():
     # ln_f's stream output is dropped (its gradient is None, not a zero tensor), and a caller may
     # use the stream alone (then y's gradient is None and the stream's passes straight through).
@@ -418,7 +448,9 @@ def build(fn, pointers, constexprs, num_warps, num_stages, n_cols):
                                 capture_output=True, text=True, check=True).stderr
     return dict(registers=int(re.search(r"Used (\d+) registers", report)[1]),
                 spilled=int(re.search(r"(\d+) bytes spill stores", report)[1]),
-                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)))
+                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+                async_copies=len(re.findall(r"cp\.async\.\w+\.shared\.global", ptx)),
+                async_vector_copies=len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x10,", ptx)))
 
 def forward(width, x, stream, param, residual=True, weight=True, bias=True):
     block_m, block_n, warps = ln._tile(16384, width, ln.FORWARD_TILE_ELEMENTS, ln.FORWARD_WARP_ELEMENTS)
@@ -432,6 +464,7 @@ def backward(width, x, stream, param, dstream=True, weight=True, bias=True):
                     dresidual_ptr=stream)
     flags = dict(HAS_DSTREAM=dstream, WRITE_DRESIDUAL=x != stream, HAS_WEIGHT=weight, HAS_BIAS=bias,
                  BLOCK_M=block_m, BLOCK_N=block_n)
+    flags["NUM_STAGES"] = ln.backward_stages(warps)
     return build(ln._layer_norm_backward_kernel, pointers, flags, warps, 2, width)
 
 results = {}
@@ -453,12 +486,17 @@ print(json.dumps(results))
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_without_spills():
     """Every kernel compiles for sm_90 (the interpreter runs Python, not Triton's compiler), the
-    GPT-2 widths and 8192 fit in registers, and aligned rows are read with 16-byte vector loads."""
+    GPT-2 widths and 8192 fit in registers, and aligned rows are read 16 bytes at a time (vector
+    loads, or 16-byte async copies). The backward's row loop is software-pipelined: its loads are
+    cp.async copies into shared memory (but at 8192, where 32 warps leave 64 registers a thread),
+    with registers for at least 2 resident programs of 8 warps per SM (<= 128)."""
     results = run_compile_script(HOPPER_BUILD)
     for name, result in results.items():
         assert result["spilled"] == 0, (name, result)
         if " 771 " not in name:
-            assert result["vector_loads"] > 0, (name, result)
+            assert result["vector_loads"] + result["async_vector_copies"] > 0, (name, result)
+        if name.startswith("backward") and " 8192 " not in name:
+            assert result["async_copies"] > 0 and result["registers"] <= 128, (name, result)
 
 
 @pytest.mark.gpu_smoke
@@ -472,7 +510,7 @@ def test_block_tail_under_bf16_autocast():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outputs[name] = module(x, norm=norm)
     (h, y), (h_ref, y_ref) = outputs["triton"], outputs["reference"]
-    assert h.dtype == y.dtype == h_ref.dtype == torch.float32  # the fp32 stream, as F.layer_norm gives
+    assert h.dtype == y.dtype == h_ref.dtype == torch.bfloat16  # y in the autocast dtype, for the next linear
     assert_close(h, h_ref, torch.bfloat16, "h")
     assert_close(y, y_ref, torch.bfloat16, "y")
 

@@ -160,6 +160,38 @@ def test_model_weight_slice_int32_and_strided_targets():
     assert_all_close(run_ours(hidden, weight, strided, chunk_size=4), reference, torch.float32)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_padding_rows_masked(reduction):
+    """The model passes its whole padded table with ``n_classes``: the padding rows' logits stay out
+    of the loss and their gradient is exactly zero; the rest equals the loss over ``weight[:n_classes]``."""
+    hidden, padded, targets = make_inputs(7, 16, 1024, torch.float32)
+    targets = targets.clamp_max(999)
+    upstream = torch.rand(7, device=DEVICE) if reduction == "none" else None
+    reference = expected(hidden, padded, targets, upstream, reduction=reduction, n_classes=1000)
+    ours = run_ours(hidden, padded, targets, upstream, reduction=reduction, n_classes=1000, chunk_size=3)
+    assert_all_close(ours, reference, torch.float32)
+    assert torch.equal(ours[2][1000:], torch.zeros_like(ours[2][1000:]))
+    with pytest.raises(ValueError, match="n_classes"):
+        linear_cross_entropy(hidden, padded, targets, n_classes=1025)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_scale_folded_into_the_forward(dtype, reduction):
+    """``loss_scale`` returns the scaled loss with the scaled gradients (folded into the forward's
+    gradients; in fp16 applied by the backward, like the mean's 1/n), as ``loss * loss_scale`` would."""
+    hidden, weight, targets = make_inputs(7, 16, 300, dtype)
+    upstream = torch.rand(7, device=DEVICE) if reduction == "none" else None
+    reference = expected(hidden, weight, targets, upstream, reduction=reduction, loss_scale=0.25)
+    unscaled = expected(hidden, weight, targets, upstream, reduction=reduction)
+    assert torch.allclose(reference[0], unscaled[0] * 0.25) and torch.allclose(reference[1], unscaled[1] * 0.25)
+    ours = run_ours(hidden, weight, targets, upstream, reduction=reduction, loss_scale=0.25, chunk_size=3)
+    assert_all_close(ours, reference, dtype, loss_dtype=dtype)  # fp16 logits carry their rounding into the loss
+    for bad in (0.0, -1.0, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="loss_scale"):
+            linear_cross_entropy(hidden, weight, targets, loss_scale=bad)
+
+
 def test_choose_chunk_rows():
     # GPT-2 at 16·1024 tokens in bf16: 4 chunks of 4096 rows (512 MiB of logits each); fp32 doubles the count.
     assert choose_chunk_rows(16384, 50257, torch.bfloat16, torch.device("cpu")) == 4096
