@@ -50,7 +50,7 @@ def losses(out_dir):
 
 
 def final_params(out_dir):
-    return torch.load(Path(out_dir) / f"ckpt_{STEPS:07d}.pt", weights_only=False)["model"]
+    return torch.load(Path(out_dir) / f"ckpt_{STEPS:07d}.pt", weights_only=True)["model"]
 
 
 def test_ddp_matches_single_process(data_dir, tmp_path):

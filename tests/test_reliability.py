@@ -392,7 +392,7 @@ def test_guard_state_round_trip_decides_identically():
     for i, loss in enumerate(losses[:20]):
         half.check(i, loss, 1.0)
     resumed = StepGuard(spike_window=6)
-    resumed.load_state_dict(torch.load(_roundtrip(half.state_dict()), weights_only=False))
+    resumed.load_state_dict(torch.load(_roundtrip(half.state_dict()), weights_only=True))
     assert [resumed.check(20 + i, loss, 1.0) for i, loss in enumerate(losses[20:])] == first[20:]
 
 
