@@ -86,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="out", help="checkpoints and log.jsonl go here")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability (0: off, as for GPT-2 pretraining)")
     # The numerics watch (gpt/numerics.py): a skipped step leaves the weights and optimizer untouched.
     p.add_argument("--on-nonfinite", choices=ON_NONFINITE, default="skip",
                    help="a NaN/inf loss or gradient norm skips the step, or stops the run (default: skip)")
@@ -148,7 +149,7 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
         registry.set_kernels(args.kernels)  # otherwise $GPT_KERNELS (read at import), else all
     # The table printed below says which ops fell back to their reference and why: no warning per op.
     warnings.filterwarnings("ignore", message="kernel .* runs its PyTorch reference")
-    config = preset(args.preset)
+    config = preset(args.preset, dropout=args.dropout)
     if args.seq_len > config.block_size:
         raise RunError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's block size {config.block_size}")
     tokens_per_micro = args.batch_size * args.seq_len * dist_info.world_size

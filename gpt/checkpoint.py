@@ -215,7 +215,7 @@ def newest_loadable(out_dir: Path, candidates: dict[int, Path], load, has_manife
             warnings.warn(f"resuming from {path.name}, passing over {reason}", CheckpointWarning, stacklevel=3)
         return path, state
     if damaged:
-        raise CheckpointError("no complete checkpoint in {} loads:\n  {}".format(out_dir, "\n  ".join(passed_over)))
+        raise CheckpointError(f"no complete checkpoint in {out_dir} loads: {'; '.join(passed_over)}")
     for reason in passed_over:
         warnings.warn(f"no complete checkpoint: passing over {reason}", CheckpointWarning, stacklevel=3)
     return None
