@@ -728,3 +728,58 @@ def test_training_refuses_data_it_cannot_read(data_dir, tmp_path, case):
     result = _command(ROOT / "train_gpt2.py", *FAST, "--max-steps", 1, "--data", data, "--out-dir", tmp_path / "out",
                       fault=fault)
     _one_error_line(result, *expected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kill and resume in process, on a model small enough for the Triton AdamW in the interpreter, with
+# dropout on: the resumed run must restore every random generator, or its losses drift.
+
+MICRO = dict(block_size=32, vocab_size=2048, n_layer=2, n_head=2, n_embd=32)
+MICRO_RUN = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "--eval-batches", "1",
+             "--eval-every", "3", "--warmup-steps", "2", "--sample-tokens", "1", "--sample-prompt", "a",
+             "--max-steps", "6", "--checkpoint-every", "2", "--dropout", "0.2"]
+
+
+class _Crash(Exception):
+    """Stands for a kill: raised out of the training loop, with nothing saved on the way out."""
+
+
+def _train_micro(monkeypatch, data_dir, out, kernels, *extra, crash_at_batch=None):
+    import train_gpt2
+    from gpt.config import GPTConfig
+    from gpt.data import DataLoader
+
+    monkeypatch.setattr(train_gpt2, "preset", lambda name, **overrides: GPTConfig(**MICRO, **overrides))
+    batches = [0]
+
+    class CrashingLoader(DataLoader):
+        def next_batch(self):
+            if self.split == "train":
+                batches[0] += 1
+                if batches[0] == crash_at_batch:
+                    raise _Crash
+            return super().next_batch()
+
+    monkeypatch.setattr(train_gpt2, "DataLoader", CrashingLoader)
+    with registry.use_kernels(kernels):
+        return train_gpt2.main([*MICRO_RUN, "--kernels", kernels, "--data", str(data_dir), "--out-dir", str(out), *extra])
+
+
+@pytest.mark.parametrize("kernels", ["none", "adamw"])
+def test_kill_and_resume_with_dropout_and_either_adamw(data_dir, tmp_path, monkeypatch, capsys, kernels):
+    if kernels == "adamw" and not registry.triton_runs_on("cpu"):
+        pytest.skip("Triton does not run on the CPU here")
+    _train_micro(monkeypatch, data_dir, tmp_path / "straight", kernels)
+    optimizer_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("adamw "))
+    assert optimizer_row.split()[1] == ("triton" if kernels == "adamw" else "torch"), optimizer_row
+    crashed = tmp_path / "crashed"
+    with pytest.raises(_Crash):  # during step 3, after the step-2 checkpoint
+        _train_micro(monkeypatch, data_dir, crashed, kernels, crash_at_batch=4)
+    assert [r["step"] for r in _records(crashed) if "train_loss" in r] == [0, 1, 2]
+    _train_micro(monkeypatch, data_dir, crashed, kernels, "--resume")
+    straight, resumed = _records(tmp_path / "straight"), _records(crashed)
+    assert _without_timing(resumed) == _without_timing(straight)
+    assert len({r["train_loss"] for r in straight if "train_loss" in r}) == 6
+    got, want = (ckpt.load_checkpoint(ckpt.checkpoint_path(d, 6)) for d in (crashed, tmp_path / "straight"))
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
