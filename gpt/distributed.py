@@ -190,23 +190,32 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"the DCP metadata names {module}.{name}, which is not DCP metadata")
 
 
-def _safe_reader(path: Path):
-    from torch.distributed.checkpoint import FileSystemReader
-
+def _read_metadata(file: Path):
+    """DCP's ``.metadata`` pickle, unpickled with only DCP's metadata classes allowed."""
     from gpt import checkpoint as ckpt
+
+    try:
+        with open(file, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise ckpt.CheckpointError(f"{file}: refused: {e}") from e
+    except (OSError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ckpt.CheckpointError(f"{file}: not readable DCP metadata ({type(e).__name__}: {e})") from e
+
+
+def _safe_reader(path: Path):
+    """DCP's file reader with the metadata read by _read_metadata. It is read once here first: DCP
+    itself would catch a refusal, log it and go on to look for per-rank metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    _read_metadata(Path(path) / ".metadata")
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
             rank = kwargs.get("rank")
-            file = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
-            try:
-                with open(file, "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-            except pickle.UnpicklingError as e:
-                raise ckpt.CheckpointError(f"{file}: refused: {e}") from e
+            metadata = _read_metadata(Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata"))
             if getattr(metadata, "storage_meta", None) is None:
-                from torch.distributed.checkpoint.metadata import StorageMeta
-
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata

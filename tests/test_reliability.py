@@ -10,6 +10,7 @@ Set GPT_KILL_SEED to replay a failure's random kill points.
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -710,8 +711,6 @@ def test_training_refuses_an_out_dir_it_cannot_write(data_dir, tmp_path, case):
 
 @pytest.mark.parametrize("case", ["missing", "permission (injected)", "permission (chmod)"])
 def test_training_refuses_data_it_cannot_read(data_dir, tmp_path, case):
-    import shutil
-
     data, fault = tmp_path / "data", None
     shutil.copytree(data_dir, data)
     shard = data / "synthetic_train_000000.bin"
@@ -783,3 +782,92 @@ def test_kill_and_resume_with_dropout_and_either_adamw(data_dir, tmp_path, monke
     got, want = (ckpt.load_checkpoint(ckpt.checkpoint_path(d, 6)) for d in (crashed, tmp_path / "straight"))
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharded (--fsdp) checkpoints: a manifest written last, damaged ones passed over, nothing unpickled
+# but tensors, plain types and DCP's metadata. (tests/test_distributed.py saves real ones under torchrun.)
+
+
+def _sharded(out_dir: Path, step: int, extra: dict | None = None, manifest: bool = True) -> Path:
+    """A folder as save_sharded_checkpoint leaves it, written by one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = out_dir / f"ckpt_{step:07d}.dcp"
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=str(folder))
+    ckpt.save_state_file(folder / "extra.pt", extra or {"step": step, "config": {"n_layer": 1}, "rng": {}})
+    if manifest:
+        ckpt.write_folder_manifest(folder, step, {"n_layer": 1})
+    return folder
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "SHA-256 .* differs from its manifest"),
+    ("truncate", "damaged: .* bytes, its manifest says"),
+    ("delete", "extra.pt missing, though its manifest lists them"),
+    ("add", "stray not in its manifest"),
+    ("manifest", "unreadable manifest"),
+    ("no manifest", "no manifest manifest.json: its save did not finish"),
+])
+def test_sharded_checkpoints_resume_from_the_newest_complete_one(tmp_path, damage, message):
+    from gpt.distributed import latest_sharded_checkpoint
+
+    _sharded(tmp_path, 3)
+    newest = _sharded(tmp_path, 6, manifest=damage != "no manifest")
+    assert ckpt.verify_folder(tmp_path / "ckpt_0000003.dcp")["step"] == 3
+    shard = next(newest.glob("*.distcp"))
+    if damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    elif damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif damage == "delete":
+        (newest / "extra.pt").unlink()
+    elif damage == "add":
+        (newest / "stray").write_text("")
+    elif damage == "manifest":
+        ckpt.folder_manifest_path(newest).write_text("{not json")
+    with pytest.warns(ckpt.CheckpointWarning, match=f"resuming from ckpt_0000003.dcp, passing over .*{message}"):
+        path, extra = latest_sharded_checkpoint(tmp_path)
+    assert path.name == "ckpt_0000003.dcp" and extra["step"] == 3
+    shutil.rmtree(tmp_path / "ckpt_0000003.dcp")
+    if damage == "no manifest":  # an interrupted save: as if absent
+        with pytest.warns(ckpt.CheckpointWarning, match="no complete checkpoint"):
+            assert latest_sharded_checkpoint(tmp_path) is None
+    else:  # damaged after it was written: refuse rather than silently start over
+        with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint in .* loads"):
+            latest_sharded_checkpoint(tmp_path)
+
+
+def test_sharded_checkpoints_never_run_code(tmp_path):
+    import pickle
+
+    from gpt.distributed import latest_sharded_checkpoint, load_sharded_model_state
+    from gpt.generate import load_model
+
+    marker = tmp_path / "created-by-the-checkpoint"
+    crafted_extra = _sharded(tmp_path / "extra", 2, extra={"step": 2, "config": {}, "payload": _CreatesAFile(marker)})
+    with pytest.raises(ckpt.CheckpointError, match="extra.pt: refused: it holds objects other than tensors"):
+        latest_sharded_checkpoint(tmp_path / "extra")
+    with pytest.raises(ckpt.CheckpointError, match="extra.pt: refused"):
+        load_model(crafted_extra)
+
+    # DCP's own .metadata is a pickle: only its metadata classes may be named in it.
+    crafted_metadata = _sharded(tmp_path / "metadata", 2, manifest=False)
+    with open(crafted_metadata / ".metadata", "wb") as f:
+        pickle.dump(_CreatesAFile(marker), f)
+    ckpt.write_folder_manifest(crafted_metadata, 2, {})
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata: refused: .* names io.open"):
+        load_sharded_model_state(crafted_metadata)
+    assert not marker.exists()
+
+    # And an honest folder loads: the model weights, and the optimizer's non-tensor values.
+    honest = _sharded(tmp_path / "honest", 2)
+    assert set(load_sharded_model_state(honest)) == {"weight", "bias"}
