@@ -376,6 +376,8 @@ def _truncate_log(log_path: Path, start_step: int) -> None:
                            "move the log away to resume") from e
         if step < start_step:
             kept.append(line)
+    for stale in log_path.parent.glob(f".{log_path.name}.tmp-*"):  # left by a run killed during this rewrite
+        stale.unlink(missing_ok=True)
     tmp = log_path.with_name(f".{log_path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w") as f:

@@ -172,8 +172,8 @@ def load_state_file(path: str | Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is a paragraph; the line that names what the file wanted to load is the one that helps.
-        found = re.search(r"^(Trying to load|Unsupported).*$", str(e), re.MULTILINE)
-        detail = f" ({found.group(0).rstrip('.')})" if found else ""
+        found = re.search(r"(?:Unsupported global: GLOBAL|Trying to load unsupported GLOBAL) ([\w.]+)", str(e))
+        detail = f" (it names {found.group(1)})" if found else ""
         raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain types, and "
                               f"loading it could run code{detail}") from e
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
