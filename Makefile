@@ -13,6 +13,10 @@
 #
 # PIP_FLAGS goes to every pip call: on an offline machine, carry wheels for what is missing and use
 #   make test PIP_FLAGS="--no-index --find-links .whl --no-build-isolation"
+#
+# `make gpu-check` is a short GPU window's one command (bench/smoke.py): it writes at most 8 files into
+# GPU_CHECK_OUT ($OUT where the machine provides one) within GPU_CHECK_BUDGET seconds; give
+# GPU_CHECK_CACHE=path/to/triton-cache.tar.gz to start from an earlier window's compiled kernels.
 VENV ?= .venv
 PYTHON ?= python3
 PIP_FLAGS ?=
@@ -22,7 +26,11 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 CONSTRAINTS := constraints-cpu.txt
 PIN := $(if $(HAS_GPU),,-c $(CONSTRAINTS))
 
-.PHONY: train test bench constraints
+GPU_CHECK_BUDGET ?= 390
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),bench/results/gpu-check)
+GPU_CHECK_CACHE ?=
+
+.PHONY: train test bench gpu-check constraints
 
 $(VENV)/.installed: setup.py requirements-cpu.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +48,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m bench $(ARGS)
+
+gpu-check: $(VENV)/.installed
+	$(PY) -m bench smoke --budget $(GPU_CHECK_BUDGET) --out $(GPU_CHECK_OUT) \
+		$(if $(GPU_CHECK_CACHE),--triton-cache $(GPU_CHECK_CACHE)) $(ARGS)
 
 constraints:
 	rm -rf .venv-constraints

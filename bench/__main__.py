@@ -5,6 +5,8 @@
     python -m bench --kernels all,-attention --preset gpt2-medium --batch-size 8
     python -m bench --quick                          # CPU, Triton's interpreter, toy sizes: checks the harness only
     python -m bench report                           # the latest run -> bench/RESULTS.md
+    python -m bench smoke --budget 390 --out DIR     # a short GPU window: most valuable first (bench/smoke.py)
+    python -m bench data                             # prepare's tokens/s against tiktoken alone, its peak memory
 
 A run writes ``bench/results/<UTC date>-<device>/`` (``--quick``: under ``bench/results/quick/``):
 ``results.json`` (environment, ceilings, every figure), ``results.md`` and the plots. The exit
@@ -180,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["report"]:
             return render_report(parse_report_args(argv[1:]))
+        if argv[:1] == ["smoke"]:
+            from bench import smoke
+
+            return smoke.main(argv[1:])
+        if argv[:1] == ["data"]:
+            from bench import data
+
+            return data.main(argv[1:])
         return run(argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -99,13 +99,13 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
 
     impls["torch foreach"] = torch_step(foreach=True)
     impls["torch fused"] = torch_step(fused=True)
-    if ctx.is_gpu:
+    if ctx.compiles:
         def compiled_step(params):
             step = torch_step(foreach=True)(params)
             torch._dynamo.reset()  # every case compiled afresh, not past the recompile limit
             return torch.compile(step)
         impls["torch.compile foreach"] = compiled_step
-    else:
+    elif not ctx.is_gpu:
         skipped.append("torch.compile: skipped on the CPU quick mode (compiling an optimizer takes minutes there)")
     return impls, skipped
 
@@ -142,7 +142,7 @@ def run(ctx: BenchContext) -> list[dict]:
     impls, skipped = implementations(ctx)
     for reason in skipped:
         print(f"bench_adamw: {reason}")
-    cases = [("toy", QUICK_SHAPES)] if ctx.quick else [(name, model_shapes(name)) for name in GPU_MODELS]
+    cases = [("toy", QUICK_SHAPES)] if ctx.quick else [(name, model_shapes(name)) for name in ctx.gpu_cases(GPU_MODELS)]
     dtype = torch.float32
     rows = []
     for name, shapes in cases:

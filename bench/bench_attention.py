@@ -102,10 +102,10 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
     else:
         skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
     impls["sdpa"] = sdpa  # on the GPU, run() restricts it to the flash backend
-    if ctx.is_gpu:
+    if ctx.compiles:
         torch._dynamo.reset()  # a fresh cache per case, so no case falls back to eager past the recompile limit
         impls["torch.compile naive"] = torch.compile(naive_attention, fullgraph=True, dynamic=False)
-    else:
+    elif not ctx.is_gpu:
         skipped.append("torch.compile naive: skipped on the CPU quick mode (compiling takes longer than the whole run)")
     if ctx.is_gpu and flash_attn_func is not None:
         impls["flash_attn"] = flash_attn
@@ -146,7 +146,7 @@ def run(ctx: BenchContext) -> list[dict]:
 
 
 def _run_cases(ctx: BenchContext) -> list[dict]:
-    cases = QUICK_CASES if ctx.quick else GPT2_CASES + SWEEP_CASES
+    cases = QUICK_CASES if ctx.quick else ctx.gpu_cases(GPT2_CASES + SWEEP_CASES, gpt2=len(GPT2_CASES))
     dtype = torch.float32 if ctx.quick else torch.bfloat16
     rows = []
     for B, H, T, D, causal in cases:

@@ -68,7 +68,7 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
 def run(ctx: BenchContext) -> list[dict]:
     for reason in implementations(ctx)[1]:
         print(f"bench_cross_entropy: {reason}")
-    cases = QUICK_CASES if ctx.quick else GPU_CASES
+    cases = QUICK_CASES if ctx.quick else ctx.gpu_cases(GPU_CASES)
     dtypes = [torch.float32] if ctx.quick else [torch.bfloat16, torch.float32]
     rows = []
     for n_rows, n_cols, n_classes in cases:

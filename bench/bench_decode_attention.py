@@ -74,9 +74,10 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
         impls["triton"] = decode_attention
     else:
         skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
-    if ctx.is_gpu:
+    if ctx.compiles:
         torch._dynamo.reset()
         impls["torch.compile"] = torch.compile(decode_attention_reference, dynamic=False)
+    if ctx.is_gpu:
         if flash_attn_with_kvcache is not None:
             impls["flash-attn"] = flash_attn_decode
         else:
@@ -87,7 +88,7 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
 
 
 def kernel_rows(ctx: BenchContext) -> list[dict]:
-    cases = QUICK_CASES if ctx.quick else GPU_CASES
+    cases = QUICK_CASES if ctx.quick else ctx.gpu_cases(GPU_CASES)
     heads, head_dim = (2, 16) if ctx.quick else (HEADS, HEAD_DIM)
     dtypes = [torch.float32] if ctx.quick else [torch.bfloat16, torch.float16]
     rows = []
@@ -148,7 +149,8 @@ def generation_rows(ctx: BenchContext) -> list[dict]:
 def run(ctx: BenchContext) -> list[dict]:
     for reason in implementations(ctx)[1]:
         print(f"bench_decode_attention: {reason}")
-    return kernel_rows(ctx) + generation_rows(ctx)
+    # The generation rows time whole models, not the op at its shape: left out of a GPT-2-only pass.
+    return kernel_rows(ctx) + ([] if ctx.gpt2_only else generation_rows(ctx))
 
 
 COLUMNS = ["case", "dtype", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_sdpa", "tokens_per_s",

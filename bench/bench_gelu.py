@@ -73,7 +73,7 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
 def run(ctx: BenchContext) -> list[dict]:
     for reason in implementations(ctx)[1]:
         print(f"bench_gelu: {reason}")
-    shapes = QUICK_SHAPES if ctx.quick else GPU_SHAPES
+    shapes = QUICK_SHAPES if ctx.quick else ctx.gpu_cases(GPU_SHAPES)
     dtypes = [torch.float32] if ctx.quick else [torch.bfloat16, torch.float32]
     rows = []
     for n_rows, n_cols in shapes:

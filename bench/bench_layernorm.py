@@ -109,7 +109,7 @@ def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[
 def run(ctx: BenchContext) -> list[dict]:
     for reason in implementations(ctx, False)[1]:
         print(f"bench_layernorm: {reason}")
-    shapes = QUICK_SHAPES if ctx.quick else GPU_SHAPES
+    shapes = QUICK_SHAPES if ctx.quick else ctx.gpu_cases(GPU_SHAPES)
     rows = []
     for n_rows, n_cols in shapes:
         for dtypes in QUICK_DTYPES if ctx.quick else GPU_DTYPES:

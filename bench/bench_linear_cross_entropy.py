@@ -52,7 +52,7 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
 def run(ctx: BenchContext) -> list[dict]:
     for reason in implementations(ctx)[1]:
         print(f"bench_linear_cross_entropy: {reason}")
-    shapes = QUICK_SHAPES if ctx.quick else GPU_SHAPES
+    shapes = QUICK_SHAPES if ctx.quick else ctx.gpu_cases(GPU_SHAPES)
     # bf16 autocast on the GPU (training); the interpreter cannot time a CPU autocast run usefully.
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if ctx.is_gpu else contextlib.nullcontext
     dtype = torch.bfloat16 if ctx.is_gpu else torch.float32  # the matmuls' dtype: the ceiling to compare with

@@ -53,10 +53,23 @@ class BenchContext:
     # Called with every row as record/failure make it: the harness saves a module's rows as they come,
     # so a run killed in the middle of a long module keeps them.
     on_row: Callable[[dict], None] | None = None
+    # The GPU check's narrower passes (``python -m bench smoke``): with ``gpt2_only`` each module runs
+    # only its GPT-2 case(s); without ``compile_baselines`` no torch.compile implementation is built.
+    gpt2_only: bool = False
+    compile_baselines: bool = True
 
     @property
     def is_gpu(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def compiles(self) -> bool:
+        """Whether the torch.compile baselines run: on a GPU, unless switched off."""
+        return self.is_gpu and self.compile_baselines
+
+    def gpu_cases(self, cases: list, gpt2: int = 1) -> list:
+        """A module's GPU cases, or with ``gpt2_only`` its first ``gpt2`` ones (GPT-2's shapes come first)."""
+        return list(cases[:gpt2]) if self.gpt2_only else list(cases)
 
     def time(self, fn: Callable[[], object]) -> Timing:
         """Median time of ``fn()`` with warm-up excluded (and on a GPU, L2 flushed before each rep)."""
@@ -215,11 +228,16 @@ def competitors(ctx: BenchContext, eager: Callable, triton_fn: Callable,
     from gpt_kernels import registry
 
     impls, skipped = {"eager": eager}, []
-    if ctx.is_gpu:
+    if ctx.compiles:
         # Dynamo keeps compiled variants on the eager function's code object and falls back to eager
         # past its recompile limit: start each case from an empty cache so every row is really compiled.
         torch._dynamo.reset()
         impls["torch.compile"] = torch.compile(eager, fullgraph=True, dynamic=False)
+    elif ctx.is_gpu:
+        skipped.append("torch.compile: left out of this pass (python -m bench smoke times it in a later one)")
+    else:
+        skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
+    if ctx.is_gpu:
         for name, load in (installed or {}).items():
             try:
                 impls[name] = load()
@@ -227,8 +245,6 @@ def competitors(ctx: BenchContext, eager: Callable, triton_fn: Callable,
                 pass  # not installed: nothing to say
             except Exception as exc:  # installed but broken (e.g. built for another triton): say why
                 skipped.append(f"{name}: failed to load: {type(exc).__name__}: {exc}")
-    else:
-        skipped.append("torch.compile: skipped on the CPU quick mode (compiling takes longer than the whole run)")
     if registry.triton_runs_on(ctx.device):
         impls["triton"] = triton_fn
     else:

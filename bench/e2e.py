@@ -266,12 +266,15 @@ def check_settings(settings: E2ESettings, device: str, quick: bool) -> tuple[GPT
 
 
 def run_e2e(settings: E2ESettings, device: str, quick: bool, matmul_tflops: dict[str, float],
-            on_progress: Callable[[dict], None] | None = None) -> dict:
+            on_progress: Callable[[dict], None] | None = None,
+            only: Callable[[Configuration], bool] | None = None) -> dict:
     """The results' ``e2e`` section: the settings, the model's FLOP count, one row per configuration.
     ``on_progress(section)`` is called before each configuration, with it as an unfinished row, so a
-    caller can save the section as it grows."""
+    caller can save the section as it grows. ``only`` keeps the settings' configurations it accepts
+    (e.g. the uncompiled ones first, the compiled ones in a later pass)."""
     torch_device = torch.device(device)
     gpt_config, configs = check_settings(settings, device, quick)
+    configs = [config for config in configs if only is None or only(config)]
     tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum
     per_token = flops_per_token(gpt_config, settings.seq_len)
     ceiling_dtype = matmul_ceiling_dtype(settings.dtype, device)

@@ -4,6 +4,8 @@ end-to-end ablation as tokens/s per configuration."""
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -132,3 +134,32 @@ def render_plots(results: dict, directory: Path) -> list[str]:
     if any(row.get("status") == "ok" for row in e2e.get("rows", [])):
         names.append(plot_ablation(e2e, directory / "ablation.png", note).name)
     return names
+
+
+def render_sheet(results: dict, path: Path, max_bytes: int = 15 * 2**20) -> bool:
+    """Every plot of a run on one PNG sheet, two to a row (where few files may be sent back, e.g. from
+    ``python -m bench smoke``); False when the run has nothing to plot."""
+    with tempfile.TemporaryDirectory() as scratch:
+        names = render_plots(results, Path(scratch))
+        if not names:
+            return False
+        images = [plt.imread(Path(scratch) / name) for name in names]
+    columns = 1 if len(images) == 1 else 2
+    cell_width = 12.0  # inches
+    rows = [images[i:i + columns] for i in range(0, len(images), columns)]
+    heights = [max(cell_width * image.shape[0] / image.shape[1] for image in row) for row in rows]
+    fig = plt.figure(figsize=(cell_width * columns, sum(heights)))
+    grid = fig.add_gridspec(len(rows), columns, height_ratios=heights, hspace=0.02, wspace=0.02)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(image)
+            ax.set_axis_off()
+    temporary = path.with_name(path.name + ".tmp.png")
+    for dpi in (100, 70, 50, 35):  # as fine as the size limit allows
+        fig.savefig(temporary, dpi=dpi, bbox_inches="tight")
+        if temporary.stat().st_size <= max_bytes:
+            break
+    plt.close(fig)
+    os.replace(temporary, path)
+    return True

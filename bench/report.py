@@ -29,6 +29,7 @@ RESULTS_FILE = "results.json"
 QUICK_DISCLAIMER = ("--quick run on the CPU (Triton's interpreter, toy sizes): these figures only check that the "
                     "harness works end to end. They are not performance claims.")
 SCHEMA_VERSION = 1
+SMOKE_SHEET = "plots.png"  # python -m bench smoke's one sheet of every plot
 # Row keys shown in their own columns (or merged into one), before any module-specific extras.
 ROW_KEYS = ("op", "case", "dtype", "pass", "impl", "median_ms", "p20_ms", "p80_ms", "gb_per_s", "fraction_of_copy_bw",
             "tflop_per_s", "fraction_of_matmul", "peak_memory_mb")
@@ -68,7 +69,7 @@ def create_run_dir(results: dict, root: Path, suffix: str = "") -> Path:
     return run_dir
 
 
-def _write_json(results: dict, path: Path) -> None:
+def write_json(results: dict, path: Path) -> None:
     # Through a temporary file: a run killed while writing keeps its previous, whole, results file.
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
@@ -79,14 +80,14 @@ def save_progress(results: dict, run_dir: Path) -> None:
     """The run's ``results.json`` as it stands, marked incomplete. A run saves after every op module and
     every end-to-end configuration, so one killed by a time limit still leaves every figure it finished
     (``python -m bench report`` renders it, or merges it with the runs that finish the rest)."""
-    _write_json({**results, "complete": False}, run_dir / RESULTS_FILE)
+    write_json({**results, "complete": False}, run_dir / RESULTS_FILE)
 
 
 def finish_run(results: dict, run_dir: Path) -> Path:
     """The finished run into ``run_dir``: its JSON, Markdown and plots; returns ``run_dir``."""
     results["complete"] = True
     results["plots"] = render_plots(results, run_dir)
-    _write_json(results, run_dir / RESULTS_FILE)
+    write_json(results, run_dir / RESULTS_FILE)
     (run_dir / "results.md").write_text(render_markdown(results, image_prefix=""))
     return run_dir
 
@@ -244,6 +245,10 @@ def _environment(results: dict) -> str:
                                           if results.get("merged_from") else "")],
         ["command", f"`{results.get('command', 'python -m bench')}`"],
     ] + [
+        [label, fmt(env[key])] for key, label in (("sm_count", "SMs"), ("ptxas", "ptxas"),
+                                                  ("triton_cache_key_sha256", "Triton cache key (sha256)"))
+        if env.get(key) is not None
+    ] + [
         [f"part {i}", f"{part['date_utc']}, commit {part.get('git_commit') or '–'}"
                       + (" (uncommitted changes)" if part.get("git_dirty") else "")
                       + ("" if part.get("complete", True) else " (stopped before its end)")
@@ -262,7 +267,7 @@ def _ceilings(results: dict) -> str:
 def _e2e(results: dict, image_prefix: str) -> str:
     e2e = results.get("e2e") or {}
     if not e2e.get("rows"):
-        return "Not run (`--ablation none`)." if results.get("complete", True) else "Not reached: the run stopped first."
+        return _not_run(results, "`--ablation none`")
     s, model = e2e["settings"], e2e["model"]
     toy = f" (toy size for --quick: {model['toy_overrides']})" if model.get("toy_overrides") else ""
     parts = [
@@ -318,7 +323,7 @@ def _ops(results: dict, image_prefix: str) -> str:
     ops = results.get("ops") or {}
     rows, modules = ops.get("rows", []), ops.get("modules", {})
     if not modules:
-        return "Not run (`--ops none`)." if results.get("complete", True) else "Not reached: the run stopped first."
+        return _not_run(results, "`--ops none`")
     parts = []
     for op, status in modules.items():
         op_rows = [row for row in rows if row.get("op") == op]
@@ -336,6 +341,55 @@ def _ops(results: dict, image_prefix: str) -> str:
     return "\n\n".join(parts)
 
 
+def _not_run(results: dict, option: str) -> str:
+    if not results.get("complete", True):
+        return "Not reached: the run stopped first."
+    return "Not run (see the GPU check's steps above)." if results.get("smoke") else f"Not run ({option})."
+
+
+def _smoke(results: dict, image_prefix: str) -> str:
+    """The GPU check's own sections: its steps against the budget, the native correctness rows, the
+    gpu_smoke tests, the autotuned attention tiles and the kernel cache it packed."""
+    smoke = results["smoke"]
+    parts = [f"Budget {fmt(smoke.get('budget_s'))} s; the run took {fmt(smoke.get('seconds'))} s. Estimates are "
+             "predictions for a cold H100; `skipped: budget` means the estimate exceeded what was left."]
+    parts.append(table(["step", "status", "seconds", "estimate s", "limit s", "result"], [
+        [step["title"], step["status"], step.get("seconds"), step.get("estimate_s"), step.get("limit_s"),
+         step.get("summary") or step.get("error")] for step in smoke.get("steps", [])]))
+    rows = smoke.get("correctness") or []
+    parts.append("### Native correctness")
+    if rows:
+        failed = [row for row in rows if not row["passed"]]
+        parts.append(f"{len(rows) - len(failed)} of {len(rows)} rows passed"
+                     + (f"; **failed: {', '.join(sorted({row['case'] + ' ' + row['quantity'] for row in failed}))}**"
+                        if failed else "")
+                     + ". Every output and gradient against the op's `<op>_reference` in float64, the op's own "
+                       "buffers NaN-poisoned first; tolerances from `gpt_kernels/tolerances.py` (the tests').")
+        parts.append(table(["check", "shape", "quantity", "relative error", "tolerance", "passed", "error"], [
+            [row["case"], row.get("shape"), row["quantity"], row.get("relative_error"), row.get("tolerance"),
+             "yes" if row["passed"] else "**NO**", row.get("error")] for row in rows]))
+    else:
+        parts.append("Not reached.")
+    tests = smoke.get("tests")
+    if tests:
+        parts.append("### `pytest -m gpu_smoke`")
+        parts.append(", ".join(f"{tests.get(k, 0)} {k}" for k in ("passed", "failed", "errors", "skipped")) + ".")
+        if tests.get("failures"):
+            parts.append(table(["test", "kind", "message"],
+                               [[f["test"], f["kind"], f["message"]] for f in tests["failures"]]))
+    autotune = smoke.get("autotune")
+    if autotune:
+        parts.append("### Autotuned attention tiles (for `HOPPER_CONFIGS` in `gpt_kernels/attention.py`)")
+        parts.append("```python\n" + "\n".join(autotune.get("table_entries", [])) + "\n```")
+    cache = smoke.get("triton_cache")
+    if cache and cache.get("file"):
+        parts.append(f"Compiled kernels: `{cache['file']}` ({cache['folders']} cache entries, "
+                     f"{cache['bytes'] / 2**20:.1f} MiB); `python -m bench smoke --triton-cache FILE` reuses them.")
+    if SMOKE_SHEET in results.get("plots", []):
+        parts.append(f"![every plot of the run]({image_prefix}{SMOKE_SHEET})")
+    return "\n\n".join(parts)
+
+
 def render_markdown(results: dict, image_prefix: str = "") -> str:
     """The whole run as Markdown; images are linked as ``image_prefix + name``."""
     parts = ["# Benchmark results"]
@@ -348,8 +402,10 @@ def render_markdown(results: dict, image_prefix: str = "") -> str:
     commits = {part.get("git_commit") for part in results.get("merged_parts", [])}
     if len(commits) > 1:
         parts.append("> **The merged parts were measured at different commits** (see the parts below).")
+    parts.append(_environment(results))
+    if results.get("smoke"):
+        parts += ["## GPU check (`python -m bench smoke`)", _smoke(results, image_prefix)]
     parts += [
-        _environment(results),
         "## Ceilings",
         _ceilings(results),
         "## End to end: one training step, and what each kernel buys",

@@ -174,6 +174,7 @@ def test_autograd_matches_sdpa(causal, dtype):
                 assert_close(leaf.grad, grad_ref, dtype, f"{fn.__name__} d{name}")
 
 
+@pytest.mark.gpu_smoke
 def test_model_layout_strided_views(monkeypatch):
     """The model's call: q, k, v are (B, T, H, D) views of one (B, T, 3C) tensor, read in place, and
     the output's transpose back to (B, T, C) is a free view."""
@@ -221,6 +222,7 @@ def test_non_unit_last_stride_and_broadcast_gradient():
         assert torch.equal(base.grad[..., 1::2], torch.zeros_like(grad_ref))
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_backward_is_deterministic(dtype):
     # No atomics: each gradient element is summed by one program in a fixed order.
@@ -440,6 +442,7 @@ def test_registered_as_the_triton_attention():
         assert registry.resolve("attention", DEVICE) is attention_reference
 
 
+@pytest.mark.gpu_smoke
 def test_gpt_model_parity():
     assert_model_parity("attention")
 
@@ -457,6 +460,7 @@ def test_autotuned_path(monkeypatch):
     assert_grads_close(grads, grads_ref, torch.bfloat16, floor=1.0)
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 matmuls need CUDA")
 def test_under_bf16_autocast():
     x = torch.randn(2, 64, 128, device=DEVICE)

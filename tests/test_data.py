@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt import data as data_module
+from gpt.data import corpus as corpus_module
+from gpt.data import pipeline as pipeline_module
 from gpt.data import (
     DataError,
     DataLoader,
@@ -214,14 +215,16 @@ def test_manifest_is_written_last_and_stale_shards_go(corpus, tmp_path, monkeypa
 
     written = []
 
-    def checking_write_shard(path, tokens):
+    publish = pipeline_module._publish
+
+    def checking_publish(partial, final):
         assert not (out / "manifest.json").exists()  # an earlier run's manifest is gone before any shard
-        written.append(path)
+        written.append(final)
         if len(written) == 2:
             raise OSError("disk full")
-        return write_shard(path, tokens)
+        return publish(partial, final)
 
-    monkeypatch.setattr(data_module, "write_shard", checking_write_shard)
+    monkeypatch.setattr(pipeline_module, "_publish", checking_publish)
     with pytest.raises(OSError, match="disk full"):
         prepare(corpus, out, shard_tokens=32, workers=1, verbose=False)
     assert not (out / "manifest.json").exists()  # the interrupted folder is known to be incomplete
@@ -290,7 +293,7 @@ def test_ensure_default_corpus(tmp_path, monkeypatch):
     start = text.removeprefix("<|endoftext|>")[:200]  # well inside the batch: no character cut in two
     assert any(path.read_text().startswith(start) for path in default_corpus_files())
 
-    monkeypatch.setattr(data_module, "_prepare_documents", lambda *a, **k: pytest.fail("prepared twice"))
+    monkeypatch.setattr(corpus_module, "prepare_sources", lambda *a, **k: pytest.fail("prepared twice"))
     assert ensure_default_corpus(verbose=False) == folder
 
 
@@ -452,3 +455,37 @@ def test_cli_errors_are_one_line(tmp_path):
                             text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2
     assert result.stderr.startswith("error: no shards in") and "Traceback" not in result.stderr
+
+
+# Raw shards of 0 to 1023 bytes, every size class: llm.c's header does not fit, so the file is
+# either the start of a truncated llm.c shard or nanoGPT's header-less uint16 tokens.
+MAGIC = np.array([20240520], dtype="<i4").tobytes()
+SMALL_SHARDS = {
+    "0 bytes": (b"", "empty shard"),
+    "1 byte": (b"\x07", "truncated shard: 1 bytes is not a whole number of uint16 tokens"),
+    "2 bytes of the magic": (MAGIC[:2], "truncated shard: its 2 bytes are the start of llm.c's magic"),
+    "3 bytes of the magic": (MAGIC[:3], "truncated shard: its 3 bytes are the start of llm.c's magic"),
+    "2 bytes, one token": (np.array([5], "<u2").tobytes(), None),
+    "2 bytes, an id outside the vocabulary": (b"\xff\xff", "token id 65535 is outside the vocabulary"),
+    "the magic alone": (MAGIC, "truncated shard: 4 bytes, shorter than llm.c's 1024-byte header"),
+    "1023 bytes of header": (MAGIC + bytes(1019), "truncated shard: 1023 bytes, shorter than llm.c's 1024-byte header"),
+    "1023 bytes, no magic": (bytes(1023), "truncated shard: 1023 bytes is not a whole number of uint16 tokens"),
+    "1022 bytes of tokens": (np.arange(511, dtype="<u2").tobytes(), None),
+}
+
+
+@pytest.mark.parametrize("case", list(SMALL_SHARDS))
+def test_verify_small_raw_shards_on_the_command_line(tmp_path, case):
+    content, problem = SMALL_SHARDS[case]
+    (tmp_path / "x_train_000000.bin").write_bytes(content)
+    result = subprocess.run([sys.executable, "-m", "gpt.data", "verify", str(tmp_path)], capture_output=True,
+                            text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "Traceback" not in result.stderr
+    if problem is None:
+        assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout + result.stderr
+        return
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {tmp_path}: 1 problem(s): ")
+    assert f"x_train_000000.bin: {problem}" in result.stderr, result.stderr
+    [line] = [line for line in result.stdout.splitlines() if "x_train_000000.bin: " in line]
+    assert f"CORRUPT: {problem}" in line

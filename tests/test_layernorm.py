@@ -11,7 +11,6 @@ The CPU grid takes every width of the issue with two row counts (the interpreter
 the full cross product); the GPU runs the full cross product of rows, widths and dtypes.
 """
 
-import contextlib
 import re
 
 import pytest
@@ -27,7 +26,7 @@ from hopper import run_compile_script
 from gpt_kernels import registry
 from gpt_kernels.layernorm import layer_norm, layer_norm_backward, layer_norm_forward, layer_norm_reference
 from model_parity import assert_model_parity
-from numerics import RTOL, assert_close, poisoned_like
+from numerics import RTOL, assert_close, fresh_buffers_poisoned, poisoned_like
 
 ROWS = [1, 3, 257, 1000]
 WIDTHS = [7, 64, 768, 771, 1024, 1280, 1600, 4096]
@@ -85,21 +84,6 @@ def expected(x, residual, weight, bias, dy, ds):
 def poisoned(shape, dtype):
     """A contiguous NaN-filled buffer (``poisoned_like`` would copy a strided input's layout)."""
     return poisoned_like(torch.empty(shape, dtype=dtype, device=DEVICE))
-
-
-@contextlib.contextmanager
-def fresh_buffers_poisoned():
-    """Every tensor ``torch.empty*`` allocates inside comes NaN-filled (PyTorch's deterministic mode
-    fills uninitialized memory), so the buffers a launcher allocates itself are poisoned too."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
 
 
 def check_launchers(x, residual, weight, bias, dy, ds, tolerance_dtype, factor=1.0):
@@ -194,6 +178,7 @@ def test_rows_with_a_large_mean_or_a_tiny_spread(cases, variant, dtype):
 WIDE_SHAPES = [(3, 8192), (1, 8192)] + ([(1000, 8192), (64, 65536)] if DEVICE == "cuda" else [])
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("shape", WIDE_SHAPES, ids=str)
 def test_wide_rows(shape):
     check_launchers(*make_inputs(shape, torch.float32, True, True, True), torch.float32)
@@ -430,6 +415,7 @@ def test_torch_compile_fullgraph():
         assert_close(grad, grad_ref, torch.float32, "compiled grad", factor=10)
 
 
+@pytest.mark.gpu_smoke
 def test_gpt_model_parity():
     assert_model_parity("layernorm")
 
@@ -511,6 +497,7 @@ def test_kernels_compile_for_hopper_without_spills():
             assert result["vector_loads"] > 0, (name, result)
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 linears need CUDA; the CPU covers the dtypes in "
                     "test_autograd_dtypes_match_reference")
 def test_block_tail_under_bf16_autocast():

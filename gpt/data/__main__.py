@@ -1,0 +1,5 @@
+import sys
+
+from gpt.data.cli import main
+
+sys.exit(main())
