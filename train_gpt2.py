@@ -416,5 +416,7 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (ValueError, OSError) as e:  # a user's mistake or the machine's (a full disk): one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        # "path: Permission denied" rather than "[Errno 13] Permission denied: 'path'".
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else e
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
