@@ -5,6 +5,12 @@ The kill-and-resume test runs ``train_gpt2.py`` as a subprocess and SIGKILLs it 
 random moments, two during a checkpoint write, one right after a checkpoint file appears), resuming
 each time in the same folder; the log and the final weights must equal those of an uninterrupted run.
 Set GPT_KILL_SEED to replay a failure's random kill points.
+
+Further down: checkpoints that would run code when unpickled are refused by every command; what
+crashes leave (torn log lines, a kill during start-up, a full disk, injected by
+tests/fault_injector.py) does not stop a resume; an unusable --out-dir or --data is one error line;
+sharded (--fsdp) checkpoints follow the manifest rule; and a dropout run resumes bit-exactly with
+either AdamW.
 """
 
 import json
