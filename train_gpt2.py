@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -85,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="out", help="checkpoints and log.jsonl go here")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability (0: off, as for GPT-2 pretraining)")
     # The numerics watch (gpt/numerics.py): a skipped step leaves the weights and optimizer untouched.
     p.add_argument("--on-nonfinite", choices=ON_NONFINITE, default="skip",
                    help="a NaN/inf loss or gradient norm skips the step, or stops the run (default: skip)")
@@ -147,7 +149,7 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
         registry.set_kernels(args.kernels)  # otherwise $GPT_KERNELS (read at import), else all
     # The table printed below says which ops fell back to their reference and why: no warning per op.
     warnings.filterwarnings("ignore", message="kernel .* runs its PyTorch reference")
-    config = preset(args.preset)
+    config = preset(args.preset, dropout=args.dropout)
     if args.seq_len > config.block_size:
         raise RunError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's block size {config.block_size}")
     tokens_per_micro = args.batch_size * args.seq_len * dist_info.world_size
@@ -172,6 +174,7 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
     guard = StepGuard(args.on_nonfinite, args.max_consecutive_skips, args.spike_zscore, args.spike_window)
     out_dir = Path(args.out_dir)
     log_path = out_dir / "log.jsonl"
+    _check_out_dir(out_dir)
 
     start_step = 0
     found = _latest_checkpoint(args, out_dir) if args.resume else None
@@ -320,10 +323,23 @@ def _shard(model, dist_info, device: torch.device) -> None:
 def _latest_checkpoint(args, out_dir: Path):
     if not args.fsdp:
         return ckpt.latest_checkpoint(out_dir)
-    found = distributed.list_sharded_checkpoints(out_dir)
-    if not found:
-        return None
-    return found[-1], torch.load(found[-1] / "extra.pt", weights_only=False)
+    return distributed.latest_sharded_checkpoint(out_dir)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Fail at start-up, in one line, if checkpoints and the log cannot be written to ``out_dir``,
+    rather than with a traceback at the first checkpoint. A probe file is written (os.access would
+    say yes to root on a read-only mount, and no to nothing that matters)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"--out-dir {out_dir} is a file, not a folder: give a folder for checkpoints and the log")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--out-dir {out_dir} is not a writable folder ({e.strerror or e}): give a folder "
+                       "this user can write checkpoints and the log to") from e
 
 
 def _silent(*args, **kwargs):
@@ -338,11 +354,42 @@ def _sample(model, args, generator, device, dtype) -> str:
 
 
 def _truncate_log(log_path: Path, start_step: int) -> None:
-    """Drop records of steps the resumed run will redo, so the log reads as one uninterrupted run."""
+    """Drop records of steps the resumed run will redo, so the log reads as one uninterrupted run.
+
+    A run killed mid-write (SIGKILL, power cut, full disk) can leave a torn last line: it is dropped
+    with a warning. The shorter log replaces the old one atomically (temporary file, fsync, rename),
+    so a kill during this rewrite leaves the old log or the new one, never a half-written one."""
     if not log_path.exists():
         return
-    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start_step]
-    log_path.write_text("".join(line + "\n" for line in kept))
+    lines = log_path.read_text(errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            if number == len(lines):  # the last line: a write the crash cut short
+                warnings.warn(f"{log_path}: dropping its torn last line ({line[:60]!r}...): the run died while "
+                              "writing it", stacklevel=2)
+                continue
+            raise RunError(f"{log_path}: line {number} is not a log record ({type(e).__name__}: {e}); "
+                           "move the log away to resume") from e
+        if step < start_step:
+            kept.append(line)
+    for stale in log_path.parent.glob(f".{log_path.name}.tmp-*"):  # left by a run killed during this rewrite
+        stale.unlink(missing_ok=True)
+    tmp = log_path.with_name(f".{log_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, log_path)
+        ckpt.fsync_dir(log_path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _print_header(args, config, model, device, dtype, grad_accum, total, data, dist_info) -> None:
@@ -370,6 +417,8 @@ def _print_schedule(args, tokens_per_step: int, train_tokens: int) -> None:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # a user's mistake or the machine's (a full disk): one line, no traceback
+        # "path: Permission denied" rather than "[Errno 13] Permission denied: 'path'".
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else e
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import json
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -77,20 +78,32 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict, keep_last: int 
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     final = checkpoint_path(out_dir, step)
-    with _atomic_file(final) as f:
-        writer = _HashingWriter(f)
-        torch.save(state, writer)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "step": step,
-        "file": final.name,
-        "bytes": writer.bytes,
-        "sha256": writer.sha256.hexdigest(),
-        "config": state.get("config"),
-        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    with _atomic_file(manifest_path(final)) as f:
-        f.write((json.dumps(manifest, indent=2) + "\n").encode())
+    try:
+        with _atomic_file(final) as f:
+            writer = _HashingWriter(f)
+            torch.save(state, writer)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "step": step,
+            "file": final.name,
+            "bytes": writer.bytes,
+            "sha256": writer.sha256.hexdigest(),
+            "config": state.get("config"),
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with _atomic_file(manifest_path(final)) as f:
+            f.write((json.dumps(manifest, indent=2) + "\n").encode())
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write (a full disk, a vanished folder) as a RuntimeError of its
+        # own, the OSError only in its context: find it, so the message says what really happened.
+        cause = next((c for c in (e, e.__cause__, e.__context__) if isinstance(c, OSError)), None)
+        if cause is None:
+            raise
+        final.unlink(missing_ok=True)  # its manifest never got written: not a checkpoint anyway
+        previous = complete_checkpoints(out_dir)
+        keeps = f"the newest complete checkpoint is still {previous[-1].name}" if previous else "no complete checkpoint exists"
+        raise CheckpointError(f"could not save {final}: {cause.strerror or cause} ({keeps}; free the space or fix "
+                              f"the folder, then run again with --resume)") from e
     prune_checkpoints(out_dir, keep_last)
     return final
 
@@ -139,16 +152,32 @@ def load_checkpoint(path: str | Path, require_manifest: bool = False) -> dict:
     path = Path(path)
     if require_manifest or manifest_path(path).is_file():
         verify_checkpoint(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    state = load_state_file(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(state).__name__}, not a dict)")
     missing = {"model", "optimizer", "step", "config"} - set(state)
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {sorted(missing)}")
     return state
+
+
+def load_state_file(path: str | Path):
+    """``torch.load`` of a checkpoint file with ``weights_only=True``: tensors and plain types only.
+
+    A checkpoint's manifest proves that the file is the one that was saved, not who saved it; a
+    full unpickle would run whatever code a crafted file names. So a file that needs more than
+    tensors, numbers, strings, lists, tuples and dicts is refused, never opened."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; the line that names what the file wanted to load is the one that helps.
+        found = re.search(r"(?:Unsupported global: GLOBAL|Trying to load unsupported GLOBAL) ([\w.]+)", str(e))
+        detail = f" (it names {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain types, and "
+                              f"loading it could run code{detail}") from e
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
 
 
 def latest_checkpoint(out_dir: str | Path) -> tuple[Path, dict] | None:
@@ -164,23 +193,31 @@ def latest_checkpoint(out_dir: str | Path) -> tuple[Path, dict] | None:
         for p in out_dir.iterdir():
             if m := _MANIFEST_NAME.match(p.name):
                 candidates.setdefault(int(m.group(1)), checkpoint_path(out_dir, int(m.group(1))))
+    return newest_loadable(out_dir, candidates, lambda p: load_checkpoint(p, require_manifest=True),
+                           lambda p: manifest_path(p).is_file())
+
+
+def newest_loadable(out_dir: Path, candidates: dict[int, Path], load, has_manifest) -> tuple[Path, dict] | None:
+    """The newest of ``candidates`` (step -> path) that ``load`` loads without a CheckpointError, and
+    what it loaded, warning about each newer one passed over; see latest_checkpoint. Shared with the
+    sharded checkpoints of gpt/distributed.py."""
     passed_over, damaged = [], []
     for step in sorted(candidates, reverse=True):
         path = candidates[step]
         try:
-            state = load_checkpoint(path, require_manifest=True)
+            state = load(path)
         except CheckpointError as e:
             passed_over.append(str(e))
-            if manifest_path(path).is_file():
+            if has_manifest(path):
                 damaged.append(str(e))
             continue
         for reason in passed_over:
-            warnings.warn(f"resuming from {path.name}, passing over {reason}", CheckpointWarning, stacklevel=2)
+            warnings.warn(f"resuming from {path.name}, passing over {reason}", CheckpointWarning, stacklevel=3)
         return path, state
     if damaged:
-        raise CheckpointError("no complete checkpoint in {} loads:\n  {}".format(out_dir, "\n  ".join(passed_over)))
+        raise CheckpointError(f"no complete checkpoint in {out_dir} loads: {'; '.join(passed_over)}")
     for reason in passed_over:
-        warnings.warn(f"no complete checkpoint: passing over {reason}", CheckpointWarning, stacklevel=2)
+        warnings.warn(f"no complete checkpoint: passing over {reason}", CheckpointWarning, stacklevel=3)
     return None
 
 
@@ -220,6 +257,68 @@ def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
     return removed
 
 
+# ---------------------------------------------------------------------------------------------------
+# Folders (the sharded checkpoints of --fsdp runs, gpt/distributed.py): the same rule, with one
+# manifest, ``manifest.json`` inside the folder, that lists every other file's size and SHA-256.
+# It is written last, before the folder is renamed into place.
+
+
+def folder_manifest_path(folder: str | Path) -> Path:
+    return Path(folder) / "manifest.json"
+
+
+def save_state_file(path: str | Path, state: dict) -> None:
+    """``torch.save`` through a temporary file, flushed to disk and renamed into place."""
+    with _atomic_file(Path(path)) as f:
+        torch.save(state, f)
+
+
+def write_folder_manifest(folder: str | Path, step: int, config: dict | None) -> dict:
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p != folder_manifest_path(folder):
+            files[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": _file_sha256(p)}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "step": step,
+        "files": files,
+        "config": config,
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with _atomic_file(folder_manifest_path(folder)) as f:
+        f.write((json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def verify_folder(folder: str | Path) -> dict:
+    """The manifest of the checkpoint folder once every file it lists is there with its size and
+    SHA-256, and no other file is; CheckpointError saying what is wrong otherwise."""
+    folder = Path(folder)
+    manifest_file = folder_manifest_path(folder)
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{folder}: no manifest {manifest_file.name}: its save did not finish")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{manifest_file}: unreadable manifest ({type(e).__name__}: {e})") from e
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {manifest_file.name}
+    if missing := sorted(set(files) - present):
+        raise CheckpointError(f"{folder}: damaged: {', '.join(missing)} missing, though its manifest lists them")
+    if extra := sorted(present - set(files)):
+        raise CheckpointError(f"{folder}: damaged: {', '.join(extra)} not in its manifest")
+    for name, (expected_bytes, expected_sha256) in files.items():
+        path = folder / name
+        size = path.stat().st_size
+        if size != expected_bytes:
+            raise CheckpointError(f"{path}: damaged: {size} bytes, its manifest says {expected_bytes}")
+        sha256 = _file_sha256(path)
+        if sha256 != expected_sha256:
+            raise CheckpointError(f"{path}: damaged: SHA-256 {sha256} differs from its manifest's {expected_sha256}")
+    return manifest
+
+
 def check_compatible(saved: dict, config: GPTConfig, path: str | Path) -> None:
     """Refuse a checkpoint of another model shape or vocabulary, naming every field that differs."""
     current = config.to_dict()
@@ -257,7 +356,7 @@ class _atomic_file:
             self.file.close()
             if exc_type is None:
                 os.replace(self.tmp, self.path)
-                _fsync_dir(self.path.parent)  # so the rename itself is on disk
+                fsync_dir(self.path.parent)  # so the rename itself is on disk
         finally:
             self.tmp.unlink(missing_ok=True)
         return False
@@ -287,7 +386,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

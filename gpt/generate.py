@@ -272,18 +272,17 @@ def load_model(checkpoint: str | Path | None = None, hf_weights: str | Path | No
 
 
 def _load_sharded_checkpoint(path: Path) -> dict:
-    """An --fsdp run's ``ckpt_*.dcp`` folder, gathered into one process: ``{"model", "config"}``."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """An --fsdp run's ``ckpt_*.dcp`` folder, gathered into one process: ``{"model", "config"}``.
+    Checked against its manifest, and read without unpickling anything but tensors and plain types."""
+    from gpt import checkpoint as ckpt
+    from gpt.distributed import load_sharded_model_state
 
     if not (path / "extra.pt").is_file():
         raise ValueError(f"{path}: a folder, but not a sharded checkpoint of ours (no extra.pt)")
-    extra = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(path, Path(tmp) / "full.pt")
-        full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
-    return {"model": full["model"], "config": extra["config"]}
+    if ckpt.folder_manifest_path(path).is_file():  # as for a .pt file: one copied without its manifest still loads
+        ckpt.verify_folder(path)
+    extra = ckpt.load_state_file(path / "extra.pt")
+    return {"model": load_sharded_model_state(path), "config": extra["config"]}
 
 
 class _Streamer:

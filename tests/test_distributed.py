@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpt.checkpoint import verify_folder
 from gpt.data import write_shard
 from gpt_kernels import registry
 
@@ -50,7 +50,7 @@ def losses(out_dir):
 
 
 def final_params(out_dir):
-    return torch.load(Path(out_dir) / f"ckpt_{STEPS:07d}.pt", weights_only=False)["model"]
+    return torch.load(Path(out_dir) / f"ckpt_{STEPS:07d}.pt", weights_only=True)["model"]
 
 
 def test_ddp_matches_single_process(data_dir, tmp_path):
@@ -99,12 +99,18 @@ def test_fsdp_matches_single_process_and_resumes_on_another_world_size(data_dir,
     run(single, data_dir, 1, "--batch-size", "8")
     run(sharded, data_dir, 2, "--batch-size", "4", "--fsdp", "--checkpoint-every", "3")
     np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
-    assert (sharded / f"ckpt_{STEPS:07d}.dcp").is_dir()
+    newest = sharded / f"ckpt_{STEPS:07d}.dcp"
+    assert verify_folder(newest)["step"] == STEPS  # a manifest with every file's size and SHA-256
 
-    # Resume the two-rank run's step-3 shards on one rank (micro-batch 8: the same 256 tokens per step).
-    shutil.rmtree(sharded / f"ckpt_{STEPS:07d}.dcp")
+    # Damage the newest (a flipped byte in a shard): resuming passes over it, saying why, and takes the
+    # two-rank run's step-3 shards, on one rank (micro-batch 8: the same 256 tokens per step).
+    shard = next(newest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
     result = run(sharded, data_dir, 1, "--batch-size", "8", "--fsdp", "--resume", torchrun=True)
-    assert "resuming from" in result.stdout
+    assert f"resuming from {sharded / 'ckpt_0000003.dcp'} at step 3" in result.stdout
+    assert f"passing over {shard}: damaged: SHA-256" in result.stderr
     np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
 
 
@@ -127,7 +133,7 @@ def test_fsdp_optimizer_and_fused_clipping_match_one_process(tmp_path, kernels):
            "TRITON_INTERPRET": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    sharded = torch.load(out, weights_only=False)
+    sharded = torch.load(out, weights_only=True)
     assert sharded["optimizer"] == ("AdamW" if kernels == "adamw" else "AdamW_reference")
 
     with use_kernels("none"):

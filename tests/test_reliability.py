@@ -5,11 +5,18 @@ The kill-and-resume test runs ``train_gpt2.py`` as a subprocess and SIGKILLs it 
 random moments, two during a checkpoint write, one right after a checkpoint file appears), resuming
 each time in the same folder; the log and the final weights must equal those of an uninterrupted run.
 Set GPT_KILL_SEED to replay a failure's random kill points.
+
+Further down: checkpoints that would run code when unpickled are refused by every command; what
+crashes leave (torn log lines, a kill during start-up, a full disk, injected by
+tests/fault_injector.py) does not stop a resume; an unusable --out-dir or --data is one error line;
+sharded (--fsdp) checkpoints follow the manifest rule; and a dropout run resumes bit-exactly with
+either AdamW.
 """
 
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -392,7 +399,7 @@ def test_guard_state_round_trip_decides_identically():
     for i, loss in enumerate(losses[:20]):
         half.check(i, loss, 1.0)
     resumed = StepGuard(spike_window=6)
-    resumed.load_state_dict(torch.load(_roundtrip(half.state_dict()), weights_only=False))
+    resumed.load_state_dict(torch.load(_roundtrip(half.state_dict()), weights_only=True))
     assert [resumed.check(20 + i, loss, 1.0) for i, loss in enumerate(losses[20:])] == first[20:]
 
 
@@ -462,3 +469,412 @@ def test_training_stops_on_nonfinite_when_asked(data_dir, tmp_path, monkeypatch)
     with pytest.raises(train_gpt2.RunError, match="2 steps in a row skipped, the last one at step 2"):
         _train_with_faults(monkeypatch, {1: float("nan"), 2: float("inf")}, "--data", data_dir,
                            "--out-dir", tmp_path / "diverged", "--max-steps", 5, "--max-consecutive-skips", 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A checkpoint never runs code: every loader uses torch.load(weights_only=True)
+
+
+class _CreatesAFile:
+    """Unpickling this calls ``open(path, "w")``: a stand-in for any code a crafted file could run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _crafted_checkpoint(out_dir: Path, marker: Path, step: int = 2) -> Path:
+    """A checkpoint of the tiny model whose pickle would create ``marker``, saved by our own
+    save_checkpoint so that its manifest matches it byte for byte."""
+    model = GPT(preset("tiny"))
+    state = {"model": model.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "step": step,
+             "config": preset("tiny").to_dict(), "payload": _CreatesAFile(marker)}
+    path = ckpt.save_checkpoint(out_dir, step, state)
+    ckpt.verify_checkpoint(path)  # the manifest vouches for it: integrity is not origin
+    return path
+
+
+def _command(*args, fault=None, timeout=300):
+    """Run ``python ARGS`` from the repository root (through tests/fault_injector.py when ``fault``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    prefix = [str(ROOT / "tests" / "fault_injector.py"), *fault] if fault else []
+    return subprocess.run([sys.executable, *prefix, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
+
+
+def _one_error_line(result, *expected):
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def test_load_checkpoint_refuses_a_file_that_would_run_code(tmp_path):
+    marker = tmp_path / "created-by-the-checkpoint"
+    path = _crafted_checkpoint(tmp_path / "run", marker)
+    with pytest.raises(ckpt.CheckpointError, match=f"{path}: refused: it holds objects other than tensors"):
+        ckpt.load_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint .* loads"):
+        ckpt.latest_checkpoint(tmp_path / "run")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["train --resume", "gpt.generate", "gpt.evaluate"])
+def test_commands_refuse_a_checkpoint_that_would_run_code(data_dir, tmp_path, command):
+    marker = tmp_path / "created-by-the-checkpoint"
+    path = _crafted_checkpoint(tmp_path / "run", marker)
+    if command == "train --resume":
+        result = _command(ROOT / "train_gpt2.py", *RUN, "--data", data_dir, "--out-dir", tmp_path / "run", "--resume")
+    elif command == "gpt.generate":
+        result = _command("-m", "gpt.generate", "--checkpoint", path, "--device", "cpu", "--max-new-tokens", 1)
+    else:
+        result = _command("-m", "gpt.evaluate", "--checkpoint", path, "--device", "cpu", "--data", data_dir,
+                          "--batches", 1, "--seq-len", 16)
+    _one_error_line(result, str(path), "refused: it holds objects other than tensors", "(it names io.open)")
+    assert not marker.exists()
+
+
+def test_rng_state_round_trips_through_a_weights_only_load():
+    import io
+
+    from gpt.training import rng_state, set_rng_state
+
+    random.random()
+    np.random.standard_normal()  # a cached Gaussian is part of numpy's state
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    expected = (random.random(), np.random.standard_normal(), torch.rand(3))
+    buffer.seek(0)
+    set_rng_state(torch.load(buffer, weights_only=True))
+    got = (random.random(), np.random.standard_normal(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# What real crashes leave behind: torn log lines, a kill during start-up, a full disk
+
+
+def _reference_log(data_dir, tmp_path_factory, *extra) -> list[dict]:
+    out = tmp_path_factory.mktemp("reference")
+    result = _command(ROOT / "train_gpt2.py", *RUN, "--data", data_dir, "--out-dir", out, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _without_timing(_records(out))
+
+
+@pytest.fixture(scope="module")
+def reference_log(data_dir, tmp_path_factory):
+    return _reference_log(data_dir, tmp_path_factory)
+
+
+def _interrupted_run(data_dir, out: Path) -> None:
+    """The 12-step run of RUN, ended by a full disk while saving its step-8 checkpoint: the newest
+    complete checkpoint is step 6's, and the log holds steps 0-7."""
+    result = _command(ROOT / "train_gpt2.py", *RUN, "--data", data_dir, "--out-dir", out,
+                      fault=["enospc", ".ckpt_0000008.pt.tmp-"])
+    _one_error_line(result, "could not save", "ckpt_0000008.pt", "No space left on device",
+                    "the newest complete checkpoint is still ckpt_0000006.pt")
+    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["ckpt_0000004.pt", "ckpt_0000006.pt"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert [r["step"] for r in _records(out)] == list(range(8))
+
+
+def test_a_full_disk_then_a_torn_log_line_then_resume_loses_nothing(data_dir, tmp_path, reference_log):
+    out = tmp_path / "run"
+    _interrupted_run(data_dir, out)
+    with open(out / "log.jsonl", "a") as log:  # the disk filled up in the middle of a log record, too
+        log.write('{"step": 8, "train_loss": 3.2, "lr": 0.0')
+    result = _command(ROOT / "train_gpt2.py", *RUN, "--data", data_dir, "--out-dir", out, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ckpt_0000006.pt at step 6" in result.stdout
+    assert "dropping its torn last line" in result.stderr and "Traceback" not in result.stderr
+    assert _without_timing(_records(out)) == reference_log
+
+
+def test_a_garbled_log_line_before_the_last_is_an_error(tmp_path):
+    import train_gpt2
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 0}\n{"step": 1, "tra\n{"step": 2}\n')
+    with pytest.raises(train_gpt2.RunError, match="line 2 is not a log record"):
+        train_gpt2._truncate_log(log, 2)
+    assert log.read_text() == '{"step": 0}\n{"step": 1, "tra\n{"step": 2}\n'  # left as it was
+
+
+def test_kill_during_resume_start_up_loses_nothing(data_dir, tmp_path, reference_log, processes):
+    """SIGKILL at random moments of a resumed run's start-up (loading the checkpoint, rewriting the
+    log, before its first step), three times over: the next resume still ends with the
+    uninterrupted run's log."""
+    seed = int(os.environ.get("GPT_KILL_SEED", random.SystemRandom().randrange(2**32)))
+    rng = random.Random(seed)
+    out = tmp_path / "run"
+    _interrupted_run(data_dir, out)
+    for attempt in range(3):
+        output = tmp_path / f"start-up{attempt}.txt"
+        proc = _start(out, data_dir, output, "--resume")
+        processes.append(proc)
+        # A random moment between the process's start and its header (printed once the checkpoint is
+        # loaded and the log rewritten), so before its first step.
+        deadline = time.monotonic() + rng.uniform(0, 3.0)
+        while time.monotonic() < deadline and "model: " not in output.read_text() and proc.poll() is None:
+            time.sleep(0.001)
+        proc.kill()
+        proc.wait()
+        lines = (out / "log.jsonl").read_text().splitlines()
+        steps = [json.loads(line)["step"] for line in lines]  # every line whole: the old log or the new one
+        assert steps in (list(range(8)), list(range(6))), f"GPT_KILL_SEED={seed}: {steps}"
+    proc = _start(out, data_dir, tmp_path / "final.txt", "--resume")
+    processes.append(proc)
+    assert proc.wait(timeout=WAIT_S) == 0, (tmp_path / "final.txt").read_text()[-3000:]
+    assert _without_timing(_records(out)) == reference_log, f"GPT_KILL_SEED={seed}"
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name], f"GPT_KILL_SEED={seed}"
+
+
+class _FullDisk:
+    """``open`` for gpt.checkpoint whose files with ``match`` in their name hit ENOSPC after 1 KiB."""
+
+    def __init__(self, match):
+        self.match = match
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        import errno
+
+        file = open(path, mode, *args, **kwargs)
+        if self.match not in str(path):
+            return file
+        written = [0]
+        real_write = file.write
+
+        def write(data):
+            written[0] += len(data)
+            if written[0] > 1024 if self.match.endswith(".pt") else True:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(data)
+
+        file.write = write
+        return file
+
+
+@pytest.mark.parametrize("what", [".pt", ".json"])
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, what):
+    _save(tmp_path, 2)
+    monkeypatch.setattr(ckpt, "open", _FullDisk(f"ckpt_0000004{what}"), raising=False)
+    with pytest.raises(ckpt.CheckpointError, match=r"could not save .*ckpt_0000004.pt: No space left on device "
+                                                   r"\(the newest complete checkpoint is still ckpt_0000002.pt"):
+        ckpt.save_checkpoint(tmp_path, 4, _state(4))
+    monkeypatch.undo()
+    path, state = ckpt.latest_checkpoint(tmp_path)
+    assert path.name == "ckpt_0000002.pt" and state["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000002.json", "ckpt_0000002.pt"]
+
+
+def test_training_on_a_full_disk_writing_a_manifest_ends_with_one_error_line(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _command(ROOT / "train_gpt2.py", *RUN, "--data", data_dir, "--out-dir", out, "--max-steps", 4,
+                      fault=["enospc", ".ckpt_0000004.json.tmp-"])
+    _one_error_line(result, "could not save", "ckpt_0000004.pt", "No space left on device",
+                    "the newest complete checkpoint is still ckpt_0000002.pt")
+    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["ckpt_0000002.pt"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every expected failure of the command line: one error line, a non-zero exit
+
+
+def _sys_is_unwritable() -> bool:
+    try:
+        (Path("/sys") / f"write-test-{os.getpid()}").write_bytes(b"")
+    except OSError:
+        return True
+    (Path("/sys") / f"write-test-{os.getpid()}").unlink()
+    return False
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "read-only folder", "sysfs"])
+def test_training_refuses_an_out_dir_it_cannot_write(data_dir, tmp_path, case):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    if case == "a file":
+        out, expected = a_file, "is a file, not a folder"
+    elif case == "under a file":
+        out, expected = a_file / "run", "is not a writable folder (Not a directory)"
+    elif case == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a folder without write permission; the 'sysfs' case covers it")
+        out, expected = tmp_path / "read-only", "is not a writable folder (Permission denied)"
+        out.mkdir(mode=0o555)
+    else:
+        if not _sys_is_unwritable():
+            pytest.skip("/sys is writable here")
+        out, expected = Path("/sys/gpt-run"), "is not a writable folder"
+    result = _command(ROOT / "train_gpt2.py", *FAST, "--max-steps", 1, "--data", data_dir, "--out-dir", out)
+    _one_error_line(result, f"--out-dir {out}", expected)
+
+
+@pytest.mark.parametrize("case", ["missing", "permission (injected)", "permission (chmod)"])
+def test_training_refuses_data_it_cannot_read(data_dir, tmp_path, case):
+    data, fault = tmp_path / "data", None
+    shutil.copytree(data_dir, data)
+    shard = data / "synthetic_train_000000.bin"
+    if case == "missing":
+        data = tmp_path / "no-such-folder"
+        expected = ["no-such-folder"]
+    elif case == "permission (injected)":  # as a non-root user sees a file it may not read
+        fault, expected = ["eacces", shard.name], ["Permission denied", shard.name]
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root reads a file without read permission; the injected case covers it")
+        shard.chmod(0)
+        expected = ["Permission denied", shard.name]
+    result = _command(ROOT / "train_gpt2.py", *FAST, "--max-steps", 1, "--data", data, "--out-dir", tmp_path / "out",
+                      fault=fault)
+    _one_error_line(result, *expected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kill and resume in process, on a model small enough for the Triton AdamW in the interpreter, with
+# dropout on: the resumed run must restore every random generator, or its losses drift.
+
+MICRO = dict(block_size=32, vocab_size=2048, n_layer=2, n_head=2, n_embd=32)
+MICRO_RUN = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "--eval-batches", "1",
+             "--eval-every", "3", "--warmup-steps", "2", "--sample-tokens", "1", "--sample-prompt", "a",
+             "--max-steps", "6", "--checkpoint-every", "2", "--dropout", "0.2"]
+
+
+class _Crash(Exception):
+    """Stands for a kill: raised out of the training loop, with nothing saved on the way out."""
+
+
+def _train_micro(monkeypatch, data_dir, out, kernels, *extra, crash_at_batch=None):
+    import train_gpt2
+    from gpt.config import GPTConfig
+    from gpt.data import DataLoader
+
+    monkeypatch.setattr(train_gpt2, "preset", lambda name, **overrides: GPTConfig(**MICRO, **overrides))
+    batches = [0]
+
+    class CrashingLoader(DataLoader):
+        def next_batch(self):
+            if self.split == "train":
+                batches[0] += 1
+                if batches[0] == crash_at_batch:
+                    raise _Crash
+            return super().next_batch()
+
+    monkeypatch.setattr(train_gpt2, "DataLoader", CrashingLoader)
+    with registry.use_kernels(kernels):
+        return train_gpt2.main([*MICRO_RUN, "--kernels", kernels, "--data", str(data_dir), "--out-dir", str(out), *extra])
+
+
+@pytest.mark.parametrize("kernels", ["none", "adamw"])
+def test_kill_and_resume_with_dropout_and_either_adamw(data_dir, tmp_path, monkeypatch, capsys, kernels):
+    if kernels == "adamw" and not registry.triton_runs_on("cpu"):
+        pytest.skip("Triton does not run on the CPU here")
+    _train_micro(monkeypatch, data_dir, tmp_path / "straight", kernels)
+    optimizer_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("adamw "))
+    assert optimizer_row.split()[1] == ("triton" if kernels == "adamw" else "torch"), optimizer_row
+    crashed = tmp_path / "crashed"
+    with pytest.raises(_Crash):  # during step 3, after the step-2 checkpoint
+        _train_micro(monkeypatch, data_dir, crashed, kernels, crash_at_batch=4)
+    assert [r["step"] for r in _records(crashed) if "train_loss" in r] == [0, 1, 2]
+    _train_micro(monkeypatch, data_dir, crashed, kernels, "--resume")
+    straight, resumed = _records(tmp_path / "straight"), _records(crashed)
+    assert _without_timing(resumed) == _without_timing(straight)
+    assert len({r["train_loss"] for r in straight if "train_loss" in r}) == 6
+    got, want = (ckpt.load_checkpoint(ckpt.checkpoint_path(d, 6)) for d in (crashed, tmp_path / "straight"))
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharded (--fsdp) checkpoints: a manifest written last, damaged ones passed over, nothing unpickled
+# but tensors, plain types and DCP's metadata. (tests/test_distributed.py saves real ones under torchrun.)
+
+
+def _sharded(out_dir: Path, step: int, extra: dict | None = None, manifest: bool = True) -> Path:
+    """A folder as save_sharded_checkpoint leaves it, written by one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = out_dir / f"ckpt_{step:07d}.dcp"
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=str(folder))
+    ckpt.save_state_file(folder / "extra.pt", extra or {"step": step, "config": {"n_layer": 1}, "rng": {}})
+    if manifest:
+        ckpt.write_folder_manifest(folder, step, {"n_layer": 1})
+    return folder
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "SHA-256 .* differs from its manifest"),
+    ("truncate", "damaged: .* bytes, its manifest says"),
+    ("delete", "extra.pt missing, though its manifest lists them"),
+    ("add", "stray not in its manifest"),
+    ("manifest", "unreadable manifest"),
+    ("no manifest", "no manifest manifest.json: its save did not finish"),
+])
+def test_sharded_checkpoints_resume_from_the_newest_complete_one(tmp_path, damage, message):
+    from gpt.distributed import latest_sharded_checkpoint
+
+    _sharded(tmp_path, 3)
+    newest = _sharded(tmp_path, 6, manifest=damage != "no manifest")
+    assert ckpt.verify_folder(tmp_path / "ckpt_0000003.dcp")["step"] == 3
+    shard = next(newest.glob("*.distcp"))
+    if damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    elif damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif damage == "delete":
+        (newest / "extra.pt").unlink()
+    elif damage == "add":
+        (newest / "stray").write_text("")
+    elif damage == "manifest":
+        ckpt.folder_manifest_path(newest).write_text("{not json")
+    with pytest.warns(ckpt.CheckpointWarning, match=f"resuming from ckpt_0000003.dcp, passing over .*{message}"):
+        path, extra = latest_sharded_checkpoint(tmp_path)
+    assert path.name == "ckpt_0000003.dcp" and extra["step"] == 3
+    shutil.rmtree(tmp_path / "ckpt_0000003.dcp")
+    if damage == "no manifest":  # an interrupted save: as if absent
+        with pytest.warns(ckpt.CheckpointWarning, match="no complete checkpoint"):
+            assert latest_sharded_checkpoint(tmp_path) is None
+    else:  # damaged after it was written: refuse rather than silently start over
+        with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint in .* loads"):
+            latest_sharded_checkpoint(tmp_path)
+
+
+def test_sharded_checkpoints_never_run_code(tmp_path):
+    import pickle
+
+    from gpt.distributed import latest_sharded_checkpoint, load_sharded_model_state
+    from gpt.generate import load_model
+
+    marker = tmp_path / "created-by-the-checkpoint"
+    crafted_extra = _sharded(tmp_path / "extra", 2, extra={"step": 2, "config": {}, "payload": _CreatesAFile(marker)})
+    with pytest.raises(ckpt.CheckpointError, match="extra.pt: refused: it holds objects other than tensors"):
+        latest_sharded_checkpoint(tmp_path / "extra")
+    with pytest.raises(ckpt.CheckpointError, match="extra.pt: refused"):
+        load_model(crafted_extra)
+
+    # DCP's own .metadata is a pickle: only its metadata classes may be named in it.
+    crafted_metadata = _sharded(tmp_path / "metadata", 2, manifest=False)
+    with open(crafted_metadata / ".metadata", "wb") as f:
+        pickle.dump(_CreatesAFile(marker), f)
+    ckpt.write_folder_manifest(crafted_metadata, 2, {})
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata: refused: .* names io.open"):
+        load_sharded_model_state(crafted_metadata)
+    assert not marker.exists()
+
+    # And an honest folder loads: the model weights, and the optimizer's non-tensor values.
+    honest = _sharded(tmp_path / "honest", 2)
+    assert set(load_sharded_model_state(honest)) == {"weight", "bias"}
