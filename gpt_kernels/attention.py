@@ -107,24 +107,27 @@ class AttentionConfig:
 # every kernel compiled for sm_90a (16-byte-aligned strides, as the model's views have) and put
 # through ptxas -v, keeping tiles with no register spills and, where the choice was free, the larger
 # tile (fewer re-reads of the streamed operand). Registers per thread (causal) and shared memory at
-# 3 stages, fp16/bf16:
-#   forward 128×64, 8 warps: D16 108, D32 126, D64 120, D128 176 regs; 16-131 KB. With 4 warps
-#     D128 spills; 128×128 tiles need ~210 regs at D64 (one program per SM).
-#   dK/dV 32 queries × 128 keys, 8 warps: 122, 118, 178, 245 regs; 15-115 KB. 4 warps spill at D64+.
+# 3 stages, fp16/bf16, causal (triton 3.6's ptxas):
+#   forward: the Triton tutorial's autotune filter (`keep`) drops tiles under 128×128 scores with 8
+#     warps on Hopper, so 128×128 with 8 warps: D16 150, D32 156, D64 206 regs; D128 at 2 stages
+#     (3 would take 224 KB of shared memory) 253. 128×64 with 4 warps spills at D128.
+#   dK/dV: 64 queries × 64 keys, 4 warps at D16-64 (160, 168, 222 regs: 2 programs per SM, and the
+#     QKᵀ and dO·Vᵀ products are N=64 warpgroup MMAs where 32 queries made them N=32); at D128 the
+#     64-query tiles spill, so 32 × 128 with 8 warps (252 regs).
 #   dQ 128 queries × 64 keys, 8 warps: 122, 119, 128 regs (D16-64); at D128 128×32: 146 regs, 115 KB
 #     (128×64 takes 254 regs and 164 KB).
-#   D256 (half-height tiles, 2 stages): forward 64×32 184 regs, dK/dV 16×32 176 (16×64 spills),
-#     dQ 64×32 239. Head dims masked up to a block (96 on the D128 tiles) take about the block's.
+#   D256 (half-height tiles, 2 stages): forward 64×32 with 4 warps 255 regs (64×64 spills), dK/dV
+#     16×32 176 (16×64 spills), dQ 64×32 239. Head dims masked up to a block (96 on the D128 tiles) take about the block's.
 # fp32 runs IEEE matmuls on FMA units, whose layouts cost far more registers: its spill-free tiles
 # are much smaller (forward D128 fits only 32×16). Head dims between two entries run on the larger
 # one's kernels, masked along D.
 _HALF_TILES = {
-    16: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
-    32: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
-    64: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
-    128: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
+    16: AttentionConfig(forward=Tile(128, 128, 8, 3), dkdv=Tile(64, 64, 4, 3), dq=Tile(128, 64, 8, 3)),
+    32: AttentionConfig(forward=Tile(128, 128, 8, 3), dkdv=Tile(64, 64, 4, 3), dq=Tile(128, 64, 8, 3)),
+    64: AttentionConfig(forward=Tile(128, 128, 8, 3), dkdv=Tile(64, 64, 4, 3), dq=Tile(128, 64, 8, 3)),
+    128: AttentionConfig(forward=Tile(128, 128, 8, 2), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
     # D256 (and 129-255 masked up to it): fp32 accumulators of 256 columns need half-height tiles.
-    256: AttentionConfig(forward=Tile(64, 32, 8, 2), dkdv=Tile(16, 32, 8, 2), dq=Tile(64, 32, 8, 2)),
+    256: AttentionConfig(forward=Tile(64, 32, 4, 2), dkdv=Tile(16, 32, 8, 2), dq=Tile(64, 32, 8, 2)),
 }
 _FP32_TILES = {
     16: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),

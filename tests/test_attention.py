@@ -347,6 +347,11 @@ def test_config_rules():
     for config in HOPPER_CONFIGS.values():  # __post_init__ has checked nesting; the table is complete
         assert isinstance(config, AttentionConfig)
     assert len(HOPPER_CONFIGS) == len(SUPPORTED_HEAD_DIMS) * 3 * 2
+    for (_, dtype, _), config in HOPPER_CONFIGS.items():
+        # The Triton tutorial's `keep` rule for Hopper: no 8-warp forward tile under 128×128 scores.
+        tile = config.forward
+        if dtype != torch.float32:
+            assert not (tile.block_m * tile.block_n < 128 * 128 and tile.num_warps == 8), (dtype, config)
     with pytest.raises(ValueError, match="nest"):
         AttentionConfig(forward=Tile(32, 64), dkdv=Tile(16, 32), dq=Tile(32, 16))
     with pytest.raises(ValueError, match="nest"):
@@ -428,6 +433,7 @@ cases = [(name, 128, torch.bfloat16, True) for name in kernels]
 cases += [("dkdv", 128, torch.bfloat16, False), ("dkdv", 128, torch.float32, True)]
 # Head dim 256's half-height tiles, and head dims masked up to their block (96 on the 128 kernels).
 cases += [(name, 256, torch.bfloat16, True) for name in kernels] + [("dkdv", 256, torch.float32, True)]
+cases += [("forward", 64, torch.bfloat16, True), ("dkdv", 64, torch.bfloat16, True), ("dkdv", 64, torch.bfloat16, False)]
 cases += [(name, 96, torch.bfloat16, True) for name in kernels]
 report = {}
 for name, head_dim, dtype, causal in cases:
