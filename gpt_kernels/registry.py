@@ -65,6 +65,8 @@ class _Entry:
     triton: Callable | None = None
     # Other entry points of the same op, switched with it: name -> (reference, triton).
     variants: dict[str, tuple[Callable, Callable | None]] | None = None
+    # A choice inside the Triton version worth naming in the report (e.g. attention's backward).
+    note: Callable[[], str] | None = None
 
 
 _entries: dict[str, _Entry] = {}
@@ -77,13 +79,15 @@ _costs: dict[str, Callable] = {}
 
 
 def register(op: str, *, reference: Callable, triton: Callable | None = None,
-             variants: dict[str, tuple[Callable, Callable | None]] | None = None) -> None:
+             variants: dict[str, tuple[Callable, Callable | None]] | None = None,
+             note: Callable[[], str] | None = None) -> None:
     """Called once by each op module: its reference, and its Triton version where one exists;
     ``variants`` are other entry points of the op (e.g. attention over packed q/k/v), each a
-    (reference, triton) pair that follows the op's switch."""
+    (reference, triton) pair that follows the op's switch; ``note()`` names a choice inside the
+    Triton version, shown by :func:`report`."""
     if op not in OP_FUNCTIONS:
         raise ValueError(f"unknown op {op!r}; the registry knows {', '.join(OPS)}")
-    _entries[op] = _Entry(reference=reference, triton=triton, variants=variants)
+    _entries[op] = _Entry(reference=reference, triton=triton, variants=variants, note=note)
 
 
 def register_cost(custom_op: str, cost: Callable) -> None:
@@ -243,7 +247,10 @@ def resolve(op: str, device: torch.device | str, variant: str | None = None) -> 
 def report(device: torch.device | str) -> str:
     """A table of which implementation each op uses on ``device``, for the start of a run."""
     rows = [("op", "implementation", "why")]
-    rows += [(op, *implementation(op, device)) for op in OPS]
+    for op in OPS:
+        impl, why = implementation(op, device)
+        note = _entries[op].note if op in _entries else None
+        rows.append((op, impl, f"{why}; {note()}" if impl == "triton" and note else why))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
