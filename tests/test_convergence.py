@@ -14,34 +14,24 @@ import torch
 
 from conftest import DEVICE
 from gpt.model import GPT, GPTConfig
-from gpt.training import autocast, cosine_lr, make_optimizer
+from gpt.training import TrainingStep, cosine_lr, make_optimizer
 from gpt_kernels import registry
 from gpt_kernels.registry import use_kernels
 
 
 def loss_curve(initial: GPT, kernels: str, data: torch.Tensor, steps: int, dtype: torch.dtype,
                max_lr: float) -> list[float]:
-    """The training loop's pieces (decay groups, warm-up and cosine lr, clipping) for ``steps`` steps."""
+    """The training loop's step (decay groups, warm-up and cosine lr, clipping) for ``steps`` steps."""
     model = copy.deepcopy(initial)
     device = torch.device(DEVICE)
-    losses = []
+    batches = iter([(data[step, :, :-1].contiguous(), data[step, :, 1:].contiguous()) for step in range(steps)])
     with use_kernels(kernels):
         if kernels == "all":  # every op on Triton: a silent fallback would compare the references with themselves
             assert all(registry.is_triton(op, DEVICE) for op in registry.OPS), registry.report(DEVICE)
         optimizer = make_optimizer(model, lr=max_lr, weight_decay=0.1)
-        for step in range(steps):
-            lr = cosine_lr(step, max_lr, max_lr / 10, warmup_steps=5, max_steps=steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = data[step, :, :-1].contiguous(), data[step, :, 1:].contiguous()
-            with autocast(device, dtype):
-                _, loss = model(x, y)
-            loss.backward()
-            optimizer.clip_grad_norm_(1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    return losses
+        training_step = TrainingStep(model, optimizer, batches.__next__, 1, device, dtype, grad_clip=1.0)
+        lrs = [cosine_lr(step, max_lr, max_lr / 10, warmup_steps=5, max_steps=steps) for step in range(steps)]
+        return [training_step(step, lr).loss.item() for step, lr in enumerate(lrs)]
 
 
 def bigram_batches(vocab_size: int, steps: int, batch: int, seq: int) -> torch.Tensor:
