@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt.data import write_shard
+from synthetic_data import sentence_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 # The reference ops keep these runs fast; the kernels' own parity with the references is tested per op.
@@ -19,14 +19,7 @@ FAST = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--kernels",
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A corpus with structure to learn: a few hundred short 'sentences' drawn from a small vocabulary."""
-    rng = np.random.default_rng(0)
-    sentences = [rng.integers(0, 2000, size=rng.integers(5, 12)) for _ in range(50)]
-    stream = np.concatenate([sentences[i] for i in rng.integers(0, 50, size=3000)]).astype(np.uint16)
-    folder = tmp_path_factory.mktemp("data")
-    write_shard(folder / "synthetic_train_000000.bin", stream[:-2000])
-    write_shard(folder / "synthetic_val_000000.bin", stream[-2000:])
-    return folder
+    return sentence_corpus(tmp_path_factory.mktemp("data"))
 
 
 def train(*args):
