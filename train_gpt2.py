@@ -32,6 +32,7 @@ from gpt.model import GPT
 from gpt.numerics import ON_NONFINITE, StepGuard
 from gpt.tokenizer import decode, encode
 from gpt.training import (
+    TrainingStep,
     autocast,
     cosine_lr,
     datasheet_peak_flops,
@@ -136,32 +137,14 @@ def main(argv=None) -> int:
 
 def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
     say = print if dist_info.is_main else _silent
-    dtype = DTYPES[args.dtype]
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
-    if device.type == "cpu" and dtype != torch.float32:
-        raise RunError(f"--dtype {args.dtype} needs CUDA; on the CPU training runs in float32")
-
+    dtype = _autocast_dtype(args, device)
     if args.kernels is not None:
         registry.set_kernels(args.kernels)  # otherwise $GPT_KERNELS (read at import), else all
     # The table printed below says which ops fell back to their reference and why: no warning per op.
     warnings.filterwarnings("ignore", message="kernel .* runs its PyTorch reference")
     config = preset(args.preset, dropout=args.dropout)
-    if args.seq_len > config.block_size:
-        raise RunError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's block size {config.block_size}")
-    tokens_per_micro = args.batch_size * args.seq_len * dist_info.world_size
-    total = args.total_batch_tokens or tokens_per_micro
-    if total % tokens_per_micro:
-        raise RunError(f"--total-batch-tokens {total} is not a multiple of batch-size*seq-len*world-size = "
-                       f"{args.batch_size}*{args.seq_len}*{dist_info.world_size} = {tokens_per_micro}")
-    grad_accum = total // tokens_per_micro
-
-    data = args.data or (ensure_default_corpus() if dist_info.is_main else None)
-    if dist_info.enabled and not args.data:
-        data = distributed.broadcast_object(data)  # rank 0 prepared the embedded corpus; the others wait for it
+    grad_accum, total = _batch_plan(args, config, dist_info)
+    data = _training_data(args, dist_info)
     loader_args = dict(rank=dist_info.rank, world_size=dist_info.world_size, seed=args.seed, vocab_size=config.vocab_size)
     train_loader = DataLoader(data, "train", args.batch_size, args.seq_len, **loader_args)
     val_loader = DataLoader(data, "val", args.batch_size, args.seq_len, **loader_args)
@@ -173,134 +156,179 @@ def train(args, dist_info: distributed.DistInfo, device: torch.device) -> int:
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     guard = StepGuard(args.on_nonfinite, args.max_consecutive_skips, args.spike_zscore, args.spike_window)
     out_dir = Path(args.out_dir)
-    log_path = out_dir / "log.jsonl"
     _check_out_dir(out_dir)
-
-    start_step = 0
-    found = _latest_checkpoint(args, out_dir) if args.resume else None
-    if found:
-        path, state = found
-        ckpt.check_compatible(state["config"], config, path)
-        if args.fsdp:
-            state.update(distributed.load_sharded_checkpoint(path, model, optimizer))
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        train_loader.load_state_dict(state["train_loader"])
-        set_rng_state(state["rng"])
-        if "numerics" in state:
-            guard.load_state_dict(state["numerics"])
-        start_step = state["step"]
-        say(f"resuming from {path} at step {start_step}")
-        if dist_info.is_main:
-            _truncate_log(log_path, start_step)
-    elif args.resume:
-        say(f"--resume: no checkpoint in {out_dir}, starting from step 0")
-    if not found and dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_path.unlink(missing_ok=True)
-
-    # DDP averages the gradients across ranks during the backward of the last micro-step.
-    use_ddp = dist_info.enabled and not args.fsdp
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if use_ddp else None
-    train_model = ddp_model or model
-    if args.compile:
-        train_model = torch.compile(train_model)
-
+    start_step = _resume(args, out_dir, config, model, optimizer, train_loader, guard, dist_info)
+    train_model = _wrap(model, args, dist_info, device)  # DDP and torch.compile, when asked for
     if dist_info.is_main:
         _print_header(args, config, model, device, dtype, grad_accum, total, data, dist_info)
         _print_schedule(args, total, train_loader.num_tokens)
-    max_lr, min_lr = args.lr, args.lr * args.min_lr_ratio
-    flops_per_step = model.flops_per_token(args.seq_len) * total
-    peak = datasheet_peak_flops(device)
-    if peak:
-        peak *= dist_info.world_size
+    training_step = TrainingStep(train_model, optimizer, train_loader.next_batch, grad_accum, device, dtype,
+                                 args.grad_clip, guard)
+    step_s_at_peak = _step_seconds_at_peak(model, args.seq_len, total, device, dist_info.world_size)
     sampler = torch.Generator(device=device).manual_seed(args.seed)
 
     progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                     dynamic_ncols=True, disable=None if dist_info.is_main else True)
-    with (open(log_path, "a") if dist_info.is_main else contextlib.nullcontext()) as log:
+    write = progress.write if dist_info.is_main else _silent
+    with (open(out_dir / "log.jsonl", "a") if dist_info.is_main else contextlib.nullcontext()) as log:
         for step in progress:
             record = {"step": step}
-            if args.eval_every and step % args.eval_every == 0:
-                record["val_loss"] = evaluate(train_model, val_loader, args.eval_batches, device, dtype)
-                message = f"step {step}: val loss {record['val_loss']:.4f}"
-                if args.hellaswag:  # every rank: the examples are split across them
-                    scores = hellaswag_accuracy(model, args.hellaswag, device, dtype, progress=False)
-                    record.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"])
-                    message += f", HellaSwag acc {scores['acc']:.4f} (acc_norm {scores['acc_norm']:.4f})"
-                if dist_info.is_main:
-                    progress.write(message)
-            if args.sample_every and step > 0 and step % args.sample_every == 0:
-                sample = _sample(model, args, sampler, device, dtype)  # every rank: FSDP's forward needs them all
-                if dist_info.is_main:
-                    progress.write(sample)
+            record.update(_evaluate_and_sample(step, args, model, train_model, val_loader, sampler, device, dtype, write))
 
             start = time.perf_counter()
-            lr = cosine_lr(step, max_lr, min_lr, args.warmup_steps, args.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(grad_accum):
-                x, y = train_loader.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                last_micro = micro == grad_accum - 1
-                if ddp_model is not None:  # all-reduce only once, after the last micro-step
-                    ddp_model.require_backward_grad_sync = last_micro
-                elif args.fsdp:  # reduce-scatter only once, after the last micro-step
-                    model.set_requires_gradient_sync(last_micro)
-                with autocast(device, dtype):
-                    # The loader has checked every shard's ids. The loss comes back divided by grad_accum,
-                    # which the fused loss folds into the gradients it computes (no rescaling pass after).
-                    _, loss = train_model(x, y, check_inputs=False, loss_scale=1 / grad_accum)
-                loss.backward()
-                loss_sum += loss.detach().float()
-            grad_norm = optimizer.clip_grad_norm_(args.grad_clip).item()
-            train_loss = distributed.mean_across_ranks(loss_sum).item()
-            verdict = guard.check(step, train_loss, grad_norm)  # NaN/inf and loss spikes skip the update
-            if verdict.update:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr = cosine_lr(step, args.lr, args.lr * args.min_lr_ratio, args.warmup_steps, args.max_steps)
+            result = training_step(step, lr)
             elapsed = time.perf_counter() - start
 
-            tokens_per_sec = total / elapsed
-            record.update(train_loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens_per_sec,
-                          step_ms=elapsed * 1e3, skipped_steps=guard.skipped)
-            if verdict.zscore is not None:
-                record["loss_z"] = verdict.zscore
-            if verdict.skip_reason:
-                record["skipped"] = verdict.skip_reason
-                if dist_info.is_main:
-                    progress.write(verdict.message)
-            if peak:
-                record["mfu"] = flops_per_step / elapsed / peak
-            postfix = dict(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
-            postfix["mfu"] = f"{record['mfu']:.1%}" if peak else "n/a"
-            progress.set_postfix(postfix, refresh=False)
-            if log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if verdict.stop:
-                raise RunError(verdict.stop)
-
+            record.update(_step_record(result, lr, elapsed, total, step_s_at_peak, guard))
+            if result.verdict.skip_reason:
+                write(result.verdict.message)
+            progress.set_postfix(_postfix(record), refresh=False)
+            _append(log, record)
+            if result.verdict.stop:
+                raise RunError(result.verdict.stop)
             done = step + 1
             if (args.checkpoint_every and done % args.checkpoint_every == 0) or done == args.max_steps:
-                state = dict(step=done, train_loader=train_loader.state_dict(), rng=rng_state(),
-                             config=config.to_dict(), args={k: str(v) for k, v in vars(args).items()},
-                             numerics=guard.state_dict())
-                if args.fsdp:  # every rank writes its shards
-                    distributed.save_sharded_checkpoint(out_dir, done, model, optimizer, state, args.keep_last)
-                elif dist_info.is_main:
-                    state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
-                    ckpt.save_checkpoint(out_dir, done, state, keep_last=args.keep_last)
+                _save_checkpoint(args, out_dir, done, config, model, optimizer, train_loader, guard, dist_info)
 
         final = {"step": args.max_steps, "val_loss": evaluate(train_model, val_loader, args.eval_batches, device, dtype)}
-        if log:
-            log.write(json.dumps(final) + "\n")
+        _append(log, final)
     say(f"step {args.max_steps}: val loss {final['val_loss']:.4f}" + (f" ({guard.summary()})" if guard.skipped else ""))
-    sample = _sample(model, args, sampler, device, dtype)
-    say("sample:\n" + sample)
+    say("sample:\n" + _sample(model, args, sampler, device, dtype))
     return 0
+
+
+def _autocast_dtype(args, device: torch.device) -> torch.dtype:
+    """The run's autocast dtype, once the device can run it; TF32 matmuls on CUDA."""
+    dtype = DTYPES[args.dtype]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
+    if device.type == "cpu" and dtype != torch.float32:
+        raise RunError(f"--dtype {args.dtype} needs CUDA; on the CPU training runs in float32")
+    return dtype
+
+
+def _batch_plan(args, config, dist_info) -> tuple[int, int]:
+    """(micro-steps per optimizer step, tokens per optimizer step) from --total-batch-tokens."""
+    if args.seq_len > config.block_size:
+        raise RunError(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's block size {config.block_size}")
+    tokens_per_micro = args.batch_size * args.seq_len * dist_info.world_size
+    total = args.total_batch_tokens or tokens_per_micro
+    if total % tokens_per_micro:
+        raise RunError(f"--total-batch-tokens {total} is not a multiple of batch-size*seq-len*world-size = "
+                       f"{args.batch_size}*{args.seq_len}*{dist_info.world_size} = {tokens_per_micro}")
+    return total // tokens_per_micro, total
+
+
+def _training_data(args, dist_info) -> str:
+    """--data, or the embedded corpus (prepared on first use by rank 0, the others wait for it)."""
+    data = args.data or (ensure_default_corpus() if dist_info.is_main else None)
+    if dist_info.enabled and not args.data:
+        data = distributed.broadcast_object(data)
+    return data
+
+
+def _resume(args, out_dir: Path, config, model, optimizer, train_loader, guard, dist_info) -> int:
+    """With --resume, load the newest complete checkpoint (model, optimizer, data position, random
+    generators, numerics guard) and drop the log records of the steps to redo; returns the step to
+    start from. A run that starts from step 0 starts a fresh log."""
+    say = print if dist_info.is_main else _silent
+    log_path = out_dir / "log.jsonl"
+    found = _latest_checkpoint(args, out_dir) if args.resume else None
+    if not found:
+        if args.resume:
+            say(f"--resume: no checkpoint in {out_dir}, starting from step 0")
+        if dist_info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            log_path.unlink(missing_ok=True)
+        return 0
+    path, state = found
+    ckpt.check_compatible(state["config"], config, path)
+    if args.fsdp:
+        state.update(distributed.load_sharded_checkpoint(path, model, optimizer))
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    train_loader.load_state_dict(state["train_loader"])
+    set_rng_state(state["rng"])
+    if "numerics" in state:
+        guard.load_state_dict(state["numerics"])
+    say(f"resuming from {path} at step {state['step']}")
+    if dist_info.is_main:
+        _truncate_log(log_path, state["step"])
+    return state["step"]
+
+
+def _save_checkpoint(args, out_dir: Path, step: int, config, model, optimizer, train_loader, guard, dist_info) -> None:
+    """Everything a resumed run needs to continue exactly: --fsdp runs write sharded checkpoints
+    (every rank its shards), others one file (rank 0)."""
+    state = dict(step=step, train_loader=train_loader.state_dict(), rng=rng_state(), config=config.to_dict(),
+                 args={k: str(v) for k, v in vars(args).items()}, numerics=guard.state_dict())
+    if args.fsdp:
+        distributed.save_sharded_checkpoint(out_dir, step, model, optimizer, state, args.keep_last)
+    elif dist_info.is_main:
+        state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+        ckpt.save_checkpoint(out_dir, step, state, keep_last=args.keep_last)
+
+
+def _wrap(model, args, dist_info, device: torch.device):
+    """What runs the training forward: DDP around the model when distributed without --fsdp (it
+    averages the gradients across ranks in the backward), torch.compile around that with --compile."""
+    if dist_info.enabled and not args.fsdp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
+
+
+def _evaluate_and_sample(step: int, args, model, train_model, val_loader, sampler, device, dtype, write) -> dict:
+    """At the steps --eval-every and --sample-every name: the validation loss (and the HellaSwag
+    accuracy) for the step's log record, and a sample, each written as one message."""
+    record = {}
+    if args.eval_every and step % args.eval_every == 0:
+        record["val_loss"] = evaluate(train_model, val_loader, args.eval_batches, device, dtype)
+        message = f"step {step}: val loss {record['val_loss']:.4f}"
+        if args.hellaswag:  # every rank: the examples are split across them
+            scores = hellaswag_accuracy(model, args.hellaswag, device, dtype, progress=False)
+            record.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"])
+            message += f", HellaSwag acc {scores['acc']:.4f} (acc_norm {scores['acc_norm']:.4f})"
+        write(message)
+    if args.sample_every and step > 0 and step % args.sample_every == 0:
+        write(_sample(model, args, sampler, device, dtype))  # every rank: FSDP's forward needs them all
+    return record
+
+
+def _step_seconds_at_peak(model, seq_len: int, tokens_per_step: int, device, world_size: int) -> float | None:
+    """How long a step's FLOPs take at the GPUs' datasheet peak (None where it is unknown): MFU is
+    that over the measured step time."""
+    peak = datasheet_peak_flops(device)
+    return model.flops_per_token(seq_len) * tokens_per_step / (peak * world_size) if peak else None
+
+
+def _step_record(result, lr: float, elapsed: float, tokens: int, step_s_at_peak: float | None, guard) -> dict:
+    """The step's figures for the log."""
+    record = dict(train_loss=result.loss, lr=lr, grad_norm=result.grad_norm, tokens_per_sec=tokens / elapsed,
+                  step_ms=elapsed * 1e3, skipped_steps=guard.skipped)
+    if result.verdict.zscore is not None:
+        record["loss_z"] = result.verdict.zscore
+    if result.verdict.skip_reason:
+        record["skipped"] = result.verdict.skip_reason
+    if step_s_at_peak:
+        record["mfu"] = step_s_at_peak / elapsed
+    return record
+
+
+def _postfix(record: dict) -> dict:
+    """The progress bar's figures."""
+    return dict(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:,.0f}",
+                mfu=f"{record['mfu']:.1%}" if "mfu" in record else "n/a")
+
+
+def _append(log, record: dict) -> None:
+    if log:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
 
 
 def _shard(model, dist_info, device: torch.device) -> None:

@@ -1,7 +1,8 @@
 """End to end: the training step of a preset, tokens/s and MFU, and the kernel ablation.
 
-One step is what ``train_gpt2.py`` does per optimizer step: ``grad_accum`` micro-steps (forward
-under autocast, backward), then ``clip_grad_norm_``, ``step`` and ``zero_grad``. Batches are random
+One step is ``train_gpt2.py``'s own optimizer step, ``gpt.training.TrainingStep``: ``grad_accum``
+micro-steps (forward under autocast, backward), then ``clip_grad_norm_``, ``step`` and ``zero_grad``,
+without the numerics guard, whose host sync is not part of what is timed. Batches are random
 token ids (never zeros), made on the device beforehand and rotated, so the data loader is not in
 the timed loop. Each configuration builds a fresh model (same seed) and optimizer, runs warm-up
 steps (which hold torch.compile's compilation, Triton's JIT and autotuning: their wall time is
@@ -19,6 +20,7 @@ kernel on alone and each kernel off alone, which is what tells a user what each 
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
@@ -30,7 +32,7 @@ from bench.common import UNFINISHED, UNFINISHED_ERROR
 from bench.runner import error_details
 from gpt.config import GPTConfig, preset
 from gpt.model import GPT
-from gpt.training import autocast, datasheet_peak_flops, make_optimizer
+from gpt.training import TrainingStep, datasheet_peak_flops, make_optimizer
 from gpt_kernels import registry
 from gpt_kernels.registry import OPS, use_kernels
 
@@ -154,27 +156,6 @@ def random_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, d
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
 
-def training_step(model, optimizer, batches, grad_accum: int, device: torch.device, dtype: torch.dtype,
-                  grad_clip: float):
-    """One optimizer step as the training loop does it (without its logging and its one host sync)."""
-    position = 0
-
-    def step():
-        nonlocal position
-        for _ in range(grad_accum):
-            x, y = batches[position % len(batches)]
-            position += 1
-            with autocast(device, dtype):
-                # As train_gpt2.py: no per-call range-check sync, the 1/grad_accum folded into the loss.
-                _, loss = model(x, y, check_inputs=False, loss_scale=1 / grad_accum)
-            loss.backward()
-        optimizer.clip_grad_norm_(grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -217,7 +198,9 @@ def measure(config: Configuration, settings: E2ESettings, gpt_config: GPTConfig,
         train_model = torch.compile(model) if config.compile else model
         batches = random_batches(settings.grad_accum + 1, settings.batch_size, settings.seq_len,
                                  gpt_config.vocab_size, device.type)
-        step = training_step(train_model, optimizer, batches, settings.grad_accum, device, dtype, settings.grad_clip)
+        # The training loop's own step, without the numerics guard (whose one host sync per step is not timed).
+        step = TrainingStep(train_model, optimizer, itertools.cycle(batches).__next__, settings.grad_accum, device, dtype,
+                            settings.grad_clip)
 
         start = time.perf_counter()
         step()  # compilation, Triton JIT and autotuning happen here

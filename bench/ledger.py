@@ -62,6 +62,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from gpt.config import GPTConfig, preset
 from gpt.model import GPT
+from gpt.training import fused_loss_on
 from gpt_kernels import registry
 from gpt_kernels.attention import attention_flops
 
@@ -492,8 +493,10 @@ def run_ledger(config: GPTConfig, batch_size: int, seq_len: int, grad_accum: int
         targets = torch.zeros((batch_size, seq_len), dtype=torch.long)
         for label, spec in configs:
             with registry.use_kernels(spec):
-                # As train_gpt2.py: the loss comes back scaled by 1/grad_accum and loss.backward() is called.
-                ops = record_micro_step(lambda: model(idx, targets, check_inputs=False, loss_scale=1 / grad_accum)[1],
+                # As the training step: the loss comes back scaled by 1/grad_accum and loss.backward() is called.
+                fused_loss = fused_loss_on("cpu")  # the fake tensors' device, where Triton is assumed to run
+                ops = record_micro_step(lambda: model(idx, targets, check_inputs=False, loss_scale=1 / grad_accum,
+                                                      fused_loss=fused_loss)[1],
                                         params, dtype, grad_accum, loss_scaled=True)
                 fused_optimizer = "adamw" in registry.requested_kernels()
             step = summarize(ops, ceilings)

@@ -127,21 +127,11 @@ def verify_checkpoint(path: str | Path) -> dict:
     saying what is wrong otherwise."""
     path = Path(path)
     manifest_file = manifest_path(path)
-    if not manifest_file.is_file():
-        raise CheckpointError(f"{path}: no manifest {manifest_file.name}: its save did not finish")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-        expected_bytes, expected_sha256 = int(manifest["bytes"]), str(manifest["sha256"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{manifest_file}: unreadable manifest ({type(e).__name__}: {e})") from e
+    manifest, (expected_bytes, expected_sha256) = _read_manifest(
+        path, manifest_file, lambda m: (int(m["bytes"]), str(m["sha256"])))
     if not path.is_file():
         raise CheckpointError(f"{path}: missing, though its manifest {manifest_file.name} lists it")
-    size = path.stat().st_size
-    if size != expected_bytes:
-        raise CheckpointError(f"{path}: damaged: {size} bytes, its manifest says {expected_bytes}")
-    sha256 = _file_sha256(path)
-    if sha256 != expected_sha256:
-        raise CheckpointError(f"{path}: damaged: SHA-256 {sha256} differs from its manifest's {expected_sha256}")
+    _check_file(path, expected_bytes, expected_sha256)
     return manifest
 
 
@@ -296,26 +286,15 @@ def verify_folder(folder: str | Path) -> dict:
     SHA-256, and no other file is; CheckpointError saying what is wrong otherwise."""
     folder = Path(folder)
     manifest_file = folder_manifest_path(folder)
-    if not manifest_file.is_file():
-        raise CheckpointError(f"{folder}: no manifest {manifest_file.name}: its save did not finish")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-        files = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{manifest_file}: unreadable manifest ({type(e).__name__}: {e})") from e
+    manifest, files = _read_manifest(folder, manifest_file, lambda m: {
+        str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in m["files"].items()})
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {manifest_file.name}
     if missing := sorted(set(files) - present):
         raise CheckpointError(f"{folder}: damaged: {', '.join(missing)} missing, though its manifest lists them")
     if extra := sorted(present - set(files)):
         raise CheckpointError(f"{folder}: damaged: {', '.join(extra)} not in its manifest")
     for name, (expected_bytes, expected_sha256) in files.items():
-        path = folder / name
-        size = path.stat().st_size
-        if size != expected_bytes:
-            raise CheckpointError(f"{path}: damaged: {size} bytes, its manifest says {expected_bytes}")
-        sha256 = _file_sha256(path)
-        if sha256 != expected_sha256:
-            raise CheckpointError(f"{path}: damaged: SHA-256 {sha256} differs from its manifest's {expected_sha256}")
+        _check_file(folder / name, expected_bytes, expected_sha256)
     return manifest
 
 
@@ -360,6 +339,27 @@ class _atomic_file:
         finally:
             self.tmp.unlink(missing_ok=True)
         return False
+
+
+def _read_manifest(checkpoint: Path, manifest_file: Path, expected):
+    """(the manifest, ``expected(manifest)``): what the manifest of ``checkpoint`` says its files
+    must be; CheckpointError if the manifest is missing or is not one."""
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{checkpoint}: no manifest {manifest_file.name}: its save did not finish")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        return manifest, expected(manifest)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{manifest_file}: unreadable manifest ({type(e).__name__}: {e})") from e
+
+
+def _check_file(path: Path, expected_bytes: int, expected_sha256: str) -> None:
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise CheckpointError(f"{path}: damaged: {size} bytes, its manifest says {expected_bytes}")
+    sha256 = _file_sha256(path)
+    if sha256 != expected_sha256:
+        raise CheckpointError(f"{path}: damaged: SHA-256 {sha256} differs from its manifest's {expected_sha256}")
 
 
 def _step(path: Path) -> int:

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gpt.generate import load_model, unwrap_model
+from gpt.generate import add_model_arguments, model_from_args, unwrap_model
 from gpt.training import autocast
 
 ENDINGS = 4
@@ -203,9 +203,7 @@ def validation_loss(model, data: str | Path, batch_size: int, seq_len: int, batc
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gpt.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint of ours: ckpt_*.pt (or an --fsdp run's ckpt_*.dcp folder)")
-    source.add_argument("--hf-weights", help="GPT-2 weights in the HuggingFace layout: .safetensors/.bin or a folder")
+    add_model_arguments(p)
     p.add_argument("--data", help="folder (or glob) of token shards for the validation loss (default: the "
                                   "embedded corpus, unless only --hellaswag is asked for)")
     p.add_argument("--hellaswag", help="path of hellaswag_val.jsonl (the official format)")
@@ -214,9 +212,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sequences per validation batch; HellaSwag examples per batch")
     p.add_argument("--seq-len", type=int, help="tokens per validation sequence (default: the block size)")
     p.add_argument("--limit", type=int, help="score only the first N HellaSwag examples")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bfloat16 on CUDA)")
-    p.add_argument("--kernels", help="ops on Triton, as for train_gpt2.py (default: $GPT_KERNELS, else all)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     return p.parse_args(argv)
 
@@ -224,7 +219,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     from gpt import distributed
     from gpt.data import ensure_default_corpus
-    from gpt_kernels import registry
 
     args = parse_args(argv)
     try:
@@ -234,12 +228,7 @@ def main(argv=None) -> int:
         return 2
     say = print if dist_info.is_main else (lambda *a, **k: None)
     try:
-        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        if device.type == "cpu" and dtype != torch.float32:
-            raise ValueError(f"--dtype {args.dtype} needs CUDA; on the CPU evaluation runs in float32")
-        if args.kernels is not None:
-            registry.set_kernels(args.kernels)
-        model = load_model(args.checkpoint, args.hf_weights, device)
+        model, dtype = model_from_args(args, device, "evaluation")
         results = {}
         data = args.data
         if data is None and args.hellaswag is None:

@@ -304,12 +304,34 @@ class _Streamer:
         self.printed = len(text)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gpt.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of every command that loads a model (:func:`model_from_args` reads them): where
+    its weights come from, the device, the autocast dtype and the kernels."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint of ours: ckpt_*.pt (or an --fsdp run's ckpt_*.dcp folder)")
     source.add_argument("--hf-weights", help="GPT-2 weights in the HuggingFace layout: .safetensors/.bin or a folder")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bfloat16 on CUDA)")
+    p.add_argument("--kernels", help="ops on Triton, as for train_gpt2.py (default: $GPT_KERNELS, else all)")
+
+
+def model_from_args(args: argparse.Namespace, device: torch.device, task: str) -> tuple[GPT, torch.dtype]:
+    """The model and the autocast dtype that :func:`add_model_arguments`' options ask for, with
+    the kernels they name switched on; ``task`` names the command's work in the dtype's error."""
+    from gpt_kernels import registry
+
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if device.type == "cpu" and dtype != torch.float32:
+        raise ValueError(f"--dtype {args.dtype} needs CUDA; on the CPU {task} runs in float32")
+    if args.kernels is not None:
+        registry.set_kernels(args.kernels)
+    return load_model(args.checkpoint, args.hf_weights, device), dtype
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gpt.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch; default: an unconditional "
                                                      "sample, starting from <|endoftext|>)")
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -319,9 +341,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                             "whose probability reaches p (1: off)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bfloat16 on CUDA)")
-    p.add_argument("--kernels", help="ops on Triton, as for train_gpt2.py (default: $GPT_KERNELS, else all)")
     p.add_argument("--no-kv-cache", action="store_true", help="re-run the whole sequence for every token")
     p.add_argument("--benchmark", action="store_true", help="time greedy generation (max-new-tokens per row, "
                                                             "no early stop) with and without the KV cache")
@@ -336,15 +355,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        if device.type == "cpu" and dtype != torch.float32:
-            raise ValueError(f"--dtype {args.dtype} needs CUDA; on the CPU generation runs in float32")
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         _check_sampling(args.temperature, args.top_k, args.top_p)
-        if args.kernels is not None:
-            registry.set_kernels(args.kernels)
-        model = load_model(args.checkpoint, args.hf_weights, device)
+        model, dtype = model_from_args(args, device, "generation")
         texts = args.prompt or [None]
         prompts = [encode(text) if text is not None else [EOT_TOKEN] for text in texts]
         block_size = model.config.block_size

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import GPTConfig
-from gpt_kernels.registry import is_triton, ops
+from gpt_kernels.registry import ops
 
 __all__ = ["GPT", "GPTConfig", "KVCache"]
 
@@ -156,11 +156,13 @@ class GPT(nn.Module):
         return 6 * n + 6 * self.config.n_layer * seq_len * self.config.n_embd
 
     def forward(self, idx, targets=None, ignore_index=-100, kv_cache=None, prompt_lengths=None, check_inputs=True,
-                loss_scale=1.0):
+                loss_scale=1.0, fused_loss=False):
         """Returns ``(logits, loss)``: logits (B, T, vocab_size) and the mean loss over non-ignored targets.
 
-        With ``targets`` and the fused ``linear_cross_entropy`` kernel on, the loss comes straight
-        from the hidden states and the logits are never materialized: ``logits`` is then None.
+        ``fused_loss=True`` (with ``targets``) computes the loss straight from the hidden states with
+        ``ops.linear_cross_entropy`` (lm_head + loss in row chunks): the logits are never materialized
+        and ``logits`` is None. The caller decides, never a kernel switch: the training step asks for it
+        where the fused kernel runs on Triton (``gpt.training.fused_loss_on``).
 
         Generation passes a ``kv_cache`` and gets ``(logits, None)`` with logits (B, vocab_size) of
         each row's last token only. An empty cache is filled from the prompts (prefill): row ``b``'s
@@ -208,7 +210,7 @@ class GPT(nn.Module):
             last = kv_cache.finish_step()  # where each row's last token sits in idx
             h = h[torch.arange(B, device=h.device), last]
             return self.lm_head(h)[:, :V], None
-        if targets is not None and is_triton("linear_cross_entropy", h.device):
+        if targets is not None and fused_loss:
             # The whole padded table: aligned matmuls, the padding rows masked out of the loss by the op
             # (a weight[:V] slice would cost its backward, a V x C copy into wte.grad).
             loss = ops.linear_cross_entropy(h.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),

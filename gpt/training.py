@@ -1,16 +1,26 @@
-"""The training loop's pieces: learning-rate schedule, optimizer groups, evaluation, throughput."""
+"""The training loop's pieces: the training step, learning-rate schedule, optimizer groups,
+evaluation, throughput, random-generator state.
+
+:class:`TrainingStep` is the one optimizer step that ``train_gpt2.py`` trains with and that the
+end-to-end benchmark (``bench/e2e.py``) times, so the two cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import random
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
 
 from gpt.distributed import mean_across_ranks
-from gpt_kernels.registry import ops
+from gpt.numerics import StepGuard, Verdict
+from gpt_kernels.registry import is_triton, ops
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, FLOP/s, for MFU. Matched against the
 # device name in this order, so the PCIe and NVL parts are found before the SXM default.
@@ -51,6 +61,80 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+def fused_loss_on(device: torch.device | str) -> bool:
+    """Whether to compute the loss with the fused lm_head + loss (``GPT.forward(fused_loss=True)``):
+    where its Triton kernel runs, so the (B·T, vocab) logits never exist; elsewhere the logits path."""
+    return is_triton("linear_cross_entropy", device)
+
+
+def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """DDP all-reduces and FSDP reduce-scatters the gradients in every backward unless told not to:
+    with gradient accumulation only the last micro-step's backward should. A plain model: nothing to do."""
+    model = getattr(model, "_orig_mod", model)  # under torch.compile
+    if isinstance(model, DistributedDataParallel):
+        model.require_backward_grad_sync = enabled
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+
+
+@dataclass
+class StepResult:
+    loss: float | torch.Tensor  # the mean loss over the micro-steps and ranks; a tensor without a guard
+    grad_norm: float | torch.Tensor  # the global gradient norm before clipping
+    verdict: Verdict | None = None  # the guard's verdict (None without a guard: the update was taken)
+
+
+@dataclass
+class TrainingStep:
+    """One optimizer step: ``grad_accum`` micro-steps (forward under autocast with the loss scaled by
+    ``1/grad_accum``, backward, the gradients synchronized across ranks only in the last one), the
+    global norm clipped to ``grad_clip``, the numerics guard's verdict, the optimizer step, zero_grad.
+
+    ``model`` is what runs the forward (the DDP or torch.compile wrapper, when there is one).
+    ``next_batch()`` returns an (x, y) pair of token ids. With a ``guard`` the loss and the norm are
+    read on the host (one sync per step) and a bad step skips the update; without one (the benchmark)
+    nothing waits on the device and every update is taken.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    grad_accum: int
+    device: torch.device
+    dtype: torch.dtype
+    grad_clip: float
+    guard: StepGuard | None = None
+
+    def __call__(self, step: int = 0, lr: float | None = None) -> StepResult:
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        fused_loss = fused_loss_on(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            x, y = self.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            set_gradient_sync(self.model, micro == self.grad_accum - 1)
+            with autocast(self.device, self.dtype):
+                # The loader has checked every shard's ids. The loss comes back divided by grad_accum,
+                # which the fused loss folds into the gradients it computes (no rescaling pass after).
+                _, loss = self.model(x, y, check_inputs=False, loss_scale=1 / self.grad_accum, fused_loss=fused_loss)
+            loss.backward()
+            loss_sum += loss.detach().float()
+        grad_norm = self.optimizer.clip_grad_norm_(self.grad_clip)
+        if self.guard is None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss_sum, grad_norm)
+        grad_norm = grad_norm.item()
+        loss = mean_across_ranks(loss_sum).item()
+        verdict = self.guard.check(step, loss, grad_norm)  # NaN/inf and loss spikes skip the update
+        if verdict.update:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, grad_norm, verdict)
+
+
 @torch.no_grad()
 def evaluate(model, loader, batches: int, device: torch.device, dtype: torch.dtype) -> float:
     """Mean loss over the first ``batches`` batches of ``loader`` (reset first, so every eval sees the
@@ -63,7 +147,8 @@ def evaluate(model, loader, batches: int, device: torch.device, dtype: torch.dty
         x, y = loader.next_batch()
         with autocast(device, dtype):
             # check_inputs=False: the loader checked every shard's ids; the checks would sync per batch.
-            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True), check_inputs=False)
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True), check_inputs=False,
+                            fused_loss=fused_loss_on(device))
         total += loss.float()
     model.train(was_training)
     return mean_across_ranks(total / batches).item()

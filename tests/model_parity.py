@@ -8,6 +8,7 @@ import torch
 
 from conftest import DEVICE
 from gpt.model import GPT, GPTConfig
+from gpt.training import fused_loss_on
 from gpt_kernels.registry import is_triton, use_kernels
 from numerics import assert_close
 
@@ -17,7 +18,7 @@ TINY = GPTConfig(block_size=32, vocab_size=1000, n_layer=2, n_head=2, n_embd=32,
 
 
 def _run(model, idx, targets):
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, fused_loss=fused_loss_on(DEVICE))
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     return logits, loss.detach(), grads
@@ -62,7 +63,7 @@ def gpt2_width_losses_and_peaks(*specs: str) -> list[tuple[torch.Tensor, int]]:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         with use_kernels(spec), torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(idx, targets)
+            _, loss = model(idx, targets, fused_loss=fused_loss_on("cuda"))
         loss.backward()
         torch.cuda.synchronize()
         results.append((loss.detach(), torch.cuda.max_memory_allocated() - before))

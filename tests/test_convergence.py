@@ -14,34 +14,24 @@ import torch
 
 from conftest import DEVICE
 from gpt.model import GPT, GPTConfig
-from gpt.training import autocast, cosine_lr, make_optimizer
+from gpt.training import TrainingStep, cosine_lr, make_optimizer
 from gpt_kernels import registry
 from gpt_kernels.registry import use_kernels
 
 
 def loss_curve(initial: GPT, kernels: str, data: torch.Tensor, steps: int, dtype: torch.dtype,
                max_lr: float) -> list[float]:
-    """The training loop's pieces (decay groups, warm-up and cosine lr, clipping) for ``steps`` steps."""
+    """The training loop's step (decay groups, warm-up and cosine lr, clipping) for ``steps`` steps."""
     model = copy.deepcopy(initial)
     device = torch.device(DEVICE)
-    losses = []
+    batches = iter([(data[step, :, :-1].contiguous(), data[step, :, 1:].contiguous()) for step in range(steps)])
     with use_kernels(kernels):
         if kernels == "all":  # every op on Triton: a silent fallback would compare the references with themselves
             assert all(registry.is_triton(op, DEVICE) for op in registry.OPS), registry.report(DEVICE)
         optimizer = make_optimizer(model, lr=max_lr, weight_decay=0.1)
-        for step in range(steps):
-            lr = cosine_lr(step, max_lr, max_lr / 10, warmup_steps=5, max_steps=steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = data[step, :, :-1].contiguous(), data[step, :, 1:].contiguous()
-            with autocast(device, dtype):
-                _, loss = model(x, y)
-            loss.backward()
-            optimizer.clip_grad_norm_(1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    return losses
+        training_step = TrainingStep(model, optimizer, batches.__next__, 1, device, dtype, grad_clip=1.0)
+        lrs = [cosine_lr(step, max_lr, max_lr / 10, warmup_steps=5, max_steps=steps) for step in range(steps)]
+        return [training_step(step, lr).loss.item() for step, lr in enumerate(lrs)]
 
 
 def bigram_batches(vocab_size: int, steps: int, batch: int, seq: int) -> torch.Tensor:
@@ -56,28 +46,31 @@ def bigram_batches(vocab_size: int, steps: int, batch: int, seq: int) -> torch.T
 CONVERGENCE = GPTConfig(block_size=16, vocab_size=128, n_layer=2, n_head=2, n_embd=32, bias=True)
 
 
-def test_every_kernel_follows_the_reference_loss_curve_fp32():
-    steps = 30
+def reference_and_triton_curves(config: GPTConfig, steps: int, batch: int, seq: int, dtype: torch.dtype,
+                                max_lr: float) -> tuple[list[float], list[float]]:
+    """The loss curves of one initial GPT trained on the same bigram batches with every op on its
+    reference and with every op on Triton."""
     torch.manual_seed(0)
-    initial = GPT(CONVERGENCE).to(DEVICE)
-    data = bigram_batches(CONVERGENCE.vocab_size, steps, batch=1, seq=16)
-    reference = loss_curve(initial, "none", data, steps, torch.float32, max_lr=1e-2)
-    triton = loss_curve(initial, "all", data, steps, torch.float32, max_lr=1e-2)
-    assert reference[-1] < reference[0] - 0.3, "the model did not learn: the comparison would say little"
+    initial = GPT(config).to(DEVICE)
+    data = bigram_batches(config.vocab_size, steps, batch, seq)
+    return loss_curve(initial, "none", data, steps, dtype, max_lr), loss_curve(initial, "all", data, steps, dtype, max_lr)
+
+
+def assert_follows(triton: list[float], reference: list[float], rtol: float) -> None:
     for step, (got, want) in enumerate(zip(triton, reference)):
-        assert abs(got - want) <= 1e-4 * abs(want), f"step {step}: loss {got} vs the references' {want}"
+        assert abs(got - want) <= rtol * abs(want), f"step {step}: loss {got} vs the references' {want}"
+
+
+def test_every_kernel_follows_the_reference_loss_curve_fp32():
+    reference, triton = reference_and_triton_curves(CONVERGENCE, 30, batch=1, seq=16, dtype=torch.float32, max_lr=1e-2)
+    assert reference[-1] < reference[0] - 0.3, "the model did not learn: the comparison would say little"
+    assert_follows(triton, reference, rtol=1e-4)
 
 
 @pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 autocast at GPT-2 width needs a GPU")
 def test_every_kernel_follows_the_reference_loss_curve_bf16_gpt2_width():
-    steps = 50
-    torch.manual_seed(0)
     config = GPTConfig(block_size=1024, n_layer=2)  # GPT-2's width, vocabulary and heads; two blocks
-    initial = GPT(config).to(DEVICE)
-    data = bigram_batches(config.vocab_size, steps, batch=4, seq=512)
-    reference = loss_curve(initial, "none", data, steps, torch.bfloat16, max_lr=6e-4)
-    triton = loss_curve(initial, "all", data, steps, torch.bfloat16, max_lr=6e-4)
+    reference, triton = reference_and_triton_curves(config, 50, batch=4, seq=512, dtype=torch.bfloat16, max_lr=6e-4)
     assert reference[-1] < reference[0] - 1.0, "the model did not learn: the comparison would say little"
-    for step, (got, want) in enumerate(zip(triton, reference)):
-        assert abs(got - want) <= 0.02 * abs(want), f"step {step}: loss {got} vs the references' {want}"
+    assert_follows(triton, reference, rtol=0.02)

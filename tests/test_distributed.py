@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from gpt.checkpoint import verify_folder
-from gpt.data import write_shard
 from gpt_kernels import registry
+from synthetic_data import random_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -24,11 +24,7 @@ COMMON = ["--preset", "tiny", "--seq-len", "32", "--kernels", "none", "--device"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    rng = np.random.default_rng(1)
-    folder = tmp_path_factory.mktemp("data")
-    write_shard(folder / "t_train_000000.bin", rng.integers(0, 3000, 40_000).astype(np.uint16))
-    write_shard(folder / "t_val_000000.bin", rng.integers(0, 3000, 4_000).astype(np.uint16))
-    return folder
+    return random_corpus(tmp_path_factory.mktemp("data"), seed=1, vocab=3000, train_tokens=40_000, val_tokens=4_000)
 
 
 def run(out_dir, data_dir, nproc, *extra, torchrun=None):

@@ -8,17 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import DEVICE
 from gpt.checkpoint import load_checkpoint, save_checkpoint
-from gpt.data import DataLoader, write_shard
+from gpt.data import DataLoader
 from gpt.evaluate import HellaSwagError, hellaswag_accuracy, load_hellaswag, main, score_endings, validation_loss
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import VOCAB_SIZE, encode
 from gpt_kernels.registry import use_kernels
+from synthetic_data import random_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOST = 10.0
@@ -148,11 +148,7 @@ def test_malformed_files_are_named(tmp_path, line, message):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("shards")
-    write_shard(folder / "t_train_000000.bin", rng.integers(0, 1000, 5_000).astype(np.uint16))
-    write_shard(folder / "t_val_000000.bin", rng.integers(0, 1000, 2_000).astype(np.uint16))
-    return folder
+    return random_corpus(tmp_path_factory.mktemp("shards"), seed=0, vocab=1000, train_tokens=5_000, val_tokens=2_000)
 
 
 def test_validation_loss_and_perplexity(gpt_model, data_dir):

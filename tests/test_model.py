@@ -3,6 +3,7 @@ import torch
 
 from gpt.config import PRESETS, GPTConfig, preset
 from gpt.model import GPT
+from gpt_kernels.registry import use_kernels
 
 
 def _count(config: GPTConfig) -> int:
@@ -48,7 +49,7 @@ def test_forward_shapes_loss_and_padding():
     idx = torch.randint(0, 100, (3, 16))
     logits, loss = model(idx)
     assert logits.shape == (3, 16, 100) and loss is None  # padding columns never reach the caller
-    _, loss = model(idx, idx)  # logits are None here when the fused linear cross-entropy is on
+    _, loss = model(idx, idx)
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 100), idx.reshape(-1))
     torch.testing.assert_close(loss, expected)
     targets = idx.clone()
@@ -56,6 +57,22 @@ def test_forward_shapes_loss_and_padding():
     _, masked = model(idx, targets)
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 100), targets.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(masked, expected)
+
+
+def test_the_fused_loss_is_the_callers_choice_not_a_kernel_switch():
+    """forward returns logits unless its caller passes fused_loss=True, whichever kernels are on."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=32))
+    idx = torch.randint(0, 100, (2, 16))
+    with use_kernels("none"):
+        logits, loss = model(idx, idx)
+        no_logits, fused = model(idx, idx, fused_loss=True)  # the fused op's PyTorch reference
+    assert logits.shape == (2, 16, 100) and no_logits is None
+    torch.testing.assert_close(fused, loss)
+    with use_kernels("linear_cross_entropy"):
+        logits_on, loss_on = model(idx, idx)
+    torch.testing.assert_close(logits_on, logits)
+    torch.testing.assert_close(loss_on, loss)
 
 
 def test_matches_textbook_block_order():

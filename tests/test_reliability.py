@@ -29,10 +29,10 @@ import torch
 
 from gpt import checkpoint as ckpt
 from gpt.config import preset
-from gpt.data import write_shard
 from gpt.model import GPT
 from gpt.numerics import StepGuard
 from gpt_kernels import registry
+from synthetic_data import sentence_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, EVERY = 12, 2
@@ -46,13 +46,7 @@ WAIT_S = 300
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    sentences = [rng.integers(0, 2000, size=rng.integers(5, 12)) for _ in range(50)]
-    stream = np.concatenate([sentences[i] for i in rng.integers(0, 50, size=3000)]).astype(np.uint16)
-    folder = tmp_path_factory.mktemp("data")
-    write_shard(folder / "synthetic_train_000000.bin", stream[:-2000])
-    write_shard(folder / "synthetic_val_000000.bin", stream[-2000:])
-    return folder
+    return sentence_corpus(tmp_path_factory.mktemp("data"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,6 +280,12 @@ def test_only_interrupted_saves_means_a_fresh_start(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path / "nothing-here") is None
 
 
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damage, message", [
     ("flip", "SHA-256 .* differs from its manifest"),
     ("truncate", "damaged: .* bytes, its manifest says"),
@@ -296,9 +296,7 @@ def test_damaged_checkpoint_is_refused(tmp_path, damage, message):
     _save(tmp_path, 3, 6)
     path = ckpt.checkpoint_path(tmp_path, 6)
     if damage == "flip":
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        path.write_bytes(bytes(data))
+        _flip_a_byte(path)
     elif damage == "truncate":
         path.write_bytes(path.read_bytes()[:-100])
     elif damage == "delete":
@@ -830,9 +828,7 @@ def test_sharded_checkpoints_resume_from_the_newest_complete_one(tmp_path, damag
     assert ckpt.verify_folder(tmp_path / "ckpt_0000003.dcp")["step"] == 3
     shard = next(newest.glob("*.distcp"))
     if damage == "flip":
-        data = bytearray(shard.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        shard.write_bytes(bytes(data))
+        _flip_a_byte(shard)
     elif damage == "truncate":
         shard.write_bytes(shard.read_bytes()[:-10])
     elif damage == "delete":

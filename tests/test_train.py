@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt.data import write_shard
+from synthetic_data import sentence_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 # The reference ops keep these runs fast; the kernels' own parity with the references is tested per op.
@@ -19,14 +19,7 @@ FAST = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--kernels",
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A corpus with structure to learn: a few hundred short 'sentences' drawn from a small vocabulary."""
-    rng = np.random.default_rng(0)
-    sentences = [rng.integers(0, 2000, size=rng.integers(5, 12)) for _ in range(50)]
-    stream = np.concatenate([sentences[i] for i in rng.integers(0, 50, size=3000)]).astype(np.uint16)
-    folder = tmp_path_factory.mktemp("data")
-    write_shard(folder / "synthetic_train_000000.bin", stream[:-2000])
-    write_shard(folder / "synthetic_val_000000.bin", stream[-2000:])
-    return folder
+    return sentence_corpus(tmp_path_factory.mktemp("data"))
 
 
 def train(*args):
@@ -106,3 +99,32 @@ def test_hellaswag_at_each_evaluation(data_dir, tmp_path):
     scored = [r for r in read_log(tmp_path / "out") if "hellaswag_acc" in r]
     assert [r["step"] for r in scored] == [0, 1]
     assert all(0.0 <= r["hellaswag_acc"] <= 1.0 and 0.0 <= r["hellaswag_acc_norm"] <= 1.0 for r in scored)
+
+
+def test_the_training_step_accumulates_like_one_large_batch():
+    """Two micro-steps of two rows take the update one step of four rows takes: the loss, the gradient
+    norm and the new weights (the shared step of train_gpt2.py and bench/e2e.py)."""
+    import copy
+
+    import torch
+
+    from gpt.model import GPT, GPTConfig
+    from gpt.numerics import StepGuard
+    from gpt.training import TrainingStep, make_optimizer
+    from gpt_kernels.registry import use_kernels
+
+    torch.manual_seed(0)
+    initial = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=32))
+    x, y = torch.randint(0, 100, (2, 4, 16))
+    results = []
+    for grad_accum, batches in ((1, [(x, y)]), (2, [(x[:2], y[:2]), (x[2:], y[2:])])):
+        model = copy.deepcopy(initial)
+        step = TrainingStep(model, make_optimizer(model, 1e-3, 0.1), iter(batches).__next__, grad_accum,
+                            torch.device("cpu"), torch.float32, grad_clip=1.0, guard=StepGuard())
+        with use_kernels("none"):
+            results.append((step(0, lr=1e-3), model))
+    (large, large_model), (accumulated, accumulated_model) = results
+    assert accumulated.verdict.update and accumulated.loss == pytest.approx(large.loss, rel=1e-6)
+    assert accumulated.grad_norm == pytest.approx(large.grad_norm, rel=1e-5)
+    for got, want in zip(accumulated_model.parameters(), large_model.parameters()):
+        torch.testing.assert_close(got, want)

@@ -160,6 +160,8 @@ class JsonLinesTask:
 
 @dataclass(frozen=True)
 class ParquetTask:
+    """One row group of a parquet file, whose first row is the file's ``first_row``."""
+
     source: Source
     row_group: int
     first_row: int
@@ -167,17 +169,11 @@ class ParquetTask:
     def read(self, options: ReadOptions) -> Documents:
         import pyarrow.parquet as pq
 
-        out = Documents(self.source.name, options)
-        try:
-            column = pq.ParquetFile(self.source.path).read_row_group(self.row_group, columns=[options.text_field])
-            values = column.column(0).to_pylist()
-        except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid and others for corruption
-            rows = f"rows {self.first_row}.. (row group {self.row_group})"
-            out.bad_record(rows, f"unreadable: corrupt parquet data ({type(e).__name__}: {e})")
-            return out
-        for row, value in enumerate(values, self.first_row):
-            out.add_value(f"row {row}", value)
-        return out
+        def values():
+            file = pq.ParquetFile(self.source.path)
+            return file.read_row_group(self.row_group, columns=[options.text_field]).column(0).to_pylist()
+
+        return _read_rows(self.source, options, self.first_row, f"row group {self.row_group}", "parquet", values)
 
 
 @dataclass(frozen=True)
@@ -191,20 +187,26 @@ class ArrowTask:
     first_row: int
 
     def read(self, options: ReadOptions) -> Documents:
-        out = Documents(self.source.name, options)
-        try:
-            batches = [batch.column(options.text_field).to_pylist() for batch in
-                       itertools.islice(arrow_batches(self.path), self.first_batch, self.first_batch + self.batches)]
-        except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError and others for corruption
-            out.bad_record(f"rows {self.first_row}.. (record batches {self.first_batch}..)",
-                           f"unreadable: corrupt Arrow data ({type(e).__name__}: {e})")
-            return out
-        row = self.first_row
-        for values in batches:
-            for value in values:
-                out.add_value(f"row {row}", value)
-                row += 1
+        def values():
+            batches = itertools.islice(arrow_batches(self.path), self.first_batch, self.first_batch + self.batches)
+            return [value for batch in batches for value in batch.column(options.text_field).to_pylist()]
+
+        return _read_rows(self.source, options, self.first_row, f"record batches {self.first_batch}..", "Arrow",
+                          values)
+
+
+def _read_rows(source: Source, options: ReadOptions, first_row: int, where: str, kind: str, values) -> Documents:
+    """The documents of a columnar task, one per row from ``first_row``: ``values()`` reads the text
+    column's values; a damaged file makes all of them one bad record."""
+    out = Documents(source.name, options)
+    try:
+        rows = values()
+    except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid and others for corruption
+        out.bad_record(f"rows {first_row}.. ({where})", f"unreadable: corrupt {kind} data ({type(e).__name__}: {e})")
         return out
+    for row, value in enumerate(rows, first_row):
+        out.add_value(f"row {row}", value)
+    return out
 
 
 def _decode(data: bytes) -> str:
