@@ -44,3 +44,12 @@ def _fresh_seed():
     # (crc32, not hash(): Python salts str hashes per process).
     torch.manual_seed(zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode()))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _kernel_switch_restored():
+    # A test that runs train_gpt2.main(["--kernels", ...]) sets the process-wide switch; the next
+    # test must still see the one it started with.
+    saved = registry.requested_kernels()
+    yield
+    registry.set_kernels(",".join(sorted(saved)) or "none")
