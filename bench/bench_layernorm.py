@@ -2,7 +2,7 @@
 
 Rows are B·T tokens (8·1024 and 16·1024), widths GPT-2's n_embd (768, 1024, 1280, 1600). Each shape
 runs plain (``F.layer_norm(x, w, b)``) and with the fused residual (the model's path,
-``layer_norm(branch, w, b, residual=stream)`` against the eager pair ``s = branch + stream;
+``layernorm(branch, w, b, residual=stream)`` against the eager pair ``s = branch + stream;
 F.layer_norm(s)``), in bf16 and fp32, and on the GPU also as the model runs under bf16 autocast: a
 bf16 branch, an fp32 stream and fp32 parameters ("bf16+fp32").
 
@@ -36,7 +36,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import BenchContext, competitors, run_standalone, speedups  # noqa: E402
-from gpt_kernels.layernorm import layer_norm  # noqa: E402
+from gpt_kernels.layernorm import layernorm  # noqa: E402
 
 OP = "layernorm"
 EPS = 1e-5
@@ -103,7 +103,7 @@ def _pass_fn(pass_: str, fn, inputs: dict, grads: list):
 def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[str]]:
     # Liger's LayerNorm has no fused residual: it competes on the plain case only.
     installed = {} if with_residual else {"liger": _liger_layer_norm}
-    return competitors(ctx, eager_layer_norm, layer_norm, installed)
+    return competitors(ctx, eager_layer_norm, layernorm, installed)
 
 
 def run(ctx: BenchContext) -> list[dict]:

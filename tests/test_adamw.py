@@ -8,10 +8,11 @@ Tolerances: the update is torch's, operation for operation, in fp32 with IEEE sq
 what differs is contraction into fused multiply-adds (torch's lerp uses one; our step kernel none,
 on the GPU as in the interpreter), a last-bit difference per operation. Over 50 steps parameters
 and moments stay within ``STEP_RTOL`` (1e-6) of torch's, relative to each tensor's largest value,
-as ``numerics`` measures.
+as ``compare`` measures.
 """
 
 import copy
+import importlib
 import io
 import math
 import re
@@ -19,16 +20,17 @@ import re
 import pytest
 import torch
 
-import gpt_kernels.adamw as adamw_module
 from bench.bench_adamw import run as run_bench
 from bench.common import BenchContext
 from conftest import DEVICE
 from hopper import run_compile_script
 from gpt_kernels import registry
-from gpt_kernels.adamw import AdamW, AdamW_reference
+from gpt_kernels.adamw import AdamW, TorchAdamW
 from gpt_kernels.registry import ops, use_kernels
 from gpt_kernels.tolerances import ADAMW_STEP_RTOL as STEP_RTOL
-from numerics import RTOL, relative_error
+from compare import RTOL, relative_error
+
+adamw_module = importlib.import_module("gpt_kernels.adamw")  # the module, not the op
 
 # GPT-2's awkward sizes: a scalar-like 1, 3, 1000, and (cut down on the CPU) c_attn's 768x2304 and
 # the padded embedding's 50304x768. With CHUNK = 2 blocks of 1024 on the CPU, 37x71 is one full
@@ -84,7 +86,7 @@ def torch_adamw(params, **options):
 
 
 def error(actual, expected):
-    """numerics.relative_error, and 0 for empty tensors (which have no largest value)."""
+    """compare.relative_error, and 0 for empty tensors (which have no largest value)."""
     assert actual.shape == expected.shape
     return relative_error(actual, expected) if expected.numel() else 0.0
 
@@ -169,7 +171,7 @@ def test_non_finite_gradients_are_reported_and_the_step_skipped(bad):
     params = make_params(SHAPES[:4])
     ref_params = clone_params(params)
     opt = AdamW(params)
-    ref = AdamW_reference(ref_params, foreach=False)  # the reference has our defaults
+    ref = TorchAdamW(ref_params, foreach=False)  # the reference has our defaults
     for step in range(3):
         set_grads([params, ref_params])
         if step == 1:
@@ -502,10 +504,10 @@ def test_state_dicts_of_unsupported_torch_options_are_refused(option):
 def test_registry_picks_the_triton_optimizer():
     params = make_params(SHAPES[:2])
     with use_kernels("adamw"):
-        assert isinstance(ops.AdamW(params, lr=1e-3), AdamW)
+        assert isinstance(ops.adamw(params, lr=1e-3), AdamW)
     with use_kernels("none"):
-        opt = ops.AdamW(params, lr=1e-3)
-        assert type(opt) is AdamW_reference
+        opt = ops.adamw(params, lr=1e-3)
+        assert type(opt) is TorchAdamW
 
 
 def test_tiny_gpt_trains_the_same_with_ours_and_torchs():
@@ -550,7 +552,7 @@ import json, re
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import gpt_kernels.adamw as am
+import importlib; am = importlib.import_module("gpt_kernels.adamw")
 
 def ptx(fn, constexprs, aligned, scalars=(), options=None):
     names = fn.arg_names
@@ -605,6 +607,6 @@ def test_bench_quick_runs():
 def test_reference_is_torchs_fused_adamw_on_cuda():
     """The ablations' "adamw off" baseline is torch's fastest AdamW where it exists."""
     param = torch.nn.Parameter(torch.randn(3, device=DEVICE))
-    reference = AdamW_reference([{"params": [param]}, {"params": [], "weight_decay": 0.0}])
+    reference = TorchAdamW([{"params": [param]}, {"params": [], "weight_decay": 0.0}])
     assert bool(reference.defaults["fused"]) == (DEVICE == "cuda")
-    assert AdamW_reference([param], foreach=False).defaults["fused"] in (None, False)
+    assert TorchAdamW([param], foreach=False).defaults["fused"] in (None, False)

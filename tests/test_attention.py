@@ -3,7 +3,7 @@
 Expected values come from an explicit softmax in float64 computed from the same (rounded) inputs;
 ``attention_reference`` (F.scaled_dot_product_attention) is checked against it and against the
 op through autograd. Launchers write into NaN-poisoned buffers, so an element a kernel skips fails.
-Tolerances are numerics.RTOL per dtype (stated once there).
+Tolerances are compare.RTOL per dtype (stated once there).
 
 The issue's grid (B, H, T, D, causal, dtype) is too slow as a cross product in Triton's
 interpreter: on the CPU a greedy all-pairs subset covers every pair of values of any two factors
@@ -40,7 +40,7 @@ from gpt_kernels.attention import (
     attention_reference,
 )
 from model_parity import TINY, assert_model_parity
-from numerics import FLOAT_DTYPES, RTOL, assert_close, poisoned_like
+from compare import FLOAT_DTYPES, RTOL, assert_close, fresh_buffers_poisoned, poisoned_like
 
 # The module, not the function of the same name that gpt_kernels/__init__ exports (which
 # `import gpt_kernels.attention as ...` would give).
@@ -136,8 +136,8 @@ def test_grid_covers_every_pair():
 def test_forward_and_backward_match_float64(case):
     B, H, T, D, causal, dtype = (case[name] for name in ("B", "H", "T", "D", "causal", "dtype"))
     q, k, v, do = make_inputs(B, H, T, D, dtype)
-    lse_buffer = poisoned_like(torch.empty(B, H, T, device=DEVICE))
-    o, lse = attention_forward(q, k, v, causal, out=poisoned_like(q), lse=lse_buffer)
+    with fresh_buffers_poisoned():  # lse, and every other buffer the launchers allocate
+        o, lse = attention_forward(q, k, v, causal, out=poisoned_like(q))
     grads = attention_backward(
         do, q, k, v, o, lse, causal, dq=poisoned_like(q), dk=poisoned_like(q), dv=poisoned_like(q)
     )
@@ -321,7 +321,6 @@ BAD_INPUTS = {
     "out_dtype": (
         lambda: attention_forward(*(_x(1, 2, 8, 16),) * 3, out=_x(1, 2, 8, 16, dtype=torch.float16)), "out must be"
     ),
-    "lse_shape": (lambda: attention_forward(*(_x(1, 2, 8, 16),) * 3, lse=_x(1, 2, 9)), "lse must be a contiguous"),
     "grad_shape": (
         lambda: attention_backward(_x(1, 2, 8, 8), *(_x(1, 2, 8, 16),) * 4, _x(1, 2, 8)),
         "dO (the output gradient) must be a torch.float32 tensor of shape (1, 2, 8, 16)",

@@ -20,7 +20,7 @@ pytest.importorskip("pytest_benchmark")
 from conftest import DEVICE  # noqa: E402
 from gpt.data import DataLoader, write_shard  # noqa: E402
 from gpt.tokenizer import VOCAB_SIZE, decode, encode  # noqa: E402
-from gpt_kernels import adamw  # noqa: E402
+from gpt_kernels.adamw import AdamW  # noqa: E402
 
 # Real text with code, prose and odd whitespace: the Python sources of this repository's model.
 SAMPLE_TEXT = (Path(__file__).resolve().parents[1] / "gpt" / "model.py").read_text()
@@ -71,7 +71,7 @@ def test_optimizer_host_side_step(benchmark, monkeypatch):
     params = [torch.nn.Parameter(torch.randn(16, device=DEVICE)) for _ in range(148)]
     for p in params:
         p.grad = torch.randn_like(p)
-    optimizer = adamw.AdamW([{"params": params[:74], "weight_decay": 0.1},
+    optimizer = AdamW([{"params": params[:74], "weight_decay": 0.1},
                              {"params": params[74:], "weight_decay": 0.0}], lr=1e-3)
 
     def step():

@@ -24,7 +24,7 @@ from gpt_kernels import registry
 from gpt_kernels.cross_entropy import cross_entropy, cross_entropy_forward, cross_entropy_reference
 from model_parity import assert_model_parity, gpt2_width_losses_and_peaks
 from gpt_kernels.tolerances import LOSS_FACTOR
-from numerics import FLOAT_DTYPES, assert_close, poisoned_like
+from compare import FLOAT_DTYPES, assert_close, poisoned_like
 
 # The module, not the function of the same name that gpt_kernels/__init__ exports (which
 # `import gpt_kernels.cross_entropy as ...` would give).

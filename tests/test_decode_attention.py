@@ -25,7 +25,7 @@ from gpt_kernels.decode_attention import (
 )
 from gpt_kernels.registry import is_triton, use_kernels
 from gpt_kernels.tolerances import DECODE_GRAD_FACTOR
-from numerics import assert_close, poisoned_like
+from compare import assert_close, fresh_buffers_poisoned
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -71,8 +71,8 @@ def test_matches_float64_reference(case, dtype):
 def test_every_split_count_gives_the_same_softmax(num_splits):
     # 7 and MAX_SPLITS splits leave splits with no key at all (lse = -inf): they must weigh nothing.
     q, k, v, lengths, ref_inputs = make_inputs(3, 2, 150, 32, [1, 70, 150], torch.float32)
-    out = poisoned_like(q)
-    decode_attention_forward(q, k, v, lengths, num_splits=num_splits, out=out)
+    with fresh_buffers_poisoned():
+        out = decode_attention_forward(q, k, v, lengths, num_splits=num_splits)
     assert_close(out, expected(ref_inputs, lengths), torch.float32, f"{num_splits} splits")
 
 
@@ -140,8 +140,6 @@ def test_bad_inputs_raise_value_error():
         decode_attention(q, k, v, lengths, scale=float("inf"))
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention_forward(q, k, v, lengths, num_splits=0)
-    with pytest.raises(ValueError, match="out must be"):
-        decode_attention_forward(q, k, v, lengths, out=torch.empty(2, 2, 1, 8))
 
 
 @pytest.mark.gpu_smoke
@@ -179,8 +177,8 @@ def test_long_caches_on_gpu(B, T, dtype):
     lengths = torch.randint(1, T + 1, (B,)).tolist()
     lengths[0] = T
     q, k, v, lengths, ref_inputs = make_inputs(B, 12, T, 64, lengths, dtype)
-    out = poisoned_like(q)
-    decode_attention_forward(q, k, v, lengths, out=out)
+    with fresh_buffers_poisoned():
+        out = decode_attention_forward(q, k, v, lengths)
     assert_close(out, expected(ref_inputs, lengths), dtype, "out")
 
 

@@ -22,7 +22,7 @@ from gpt_kernels import registry
 from gpt_kernels.linear_cross_entropy import choose_chunk_rows, linear_cross_entropy, linear_cross_entropy_reference
 from model_parity import assert_model_parity, gpt2_width_losses_and_peaks
 from gpt_kernels.tolerances import LONG_SUM_FACTOR as LONG_SUM, LOSS_FACTOR
-from numerics import FLOAT_DTYPES, assert_close
+from compare import FLOAT_DTYPES, assert_close
 
 # The module, not the function of the same name that gpt_kernels/__init__ exports (which
 # `import gpt_kernels.linear_cross_entropy as ...` would give).
@@ -216,9 +216,9 @@ def test_bad_inputs_raise_value_error():
          "target 10 is outside [0, 10) and is not ignore_index (-100)"),
         (lambda: linear_cross_entropy(hidden, weight[:, :7], targets), "hidden (N, C) and weight (V, C) must share C"),
         (lambda: linear_cross_entropy(hidden, weight, targets[:3]), "targets must have shape (4,)"),
-        (lambda: linear_cross_entropy(hidden[0], weight, targets), "hidden must be a 2-D tensor"),
+        (lambda: linear_cross_entropy(hidden[0], weight, targets), "hidden must be a 2-D (N, C) float32, float16 or bfloat16 tensor"),
         (lambda: linear_cross_entropy(hidden, weight.half(), targets), "must have one dtype outside autocast"),
-        (lambda: linear_cross_entropy(hidden.double(), weight.double(), targets), "hidden must be float32, float16"),
+        (lambda: linear_cross_entropy(hidden.double(), weight.double(), targets), "hidden must be a 2-D (N, C) float32, float16"),
         (lambda: linear_cross_entropy(hidden, weight.to("meta"), targets), "weight is on meta"),
         (lambda: linear_cross_entropy(hidden, weight, targets.float()), "targets must be an int64 or int32 tensor"),
         (lambda: linear_cross_entropy(hidden, weight[:0], targets), "at least one class"),

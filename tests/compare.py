@@ -1,4 +1,4 @@
-"""Tolerances and checks every kernel test uses, stated once.
+"""Tolerances and checks every kernel test uses, stated once (named apart from gpt/numerics.py, the step guard).
 
 The tolerances themselves live in ``gpt_kernels.tolerances``, which ``python -m bench smoke`` (the
 GPU check) shares. The expected side is computed in float64 (or float32 where float64 is too slow)
