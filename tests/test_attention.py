@@ -21,7 +21,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from bench.bench_attention import PASSES, run as run_bench
+from bench.bench_attention import run as run_bench
+from bench.common import PASSES
 from bench.common import BenchContext
 from conftest import DEVICE
 from hopper import run_compile_script

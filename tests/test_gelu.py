@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from bench.bench_gelu import PASSES, run as run_bench
+from bench.bench_gelu import run as run_bench
+from bench.common import PASSES
 from bench.common import BenchContext
 from conftest import DEVICE
 from hopper import run_compile_script

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from bench.bench_layernorm import PASSES, run as run_bench
+from bench.bench_layernorm import run as run_bench
+from bench.common import PASSES
 from bench.common import BenchContext
 from conftest import DEVICE
 from hopper import run_compile_script
