@@ -11,8 +11,6 @@ import warnings
 import pytest
 import torch
 
-from bench.bench_decode_attention import run as run_bench
-from bench.common import BenchContext
 from conftest import DEVICE
 from gpt.generate import generate_tokens
 from gpt.model import GPT, GPTConfig, KVCache
@@ -114,34 +112,6 @@ def test_backward_matches_reference():
         assert_close(mine.grad, ref.grad, torch.float32, f"d{name}", factor=DECODE_GRAD_FACTOR)
 
 
-def test_opcheck():
-    q, k, v, lengths, _ = make_inputs(2, 2, 24, 16, [24, 9], torch.float32)
-    k, v = k.nan_to_num(), v.nan_to_num()
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), lengths, 0.25)
-    torch.library.opcheck(torch.ops.gpt_triton.decode_attention.default, args)
-
-
-def test_bad_inputs_raise_value_error():
-    q, k, v, lengths, _ = make_inputs(2, 2, 8, 16, [8, 3], torch.float32)
-    bad = [
-        ((q.squeeze(2), k, v, lengths), "(B, H, 1, D)"),
-        ((q, k[:1], v, lengths), "matching q"),
-        ((q, k, v[:, :, :4], lengths), "differ"),
-        ((q, k.half(), v, lengths), "one dtype"),
-        ((q.double(), k.double(), v.double(), lengths), "float16, bfloat16 or float32"),
-        ((q, k, v, lengths.float()), "int32/int64"),
-        ((q, k, v, lengths[:1]), "(2,)"),
-        ((q, k[:, :, :0], v[:, :, :0], lengths), "T = 0"),
-    ]
-    for args, message in bad:
-        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            decode_attention(*args)
-    with pytest.raises(ValueError, match="scale"):
-        decode_attention(q, k, v, lengths, scale=float("inf"))
-    with pytest.raises(ValueError, match="num_splits"):
-        decode_attention_forward(q, k, v, lengths, num_splits=0)
-
-
 @pytest.mark.gpu_smoke
 def test_gpt_generation_with_decode_attention_on_triton():
     """The model's decode steps with the Triton kernel give the reference's logits and tokens."""
@@ -181,10 +151,3 @@ def test_long_caches_on_gpu(B, T, dtype):
         out = decode_attention_forward(q, k, v, lengths)
     assert_close(out, expected(ref_inputs, lengths), dtype, "out")
 
-
-def test_bench_quick_rows():
-    rows = run_bench(BenchContext(device="cpu", quick=True))
-    impls = {row["impl"] for row in rows}
-    assert "sdpa" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
-    for row in rows:
-        assert row["op"] == "decode_attention" and row["median_ms"] > 0

@@ -16,16 +16,10 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-from torch._dynamo.testing import CompileCounterWithBackend
 
-from bench.bench_layernorm import run as run_bench
-from bench.common import PASSES
-from bench.common import BenchContext
 from conftest import DEVICE
 from hopper import run_compile_script
-from gpt_kernels import registry
 from gpt_kernels.layernorm import layernorm, layernorm_backward, layernorm_forward, layernorm_reference
-from model_parity import assert_model_parity
 from compare import RTOL, assert_close, fresh_buffers_poisoned
 
 layernorm_module = importlib.import_module("gpt_kernels.layernorm")  # the module, not the function
@@ -339,63 +333,6 @@ def test_broadcast_gradient_empty_input_and_determinism():
     assert torch.equal(wg.grad, torch.zeros(70, device=DEVICE)) and torch.equal(bg.grad, torch.zeros(70, device=DEVICE))
 
 
-def test_bad_inputs_raise_value_error():
-    x = torch.randn(4, 8, device=DEVICE)
-    w = torch.randn(8, device=DEVICE)
-    y, _, mean, rstd = layernorm_forward(x, w, w)
-    cases = [
-        (lambda: layernorm(x, torch.randn(7, device=DEVICE), None),
-         "weight must be 1-D with x's last dimension, i.e. shape (8,)"),
-        (lambda: layernorm(x, w, torch.randn(9, device=DEVICE)), "bias must be 1-D with x's last dimension"),
-        (lambda: layernorm(x, torch.randn(1, 8, device=DEVICE), None), "weight must be 1-D"),
-        (lambda: layernorm(torch.randn(4, 0, device=DEVICE), None, None),
-         "last dimension (the one normalized) of 1 to"),
-        (lambda: layernorm(torch.randn((), device=DEVICE), None, None), "last dimension"),
-        (lambda: layernorm(torch.randn(2, 65537, device=DEVICE), None, None), "of 1 to 65536 elements"),
-        (lambda: layernorm(x.double(), None, None), "x must be float32, float16 or bfloat16, got torch.float64"),
-        (lambda: layernorm(torch.ones(4, 8, dtype=torch.int32, device=DEVICE), None, None), "x must be float32"),
-        (lambda: layernorm(x, w.half(), None), "weight must be torch.float32 (the normalized stream's dtype"),
-        (lambda: layernorm(x.half(), w.bfloat16(), None), "weight must be torch.float16 or torch.float32"),
-        (lambda: layernorm(x, w, w.long()), "bias must be torch.float32"),
-        (lambda: layernorm(x, torch.randn(8, device="meta"), None), "weight is on meta but x is on"),
-        (lambda: layernorm(x, w, torch.randn(8, device="meta")), "same device"),
-        (lambda: layernorm(x, [1.0] * 8, None), "weight must be a tensor or None"),
-        (lambda: layernorm(x, w, w, residual=torch.randn(4, 8, device="meta")), "residual is on meta"),
-        (lambda: layernorm(x, w, w, residual=torch.randn(8, device=DEVICE)), "residual must have x's shape (4, 8)"),
-        (lambda: layernorm(x, w, w, residual=x.long()), "residual must be a float32, float16 or bfloat16 tensor"),
-        (lambda: layernorm(x.half(), w.half(), None, residual=x), "weight must be torch.float32"),
-        (lambda: layernorm(x, w, w, eps=-1.0), "eps must be a non-negative number"),
-        (lambda: layernorm_backward(torch.randn(4, 9, device=DEVICE), x, w, w, mean, rstd),
-         "dy must be a float tensor shaped like the stream (4, 8)"),
-        (lambda: layernorm_backward(y, x, w, w, mean, rstd, dstream=y[:2]), "dstream must be a float tensor"),
-        (lambda: layernorm_backward(y, x, w, w, mean.double(), rstd),
-         "mean must be a contiguous float32 tensor of shape (4,)"),
-        (lambda: layernorm_backward(y, x, w, w, mean, rstd[:2]), "rstd must be"),
-        (lambda: layernorm_backward(y, x, w, w, mean, rstd, x_dtype=torch.int8), "x_dtype must be float32"),
-    ]
-    for call, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            call()
-
-
-@pytest.mark.parametrize("variant", VARIANTS, ids=str)
-def test_opcheck(variant):
-    with_residual, with_weight, with_bias = VARIANTS[variant]
-    x, residual, weight, bias, dy, ds = make_inputs((6, 40), torch.float32, with_residual, with_weight, with_bias)
-    x, residual, weight, bias = (t.requires_grad_() if t is not None else None for t in (x, residual, weight, bias))
-    if with_residual:
-        torch.library.opcheck(torch.ops.gpt_triton.layer_norm_residual.default, (x, residual, weight, bias, EPS))
-        _, stream, mean, rstd = layernorm_forward(x.detach(), weight, bias, EPS, residual.detach())
-        args = (dy, ds, stream, weight, bias, mean, rstd, torch.float16, torch.float32)
-    else:
-        torch.library.opcheck(torch.ops.gpt_triton.layer_norm.default, (x, weight, bias, EPS))
-        _, _, mean, rstd = layernorm_forward(x.detach(), weight, bias, EPS)
-        args = (dy, None, x, weight, bias, mean, rstd, torch.float32, None)
-    # The backward op has no autograd of its own (no double backward), so its inputs are detached.
-    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(torch.ops.gpt_triton.layer_norm_backward.default, args)
-
-
 class TinyBlockTail(nn.Module):
     """The model's pattern: a linear branch added to the stream by the LayerNorm that follows it."""
 
@@ -407,35 +344,6 @@ class TinyBlockTail(nn.Module):
     def forward(self, x, norm=layernorm):
         h, x = norm(self.proj(x), self.ln.weight, self.ln.bias, EPS, residual=x)
         return h, norm(x, self.ln.weight, self.ln.bias, EPS)
-
-
-def test_torch_compile_fullgraph():
-    # The CPU uses aot_eager: it checks what matters for the op (one graph holding it, its fake and
-    # autograd registrations) in about a second, where inductor spends many seconds compiling C++
-    # for the surrounding linear on a 2-core machine. The GPU compiles with inductor.
-    counter = CompileCounterWithBackend("inductor" if DEVICE == "cuda" else "aot_eager")
-    torch._dynamo.reset()
-    module = TinyBlockTail(24).to(DEVICE)
-    compiled = torch.compile(module, fullgraph=True, backend=counter)
-    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
-    h, y = compiled(x)
-    (h.square().sum() + (y * torch.linspace(-1, 1, 24, device=DEVICE)).sum()).backward()
-    grads = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
-    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
-    assert counter.frame_count == 1, counter.frame_count
-    assert "gpt_triton.layer_norm_residual" in called and "gpt_triton.layer_norm" in called, called
-
-    x.grad = None
-    module.zero_grad()
-    h, y = module(x, norm=layernorm_reference)
-    (h.square().sum() + (y * torch.linspace(-1, 1, 24, device=DEVICE)).sum()).backward()
-    for grad, grad_ref in zip(grads, [x.grad] + [p.grad for p in module.parameters()]):
-        assert_close(grad, grad_ref, torch.float32, "compiled grad", factor=10)
-
-
-@pytest.mark.gpu_smoke
-def test_gpt_model_parity():
-    assert_model_parity("layernorm")
 
 
 # Compiles the kernels for an H100 (sm_90) without one, at the launchers' own tile configurations, and
@@ -538,12 +446,3 @@ def test_block_tail_under_bf16_autocast():
     assert_close(h, h_ref, torch.bfloat16, "h")
     assert_close(y, y_ref, torch.bfloat16, "y")
 
-
-def test_bench_quick_rows():
-    rows = run_bench(BenchContext(device="cpu", quick=True))
-    impls = {row["impl"] for row in rows}
-    assert "eager" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
-    assert {row["pass"] for row in rows} == set(PASSES)
-    assert {row["case"].endswith("+residual") for row in rows} == {True, False}
-    for row in rows:
-        assert row["op"] == "layernorm" and row["median_ms"] > 0 and row["gb_per_s"] > 0
