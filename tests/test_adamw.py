@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from hopper import run_compile_script
+from hopper import Build, compile_for_hopper, count
 from gpt_kernels import registry
 from gpt_kernels.adamw import AdamW, TorchAdamW
 from gpt_kernels.registry import ops, use_kernels
@@ -530,49 +530,35 @@ def test_tiny_gpt_trains_the_same_with_ours_and_torchs():
     assert relative_error(curves["adamw"], curves["none"]) <= 1e-5, (curves["adamw"], curves["none"])
 
 
-# Compiles the kernels for an H100 (sm_90) without one: Triton's bundled ptxas needs no GPU. Run in
-# a subprocess because this one decorated them for the interpreter.
-HOPPER_PTX = r"""
-import json, re
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import importlib; am = importlib.import_module("gpt_kernels.adamw")
-
-def ptx(fn, constexprs, aligned, scalars=(), options=None):
-    names = fn.arg_names
-    signature = {n: "constexpr" if n in constexprs else dict(scalars).get(n, "*i64") for n in names}
-    for n in ("coef_ptr", "clip_scale_ptr", "partials_ptr", "norm_ptr"):
-        if n in signature:
-            signature[n] = "*fp32"
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                       attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    code = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options or {"num_warps": am.NUM_WARPS}).asm["ptx"]
-    ops = ("ld.global.v4", "st.global.v4", "div.rn.f32", "sqrt.rn.f32", "fma.rn.f32")
-    return {op: len(re.findall(re.escape(op), code)) for op in ops}
-
-tables = ["chunk_table_ptr", "tensor_table_ptr", "step_table_ptr", "clip_scale_ptr"]
-step = dict(ALIGNED=True, CAPTURABLE=False, HAS_CLIP_SCALE=True, STEP_ROW=am._STEP_ROW, COEF_ROW=am._COEF_ROW,
-            BLOCK=am.BLOCK)
-print(json.dumps({
-    "step fp32": ptx(am._adamw_kernel, dict(step, PARAM_DTYPE=tl.float32), tables, options=am.STEP_LAUNCH_OPTIONS),
-    "step bf16 capturable": ptx(am._adamw_kernel, dict(step, PARAM_DTYPE=tl.bfloat16, CAPTURABLE=True), tables,
-                                options=am.STEP_LAUNCH_OPTIONS),
-    "sum of squares": ptx(am._grad_sum_squares_kernel, dict(GRAD_DTYPE=tl.float32, BLOCK=am.BLOCK),
-                          ["chunk_table_ptr", "grad_table_ptr", "partials_ptr"]),
-    "finalize": ptx(am._finalize_norm_kernel, dict(HAS_MAX_NORM=True, BLOCK=am.FINALIZE_BLOCK), [],
-                    scalars=[("n_partials", "i32"), ("max_norm", "fp32")]),
-}))
-"""
-
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_with_vector_loads():
     """Full blocks use 16-byte vector loads and stores (the hints work through the pointer table),
     sqrt and division are IEEE-rounded, as torch's are, and the step has no fused multiply-add (see
     ``STEP_LAUNCH_OPTIONS``)."""
-    counts = run_compile_script(HOPPER_PTX)
+    import triton.language as tl
+
+    am = adamw_module
+    tables = ["chunk_table_ptr", "tensor_table_ptr", "step_table_ptr", "clip_scale_ptr"]
+    step = dict(ALIGNED=True, CAPTURABLE=False, HAS_CLIP_SCALE=True, STEP_ROW=am._STEP_ROW, COEF_ROW=am._COEF_ROW,
+                BLOCK=am.BLOCK)
+    # Pointers are int64 table entries, but for the fp32 scalars the kernels read directly.
+    types = {r"coef_ptr|clip_scale_ptr|partials_ptr|norm_ptr": "*fp32", "n_partials": "i32", "max_norm": "fp32"}
+    warps = dict(num_warps=am.NUM_WARPS)
+    built = compile_for_hopper({
+        "step fp32": Build("gpt_kernels.adamw", "_adamw_kernel", dict(step, PARAM_DTYPE=tl.float32), types, tables,
+                           am.STEP_LAUNCH_OPTIONS, "*i64"),
+        "step bf16 capturable": Build("gpt_kernels.adamw", "_adamw_kernel",
+                                      dict(step, PARAM_DTYPE=tl.bfloat16, CAPTURABLE=True), types, tables,
+                                      am.STEP_LAUNCH_OPTIONS, "*i64"),
+        "sum of squares": Build("gpt_kernels.adamw", "_grad_sum_squares_kernel",
+                                dict(GRAD_DTYPE=tl.float32, BLOCK=am.BLOCK), types,
+                                ["chunk_table_ptr", "grad_table_ptr", "partials_ptr"], warps, "*i64"),
+        "finalize": Build("gpt_kernels.adamw", "_finalize_norm_kernel", dict(HAS_MAX_NORM=True, BLOCK=am.FINALIZE_BLOCK),
+                          types, [], warps, "*i64"),
+    })
+    counts = {name: {op: count(re.escape(op), result["ptx"])
+                     for op in ("ld.global.v4", "st.global.v4", "div.rn.f32", "sqrt.rn.f32", "fma.rn.f32")}
+              for name, result in built.items()}
     for name in ("step fp32", "step bf16 capturable"):
         assert counts[name]["ld.global.v4"] >= 4 and counts[name]["st.global.v4"] >= 3, (name, counts[name])
         assert counts[name]["div.rn.f32"] > 0 and counts[name]["sqrt.rn.f32"] > 0, (name, counts[name])

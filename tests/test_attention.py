@@ -22,7 +22,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import DEVICE
-from hopper import run_compile_script
+from hopper import Build, compile_for_hopper
 from gpt.model import GPT
 from gpt_kernels import registry
 from gpt_kernels.attention import (
@@ -30,6 +30,7 @@ from gpt_kernels.attention import (
     SUPPORTED_HEAD_DIMS,
     AttentionConfig,
     Tile,
+    head_block,
     attention,
     attention_backward,
     attention_forward,
@@ -341,71 +342,34 @@ def test_hopper_tiles(D, dtype, causal):
         assert_grads_close(grads, grads_ref, dtype, floor=1.0)
 
 
-# Compiles table entries for an H100 (sm_90a) without one, in a subprocess because this one decorated
-# the kernels for the interpreter: Triton's bundled ptxas and cuobjdump need no GPU. The interpreter
-# accepts code the compiler rejects, and the table's comment claims no register spills.
-HOPPER_CUBIN = r"""
-import json, os, re, subprocess, sys, tempfile
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import importlib
-am = importlib.import_module("gpt_kernels.attention")
-
-CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "CAUSAL", "DOT_PRECISION", "BLOCK_M", "BLOCK_N")
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-def arg_type(name, dtype):
-    if name in CONSTEXPRS:
-        return "constexpr"
-    if name in ("LSE", "DELTA"):
-        return "*fp32"
-    if name.isupper() and name != "T_BUCKET":
-        return "*" + TYPES[dtype]
-    return "fp32" if name.endswith("scale") else "i32"
-
-def resources(fn, head_dim, dtype, causal, block_m, block_n, num_warps, num_stages):
-    names = fn.arg_names
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=am.head_block(head_dim), CAUSAL=causal,
-                      DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n)
-    constexprs = {(names.index(k),): v for k, v in constexprs.items() if k in names}
-    # As the model's views are specialized at launch: 16-byte-aligned pointers and strides (without
-    # that, addressing alone makes dK/dV at head dim 128 spill), T no multiple of 16.
-    aligned = [n for n in names if arg_type(n, dtype).startswith("*") or n.startswith("stride")]
-    source = ASTSource(fn=fn, signature={n: arg_type(n, dtype) for n in names}, constexprs=constexprs,
-                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    cubin = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        dump = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
-    return {key: int(value) for key, value in re.findall(r"(REG|STACK):(\d+)", dump.stdout)}
-
-kernels = {"forward": am._attention_forward_kernel, "dkdv": am._attention_backward_dkdv_kernel,
-           "dq": am._attention_backward_dq_kernel}
-# Head dim 128 comes closest to the register limit (dK/dV ~250 of 255): every kernel of its causal
-# bf16 entry (tensor cores), and the dK/dV kernel of its other bf16 entry and of fp32 (FMA units).
-cases = [(name, 128, torch.bfloat16, True) for name in kernels]
-cases += [("dkdv", 128, torch.bfloat16, False), ("dkdv", 128, torch.float32, True)]
-# Head dim 256's half-height tiles, and head dims masked up to their block (96 on the 128 kernels).
-cases += [(name, 256, torch.bfloat16, True) for name in kernels] + [("dkdv", 256, torch.float32, True)]
-cases += [(name, 96, torch.bfloat16, True) for name in kernels]
-report = {}
-for name, head_dim, dtype, causal in cases:
-    tile = getattr(am.HOPPER_CONFIGS[(am.head_block(head_dim), dtype, causal)], name)
-    report[f"{name} D{head_dim} {dtype} causal={causal} {tile}"] = resources(
-        kernels[name], head_dim, dtype, causal, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages)
-print(json.dumps(report))
-"""
-
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_table_compiles_for_hopper_without_spills():
-    report = run_compile_script(HOPPER_CUBIN)
-    for kernel, usage in report.items():
-        assert usage["STACK"] == 0, (kernel, usage)  # a stack frame here is spilled registers
+    """Table entries build for an H100 (sm_90a) without spilling registers: the interpreter accepts
+    code the compiler rejects, and the table's comment claims no spills."""
+    kernels = {"forward": "_attention_forward_kernel", "dkdv": "_attention_backward_dkdv_kernel",
+               "dq": "_attention_backward_dq_kernel"}
+    types = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+    # Head dim 128 comes closest to the register limit (dK/dV ~250 of 255): every kernel of its causal
+    # bf16 entry (tensor cores), and the dK/dV kernel of its other bf16 entry and of fp32 (FMA units).
+    cases = [(name, 128, torch.bfloat16, True) for name in kernels]
+    cases += [("dkdv", 128, torch.bfloat16, False), ("dkdv", 128, torch.float32, True)]
+    # Head dim 256's half-height tiles, and head dims masked up to their block (96 on the 128 kernels).
+    cases += [(name, 256, torch.bfloat16, True) for name in kernels] + [("dkdv", 256, torch.float32, True)]
+    cases += [(name, 96, torch.bfloat16, True) for name in kernels]
+    builds = {}
+    for name, head_dim, dtype, causal in cases:
+        tile = getattr(HOPPER_CONFIGS[(head_block(head_dim), dtype, causal)], name)
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), CAUSAL=causal,
+                          DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                          BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
+        # As the model's views are specialized at launch: 16-byte-aligned pointers and strides (without
+        # that, addressing alone makes dK/dV at head dim 128 spill), T no multiple of 16.
+        builds[f"{name} D{head_dim} {dtype} causal={causal} {tile}"] = Build(
+            "gpt_kernels.attention", kernels[name], constexprs,
+            {"LSE|DELTA": "*fp32", "T_BUCKET": "i32", "[A-Z][A-Z_]*": types[dtype], ".*scale": "fp32"},
+            ["(?!T_BUCKET)[A-Z][A-Z_]*", "stride.*"], dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+    for kernel, result in compile_for_hopper(builds).items():
+        assert result["stack_frame"] == result["spill_stores"] == 0, (kernel, result["registers"])
 
 
 def test_gpt_model_compiles_in_one_graph():

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE
-from hopper import run_compile_script
+from hopper import VECTOR_LOAD, VECTOR_STORE, Build, compile_for_hopper, count
 from gpt_kernels.cross_entropy import cross_entropy, cross_entropy_forward, cross_entropy_reference
 from model_parity import gpt2_width_losses_and_peaks
 from gpt_kernels.tolerances import LOSS_FACTOR
@@ -359,49 +359,31 @@ def test_gpt_model_peak_memory_lower_with_the_triton_loss():
     assert triton_peak < peak, (triton_peak / 2**20, peak / 2**20)
 
 
-# Compiles the kernels for an H100 (sm_90) without one, in a subprocess (this one decorated them for
-# the interpreter): every variant the GPU tests launch must build, and with 16-element-aligned rows
-# the logits are read and the gradient written with 16-byte vector accesses, which bandwidth needs,
-# also for GPT-2's 50257 columns (Triton sees no alignment in n_cols; only the tail block is masked).
-HOPPER_PTX = r"""
-import collections, importlib, json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-ce = importlib.import_module("gpt_kernels.cross_entropy")
-
-def accesses(fn, signature, constexprs, aligned, num_warps):
-    names = fn.arg_names
-    signature = {n: "constexpr" if n in constexprs else signature.get(n, "i32") for n in names}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                       attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
-    return collections.Counter(re.findall(r"(?:ld|st)\.global\.v4", ptx))
-
-floats = {"grad_scale_ptr": "*fp32", "loss_ptr": "*fp32", "z_loss_ptr": "*fp32",
-          "label_smoothing": "fp32", "lse_square_scale": "fp32", "softcap": "fp32"}
-rows = ["logits_ptr", "grad_ptr", "stride_logits_row", "stride_grad_row"]
-options = dict(HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=False, COMPUTE_GRAD=True, BLOCK_V=ce.MAX_BLOCK_V)
-everything = dict(options, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True)
-warps = ce._num_warps(ce.MAX_BLOCK_V)
-out = {}
-for name, dtype, targets, constexprs, aligned in (
-        ("bf16 every option", "*bf16", "*i32", everything, rows + ["n_cols"]),
-        ("bf16 50257 columns", "*bf16", "*i64", options, rows),
-        ("fp16 plain", "*fp16", "*i64", options, rows + ["n_cols"]),
-        ("fp32 loss only", "*fp32", "*i64", dict(options, COMPUTE_GRAD=False), rows)):
-    signature = dict(floats, logits_ptr=dtype, grad_ptr=dtype, targets_ptr=targets)
-    out[name] = accesses(ce._cross_entropy_kernel, signature, constexprs, aligned, warps)
-out["scale bf16"] = accesses(ce._scale_rows_kernel, {"x_ptr": "*bf16", "scale_ptr": "*fp32"},
-                             dict(BLOCK_M=4, BLOCK_N=ce.SCALE_MAX_BLOCK_N), ["x_ptr", "stride_x_row", "n_cols"], 16)
-print(json.dumps(out))
-"""
-
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_with_vector_accesses():
-    counts = run_compile_script(HOPPER_PTX)
+    """Every variant the GPU tests launch builds for sm_90, and with 16-element-aligned rows the logits
+    are read and the gradient written with 16-byte vector accesses, which bandwidth needs, also for
+    GPT-2's 50257 columns (Triton sees no alignment in n_cols; only the tail block is masked)."""
+    ce = importlib.import_module("gpt_kernels.cross_entropy")
+    floats = {r"grad_scale_ptr|loss_ptr|z_loss_ptr": "*fp32", r"label_smoothing|lse_square_scale|softcap": "fp32"}
+    rows = ["logits_ptr", "grad_ptr", "stride_logits_row", "stride_grad_row"]
+    options = dict(HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=False, COMPUTE_GRAD=True, BLOCK_V=ce.MAX_BLOCK_V)
+    everything = dict(options, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True)
+    warps = dict(num_warps=ce._num_warps(ce.MAX_BLOCK_V))
+    builds = {
+        name: Build("gpt_kernels.cross_entropy", "_cross_entropy_kernel", constexprs,
+                    {"logits_ptr|grad_ptr": dtype, "targets_ptr": targets, **floats}, aligned, warps)
+        for name, dtype, targets, constexprs, aligned in (
+            ("bf16 every option", "*bf16", "*i32", everything, rows + ["n_cols"]),
+            ("bf16 50257 columns", "*bf16", "*i64", options, rows),
+            ("fp16 plain", "*fp16", "*i64", options, rows + ["n_cols"]),
+            ("fp32 loss only", "*fp32", "*i64", dict(options, COMPUTE_GRAD=False), rows))
+    }
+    builds["scale bf16"] = Build("gpt_kernels.cross_entropy", "_scale_rows_kernel",
+                                 dict(BLOCK_M=4, BLOCK_N=ce.SCALE_MAX_BLOCK_N), {"x_ptr": "*bf16", "scale_ptr": "*fp32"},
+                                 ["x_ptr", "stride_x_row", "n_cols"], dict(num_warps=16))
+    ptx = {name: result["ptx"] for name, result in compile_for_hopper(builds).items()}
     for name in ("bf16 every option", "bf16 50257 columns", "fp16 plain", "scale bf16"):
-        assert counts[name].get("ld.global.v4", 0) > 0 and counts[name].get("st.global.v4", 0) > 0, (name, counts[name])
-    assert counts["fp32 loss only"].get("ld.global.v4", 0) > 0 and "st.global.v4" not in counts["fp32 loss only"], counts
+        assert count(VECTOR_LOAD, ptx[name]) > 0 and count(VECTOR_STORE, ptx[name]) > 0, name
+    assert count(VECTOR_LOAD, ptx["fp32 loss only"]) > 0 and count(VECTOR_STORE, ptx["fp32 loss only"]) == 0
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import DEVICE
-from hopper import run_compile_script
+from hopper import ASYNC_VECTOR_COPY, VECTOR_LOAD, VECTOR_STORE, Build, compile_for_hopper, count
 from gpt_kernels.gelu import gelu, gelu_backward, gelu_forward, gelu_reference
 from compare import assert_close, fresh_buffers_poisoned
 
@@ -245,51 +245,27 @@ def test_mlp_under_bf16_autocast():
     assert mlp.c_fc.bias.grad.dtype == torch.float32
 
 
-# Compiles both kernels for an H100 (sm_90) at the issue's target shape without one: Triton's bundled
-# ptxas needs no GPU. In a subprocess, because this one decorated the kernels for the interpreter.
-HOPPER_PTX = r"""
-import importlib, json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-gelu_module = importlib.import_module("gpt_kernels.gelu")
-
-def vector_ops(fn, pointers, constexprs, num_stages):
-    names = fn.arg_names
-    aligned = [*pointers, *(n for n in names if n == "n_cols" or n.startswith("stride"))]
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                       attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    options = {"num_warps": gelu_module.NUM_WARPS, "num_stages": num_stages}
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-    ops = ("ld.global.v4", "st.global.v4", "ld.global.b16", "st.global.b16")
-    counts = {op: len(re.findall(re.escape(op), ptx)) for op in ops}
-    counts["cp.async 16 bytes"] = len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x10,", ptx))
-    return counts
-
-block_m, block_n = gelu_module._block_shape(16384, 3072)
-tile = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n)
-print(json.dumps({
-    "forward": vector_ops(gelu_module._gelu_forward_kernel, {"x_ptr": "*bf16", "bias_ptr": "*fp32", "y_ptr": "*bf16"},
-                          tile, 3),
-    "backward": vector_ops(gelu_module._gelu_backward_kernel,
-                           {"dy_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*fp32", "dx_ptr": "*bf16",
-                            "dbias_partial_ptr": "*fp32"},
-                           dict(tile, TILES_PER_STRIP=gelu_module.MAX_TILES_PER_STRIP,
-                                NUM_STAGES=gelu_module.BACKWARD_STAGES), 2),
-}))
-"""
-
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_with_vector_loads():
     """The model's case (bf16 activation, fp32 bias, (16384, 3072)) as launched: the activation is
     moved in 16-byte vectors, never one bf16 element at a time. The backward's strip loop is
     software-pipelined: x and dy arrive by 16-byte cp.async copies (the next tile's while this one
     computes)."""
-    counts = run_compile_script(HOPPER_PTX)
-    assert counts["forward"]["ld.global.v4"] >= 1 and counts["forward"]["st.global.v4"] >= 1, counts
-    assert counts["backward"]["cp.async 16 bytes"] >= 2 and counts["backward"]["st.global.v4"] >= 1, counts
-    for kernel in counts.values():
-        assert kernel["ld.global.b16"] == kernel["st.global.b16"] == 0, counts
+    block_m, block_n = gelu_module._block_shape(16384, 3072)
+    tile = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n)
+    aligned = [r".*_ptr", "n_cols", r"stride.*"]
+    built = compile_for_hopper({
+        "forward": Build("gpt_kernels.gelu", "_gelu_forward_kernel", tile,
+                         {"x_ptr|y_ptr": "*bf16", "bias_ptr": "*fp32"}, aligned,
+                         dict(num_warps=gelu_module.NUM_WARPS, num_stages=3)),
+        "backward": Build("gpt_kernels.gelu", "_gelu_backward_kernel",
+                          dict(tile, TILES_PER_STRIP=gelu_module.MAX_TILES_PER_STRIP, NUM_STAGES=gelu_module.BACKWARD_STAGES),
+                          {"dy_ptr|x_ptr|dx_ptr": "*bf16", "bias_ptr|dbias_partial_ptr": "*fp32"}, aligned,
+                          dict(num_warps=gelu_module.NUM_WARPS, num_stages=2)),
+    })
+    forward, backward = built["forward"]["ptx"], built["backward"]["ptx"]
+    assert count(VECTOR_LOAD, forward) >= 1 and count(VECTOR_STORE, forward) >= 1
+    assert count(ASYNC_VECTOR_COPY, backward) >= 2 and count(VECTOR_STORE, backward) >= 1
+    for ptx in (forward, backward):  # never one bf16 element at a time
+        assert count(r"ld\.global\.b16", ptx) == count(r"st\.global\.b16", ptx) == 0
 

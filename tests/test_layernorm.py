@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from conftest import DEVICE
-from hopper import run_compile_script
+from hopper import ASYNC_COPY, ASYNC_VECTOR_COPY, VECTOR_LOAD, Build, compile_for_hopper, count
 from gpt_kernels.layernorm import layernorm, layernorm_backward, layernorm_forward, layernorm_reference
 from compare import RTOL, assert_close, fresh_buffers_poisoned
 
@@ -346,73 +346,29 @@ class TinyBlockTail(nn.Module):
         return h, norm(x, self.ln.weight, self.ln.bias, EPS)
 
 
-# Compiles the kernels for an H100 (sm_90) without one, at the launchers' own tile configurations, and
-# reads ptxas's register report (Triton's bundled ptxas needs no GPU). In a subprocess, because this
-# one decorated the kernels for the interpreter.
-HOPPER_BUILD = r"""
-import json, re, subprocess, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import importlib; ln = importlib.import_module("gpt_kernels.layernorm")
+def _hopper_build(kernel: str, width: int, pointers: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """A LayerNorm kernel as a launch at ``width`` specializes it: pointers (fp32 unless named) are
+    16-byte aligned, and so are the width and the row strides when the width is a multiple of 16."""
+    aligned = [r".*_ptr"] + (["n_cols", r"stride.*"] if width % 16 == 0 else [])
+    return Build("gpt_kernels.layernorm", kernel, constexprs, {**pointers, r".*_ptr": "*fp32", "eps": "fp32"},
+                 aligned, dict(num_warps=num_warps, num_stages=num_stages))
 
-def build(fn, pointers, constexprs, num_warps, num_stages, n_cols):
-    # As a launch specializes them: pointers, and the width and row strides when divisible by 16.
-    names, signature, attrs = fn.arg_names, {}, {}
-    for i, name in enumerate(names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + pointers.get(name, "fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "fp32" if name == "eps" else "i32"
-            if n_cols % 16 == 0 and (name == "n_cols" or name.startswith("stride")):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    options = dict(num_warps=num_warps, num_stages=num_stages)
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        report = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
-                                capture_output=True, text=True, check=True).stderr
-    return dict(registers=int(re.search(r"Used (\d+) registers", report)[1]),
-                spilled=int(re.search(r"(\d+) bytes spill stores", report)[1]),
-                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
-                async_copies=len(re.findall(r"cp\.async\.\w+\.shared\.global", ptx)),
-                async_vector_copies=len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x10,", ptx)))
 
-def forward(width, x, stream, param, residual=True, weight=True, bias=True):
+def _hopper_forward(width, x, stream, param, residual=True, weight=True, bias=True):
+    ln = layernorm_module
     block_m, block_n, warps = ln._tile(16384, width, ln.FORWARD_TILE_ELEMENTS, ln.FORWARD_WARP_ELEMENTS)
-    pointers = dict(x_ptr=x, residual_ptr=stream, weight_ptr=param, bias_ptr=param, y_ptr=stream, stream_ptr=stream)
+    pointers = {"x_ptr": "*" + x, "residual_ptr|y_ptr|stream_ptr": "*" + stream, "weight_ptr|bias_ptr": "*" + param}
     flags = dict(HAS_RESIDUAL=residual, HAS_WEIGHT=weight, HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_N=block_n)
-    return build(ln._layer_norm_forward_kernel, pointers, flags, warps, 3, width)
+    return _hopper_build("_layer_norm_forward_kernel", width, pointers, flags, warps, 3)
 
-def backward(width, x, stream, param, dstream=True, weight=True, bias=True):
+
+def _hopper_backward(width, x, stream, param, dstream=True, weight=True, bias=True):
+    ln = layernorm_module
     block_m, block_n, warps = ln._tile(16384, width, ln.BACKWARD_TILE_ELEMENTS, ln.BACKWARD_WARP_ELEMENTS)
-    pointers = dict(dy_ptr=stream, dstream_ptr=stream, stream_ptr=stream, weight_ptr=param, dx_ptr=x,
-                    dresidual_ptr=stream)
+    pointers = {"dy_ptr|dstream_ptr|stream_ptr|dresidual_ptr": "*" + stream, "weight_ptr": "*" + param, "dx_ptr": "*" + x}
     flags = dict(HAS_DSTREAM=dstream, WRITE_DRESIDUAL=x != stream, HAS_WEIGHT=weight, HAS_BIAS=bias,
-                 BLOCK_M=block_m, BLOCK_N=block_n)
-    flags["NUM_STAGES"] = ln.backward_stages(warps)
-    return build(ln._layer_norm_backward_kernel, pointers, flags, warps, 2, width)
-
-results = {}
-for width in (768, 1600, 8192):
-    # bf16, fp32, and the model under autocast (not at 8192, where that backward spills 12 bytes).
-    for dtypes in [("bf16",) * 3, ("fp32",) * 3] + ([("bf16", "fp32", "fp32")] if width < 8192 else []):
-        results[f"forward {width} {dtypes}"] = forward(width, *dtypes)
-        results[f"backward {width} {dtypes}"] = backward(width, *dtypes)
-# An odd width, with the flags the launchers also set: no residual, no parameters, a bias alone.
-results["forward 771 plain"] = forward(771, "fp16", "fp16", "fp32", residual=False, weight=False, bias=False)
-results["backward 771 plain"] = backward(771, "fp16", "fp16", "fp32", dstream=False, weight=False, bias=False)
-results["backward 771 bias only"] = backward(771, "fp16", "fp32", "fp32", dstream=False, weight=False)
-sums = dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_P=ln.SUM_BLOCK_P, BLOCK_N=ln.SUM_BLOCK_N)
-results["sum partials"] = build(ln._sum_partials_kernel, dict(dweight_ptr="bf16"), sums, 4, 3, 768)
-print(json.dumps(results))
-"""
+                 BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=ln.backward_stages(warps))
+    return _hopper_build("_layer_norm_backward_kernel", width, pointers, flags, warps, 2)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
@@ -422,13 +378,26 @@ def test_kernels_compile_for_hopper_without_spills():
     loads, or 16-byte async copies). The backward's row loop is software-pipelined: its loads are
     cp.async copies into shared memory (but at 8192, where 32 warps leave 64 registers a thread),
     with registers for at least 2 resident programs of 8 warps per SM (<= 128)."""
-    results = run_compile_script(HOPPER_BUILD)
-    for name, result in results.items():
-        assert result["spilled"] == 0, (name, result)
+    builds = {}
+    for width in (768, 1600, 8192):
+        # bf16, fp32, and the model under autocast (not at 8192, where that backward spills 12 bytes).
+        for dtypes in [("bf16",) * 3, ("fp32",) * 3] + ([("bf16", "fp32", "fp32")] if width < 8192 else []):
+            builds[f"forward {width} {dtypes}"] = _hopper_forward(width, *dtypes)
+            builds[f"backward {width} {dtypes}"] = _hopper_backward(width, *dtypes)
+    # An odd width, with the flags the launchers also set: no residual, no parameters, a bias alone.
+    builds["forward 771 plain"] = _hopper_forward(771, "fp16", "fp16", "fp32", residual=False, weight=False, bias=False)
+    builds["backward 771 plain"] = _hopper_backward(771, "fp16", "fp16", "fp32", dstream=False, weight=False, bias=False)
+    builds["backward 771 bias only"] = _hopper_backward(771, "fp16", "fp32", "fp32", dstream=False, weight=False)
+    sums = dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_P=layernorm_module.SUM_BLOCK_P,
+                BLOCK_N=layernorm_module.SUM_BLOCK_N)
+    builds["sum partials"] = _hopper_build("_sum_partials_kernel", 768, {"dweight_ptr": "*bf16"}, sums, 4, 3)
+    for name, result in compile_for_hopper(builds).items():
+        ptx, usage = result.pop("ptx"), result
+        assert usage["spill_stores"] == 0, (name, usage)
         if " 771 " not in name:
-            assert result["vector_loads"] + result["async_vector_copies"] > 0, (name, result)
+            assert count(VECTOR_LOAD, ptx) + count(ASYNC_VECTOR_COPY, ptx) > 0, name
         if name.startswith("backward") and " 8192 " not in name:
-            assert result["async_copies"] > 0 and result["registers"] <= 128, (name, result)
+            assert count(ASYNC_COPY, ptx) > 0 and usage["registers"] <= 128, (name, usage)
 
 
 @pytest.mark.gpu_smoke
