@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from bench.common import BenchContext, Case, add_triton, run_cases, run_standalone
+from bench.common import BenchContext, Case, add_triton, module_runner, run_standalone
 from gpt.config import PRESETS
 from gpt.model import GPT
 from gpt_kernels.adamw import AdamW
@@ -139,8 +139,7 @@ def cases(ctx: BenchContext):
         )
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    return run_cases(ctx, OP, cases(ctx), implementations(ctx)[1])
+run = module_runner(__name__)
 
 
 COLUMNS = ["case", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "launches", "speedup_vs_torch_fused",

@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import BenchContext, Case, competitors, run_cases, run_standalone
+from bench.common import BenchContext, Case, competitors, module_runner, run_standalone
 from gpt_kernels.cross_entropy import cross_entropy
 
 OP = "cross_entropy"
@@ -79,8 +79,7 @@ def cases(ctx: BenchContext):
                 )
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    return run_cases(ctx, OP, cases(ctx), implementations(ctx)[1])
+run = module_runner(__name__)
 
 
 COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager",

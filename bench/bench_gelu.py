@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import BenchContext, Case, autograd_step, competitors, run_cases, run_standalone
+from bench.common import BenchContext, Case, autograd_step, competitors, module_runner, run_standalone
 from gpt_kernels.gelu import gelu
 
 OP = "gelu"
@@ -71,8 +71,7 @@ def cases(ctx: BenchContext):
                 )
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    return run_cases(ctx, OP, cases(ctx), implementations(ctx)[1])
+run = module_runner(__name__)
 
 
 COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager",

@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import BenchContext, Case, competitors, run_cases, run_standalone
+from bench.common import BenchContext, Case, competitors, module_runner, run_standalone
 from gpt_kernels.linear_cross_entropy import linear_cross_entropy
 
 OP = "linear_cross_entropy"
@@ -73,8 +73,7 @@ def cases(ctx: BenchContext):
         )
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    return run_cases(ctx, OP, cases(ctx), implementations(ctx)[1])
+run = module_runner(__name__)
 
 
 COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "speedup_vs_eager", "peak_memory_mb",

@@ -348,3 +348,12 @@ def run_cases(ctx: BenchContext, op: str, cases: Iterable[Case], skipped: Sequen
             add_speedups(pass_rows, case.baselines, case.compare_memory)
             rows += pass_rows
     return rows
+
+
+def module_runner(module_name: str) -> Callable[[BenchContext], list[dict]]:
+    """``run(ctx)`` for a bench module that holds ``OP``, ``cases(ctx)`` and ``implementations(ctx)``
+    (-> impls, why any are missing), looked up at each run: a test may replace them."""
+    def run(ctx: BenchContext) -> list[dict]:
+        module = sys.modules[module_name]
+        return run_cases(ctx, module.OP, module.cases(ctx), module.implementations(ctx)[1])
+    return run

@@ -51,6 +51,13 @@ def clone_params(params):
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
 
 
+def optimizer_pair(n_shapes: int = 4):
+    """Parameters, their copies, our AdamW over the first and torch's (``torch_adamw``) over the copies."""
+    params = make_params(SHAPES[:n_shapes])
+    ref_params = clone_params(params)
+    return params, ref_params, AdamW(params), torch_adamw(ref_params)
+
+
 def three_groups(params):
     """Groups with their own lr, weight decay, betas and eps (every other hyperparameter path)."""
     return [
@@ -139,10 +146,7 @@ def test_fused_clipping_matches_clip_grad_norm_then_step():
 
 
 def test_clip_without_max_norm_only_measures():
-    params = make_params(SHAPES[:4])
-    ref_params = clone_params(params)
-    opt = AdamW(params)
-    ref = torch_adamw(ref_params)
+    params, ref_params, opt, ref = optimizer_pair()
     set_grads([params, ref_params])
     for max_norm in (None, 0.0):
         norm = opt.clip_grad_norm_(max_norm)
@@ -188,10 +192,7 @@ def test_non_finite_gradients_are_reported_and_the_step_skipped(bad):
 
 
 def test_zero_grad_drops_a_pending_clip_scale():
-    params = make_params(SHAPES[:4])
-    ref_params = clone_params(params)
-    opt = AdamW(params)
-    ref = torch_adamw(ref_params)
+    params, ref_params, opt, ref = optimizer_pair()
     set_grads([params])
     opt.clip_grad_norm_(1e-3)  # a tiny max_norm: a stale scale would shrink the next step's gradients
     opt.zero_grad(set_to_none=True)
@@ -440,10 +441,7 @@ def test_bad_lr_from_a_schedule_raises_at_the_step():
 def test_cached_tables_follow_replaced_parameters_and_state():
     """The pointer tables are cached by the tensors' addresses: a parameter whose ``.data`` is
     replaced, or moments replaced by ``load_state_dict``, are updated where they now live."""
-    params = make_params(SHAPES[:4])
-    ref_params = clone_params(params)
-    opt = AdamW(params)
-    ref = torch_adamw(ref_params)
+    params, ref_params, opt, ref = optimizer_pair()
     for step in range(3):
         set_grads([params, ref_params])
         if step == 1:

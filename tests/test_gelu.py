@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 from hopper import ASYNC_VECTOR_COPY, VECTOR_LOAD, VECTOR_STORE, Build, compile_for_hopper, count
 from gpt_kernels.gelu import gelu, gelu_backward, gelu_forward, gelu_reference
-from compare import assert_close, fresh_buffers_poisoned
+from compare import NON_CONTIGUOUS, assert_close, fresh_buffers_poisoned, needs_cuda_autocast
 
 # The module, not the function of the same name that gpt_kernels/__init__ exports (which
 # `import gpt_kernels.gelu as ...` would give).
@@ -150,16 +150,9 @@ def _spread(*shape):
     return torch.randn(shape, device=DEVICE) * 3
 
 
-NON_CONTIGUOUS = {
-    "transposed": lambda: _spread(130, 45).t(),
-    "column_slice": lambda: _spread(45, 135)[:, :130],  # read in place through the row stride
-    "every_other_row": lambda: _spread(4, 90, 130)[:, ::2],
-}
-
-
 @pytest.mark.parametrize("layout", NON_CONTIGUOUS)
 def test_non_contiguous_inputs(layout):
-    x = NON_CONTIGUOUS[layout]()
+    x = NON_CONTIGUOUS[layout](_spread)
     assert not x.is_contiguous()
     bias = torch.randn(x.shape[-1], device=DEVICE)
     dy = torch.randn(x.shape, device=DEVICE).transpose(0, 1).contiguous().transpose(0, 1)  # strided too
@@ -230,8 +223,7 @@ class TinyMLP(nn.Module):
 
 
 @pytest.mark.gpu_smoke
-@pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 matmuls need CUDA; the CPU covers the dtypes in "
-                    "test_autograd_dtypes_match_reference")
+@needs_cuda_autocast
 def test_mlp_under_bf16_autocast():
     mlp = TinyMLP(64).to(DEVICE)
     x = torch.randn(4, 32, 64, device=DEVICE)

@@ -20,7 +20,7 @@ import torch.nn as nn
 from conftest import DEVICE
 from hopper import ASYNC_COPY, ASYNC_VECTOR_COPY, VECTOR_LOAD, Build, compile_for_hopper, count
 from gpt_kernels.layernorm import layernorm, layernorm_backward, layernorm_forward, layernorm_reference
-from compare import RTOL, assert_close, fresh_buffers_poisoned
+from compare import NON_CONTIGUOUS, RTOL, assert_close, fresh_buffers_poisoned, needs_cuda_autocast
 
 layernorm_module = importlib.import_module("gpt_kernels.layernorm")  # the module, not the function
 
@@ -270,16 +270,9 @@ def _spread(*shape):
     return torch.randn(shape, device=DEVICE) * 2 + 0.5
 
 
-NON_CONTIGUOUS = {
-    "transposed": lambda: _spread(130, 45).t(),
-    "column_slice": lambda: _spread(45, 135)[:, :130],  # read in place through the row stride
-    "every_other_row": lambda: _spread(4, 90, 130)[:, ::2],
-}
-
-
 @pytest.mark.parametrize("layout", NON_CONTIGUOUS)
 def test_non_contiguous_inputs(layout):
-    x, residual = NON_CONTIGUOUS[layout](), NON_CONTIGUOUS[layout]()
+    x, residual = NON_CONTIGUOUS[layout](_spread), NON_CONTIGUOUS[layout](_spread)
     assert not x.is_contiguous()
     width = x.shape[-1]
     weight, bias = torch.randn(2, width, device=DEVICE)  # rows of one tensor: contiguous 1-D views
@@ -401,8 +394,7 @@ def test_kernels_compile_for_hopper_without_spills():
 
 
 @pytest.mark.gpu_smoke
-@pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 linears need CUDA; the CPU covers the dtypes in "
-                    "test_autograd_dtypes_match_reference")
+@needs_cuda_autocast
 def test_block_tail_under_bf16_autocast():
     module = TinyBlockTail(768).to(DEVICE)
     x = torch.randn(4, 64, 768, device=DEVICE)
