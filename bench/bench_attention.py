@@ -31,7 +31,7 @@ from gpt_kernels.attention import attention
 OP = "attention"
 # (B, H, T, D, causal). GPT-2's shapes first: the rows that matter most are measured first.
 GPT2_CASES = [(8, 12, 1024, 64, True), (16, 12, 1024, 64, True)]
-# The issue's sweep is T = 512…8192; T = 16384 comes after all of it, the first to go if a run is cut
+# The sweep is T = 512…8192; T = 16384 comes after all of it, the first to go if a run is cut
 # short. It is cheap: no torch.compile row past NAIVE_MAX_T and no new Triton compilation (T is not a
 # constexpr), so its four cases add two or three implementations × three passes of timed rows, each a
 # fraction of a second of do_bench (with GPT_ATTENTION_AUTOTUNE=1, one more autotuning per kernel and case).
@@ -113,7 +113,7 @@ def model_layout_inputs(B, H, T, D, dtype, device):
 def run(ctx: BenchContext) -> list[dict]:
     with contextlib.ExitStack() as stack:
         if ctx.is_gpu:
-            # SDPA's flash backend, forced: the issue's target compares against it. (Set once here,
+            # SDPA's flash backend, forced: the target compares against it. (Set once here,
             # not per call, so the switch costs nothing inside the timed loop.) The CPU picks its own.
             from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -24,7 +24,7 @@ from gpt_kernels.cross_entropy import cross_entropy
 
 OP = "cross_entropy"
 PADDED_VOCAB, VOCAB = 50304, 50257
-# (rows, columns of the tensor, columns the loss sees): the shapes and the model's view.
+# (rows, columns of the tensor, columns the loss sees): the benchmark's shapes and the model's view.
 GPU_CASES = [(8192, PADDED_VOCAB, PADDED_VOCAB), (16384, PADDED_VOCAB, PADDED_VOCAB), (16384, PADDED_VOCAB, VOCAB)]
 QUICK_CASES = [(8, 1024, 1000)]
 

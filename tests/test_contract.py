@@ -49,18 +49,17 @@ class CompileCase:
 
 @dataclass
 class Contract:
-    op: str
-    opcheck: Callable[[], list[tuple]]  # (torch.ops.gpt_triton.<name>.default, sample args) pairs
-    bad_inputs: Callable[[], list[tuple[Callable[[], object], str]]]  # (call, a substring of its message)
-    bench_baseline: str  # an implementation every quick bench run times
-    bench_passes: set[str]
-    bench_rate: str | None = None  # the column every bench row fills: gb_per_s or tflop_per_s
-    compile_cases: Callable[[], list[CompileCase]] = list
-    model_parity: bool = True
-    bench_module: str = ""  # default: bench.bench_<op>
+    """One op's row. Only ``op`` and ``bad_inputs`` are required: an op with no Triton kernel yet has
+    no custom op to check, no compile case and no benchmark (``bench_baseline=None``)."""
 
-    def __post_init__(self):
-        self.bench_module = self.bench_module or f"bench.bench_{self.op}"
+    op: str
+    bad_inputs: Callable[[], list[tuple[Callable[[], object], str]]]  # (call, a substring of its message)
+    opcheck: Callable[[], list[tuple]] = list  # (torch.ops.gpt_triton.<name>.default, sample args) pairs
+    compile_cases: Callable[[], list[CompileCase]] = list
+    model_parity: bool = True  # the GPT model calls it (checked on Triton vs on every reference)
+    bench_baseline: str | None = None  # an implementation every quick run of bench/bench_<op>.py times
+    bench_passes: set[str] = field(default_factory=lambda: {"forward", "backward", "forward+backward"})
+    bench_rate: str | None = None  # the column every bench row fills: gb_per_s or tflop_per_s
 
 
 def randn(*shape, dtype=torch.float32, device=DEVICE, scale=1.0, shift=0.0):
@@ -389,22 +388,23 @@ def _decode_attention_bad_inputs():
 
 # ----------------------------------------------------------------------------- the table
 
-FORWARD_BACKWARD = {"forward", "backward", "forward+backward"}
+FORWARD_ONLY = {"forward", "forward+backward"}
 CONTRACTS = [
-    Contract("layernorm", _layernorm_opcheck, _layernorm_bad_inputs, "eager", FORWARD_BACKWARD, "gb_per_s",
-             _layernorm_compile),
-    Contract("attention", _attention_opcheck, _attention_bad_inputs, "sdpa", FORWARD_BACKWARD, "tflop_per_s",
-             _attention_compile),
-    Contract("gelu", _gelu_opcheck, _gelu_bad_inputs, "eager", FORWARD_BACKWARD, "gb_per_s", _gelu_compile),
-    Contract("cross_entropy", _cross_entropy_opcheck, _cross_entropy_bad_inputs, "eager",
-             {"forward", "forward+backward"}, "gb_per_s", _cross_entropy_compile),
-    Contract("linear_cross_entropy", _linear_cross_entropy_opcheck, _linear_cross_entropy_bad_inputs, "eager",
-             {"forward", "forward+backward"}, "tflop_per_s", _linear_cross_entropy_compile),
-    # The optimizer has no custom op and no model path: test_adamw checks its steps against torch's.
-    Contract("adamw", list, _adamw_bad_inputs, "torch fused", {"step", "clip+step"}, "gb_per_s", model_parity=False),
-    # Generation only: test_generate checks the model's decoding with it.
-    Contract("decode_attention", _decode_attention_opcheck, _decode_attention_bad_inputs, "sdpa",
-             {"forward", "generate"}, model_parity=False),
+    Contract("layernorm", _layernorm_bad_inputs, _layernorm_opcheck, _layernorm_compile,
+             bench_baseline="eager", bench_rate="gb_per_s"),
+    Contract("attention", _attention_bad_inputs, _attention_opcheck, _attention_compile,
+             bench_baseline="sdpa", bench_rate="tflop_per_s"),
+    Contract("gelu", _gelu_bad_inputs, _gelu_opcheck, _gelu_compile, bench_baseline="eager", bench_rate="gb_per_s"),
+    Contract("cross_entropy", _cross_entropy_bad_inputs, _cross_entropy_opcheck, _cross_entropy_compile,
+             bench_baseline="eager", bench_passes=FORWARD_ONLY, bench_rate="gb_per_s"),
+    Contract("linear_cross_entropy", _linear_cross_entropy_bad_inputs, _linear_cross_entropy_opcheck,
+             _linear_cross_entropy_compile, bench_baseline="eager", bench_passes=FORWARD_ONLY, bench_rate="tflop_per_s"),
+    # The optimizer has no custom op and no graph of its own: test_adamw checks its steps against torch's.
+    Contract("adamw", _adamw_bad_inputs, model_parity=False, bench_baseline="torch fused",
+             bench_passes={"step", "clip+step"}, bench_rate="gb_per_s"),
+    # Generation only (test_generate checks the model's decoding with it); the backward is plain PyTorch.
+    Contract("decode_attention", _decode_attention_bad_inputs, _decode_attention_opcheck, model_parity=False,
+             bench_baseline="sdpa", bench_passes={"forward", "generate"}),
 ]
 BY_OP = {contract.op: contract for contract in CONTRACTS}
 
@@ -417,13 +417,13 @@ def test_every_registered_op_has_a_row():
     assert [contract.op for contract in CONTRACTS] == list(registry.OPS)
 
 
-@pytest.mark.parametrize("contract", contracts(lambda c: c.op != "adamw"))
+@pytest.mark.parametrize("contract", contracts(lambda c: c.opcheck is not list))
 def test_opcheck(contract):
     for custom_op, args in contract.opcheck():
         torch.library.opcheck(custom_op, args)
 
 
-@pytest.mark.parametrize("contract", contracts(lambda c: c.op not in ("adamw", "decode_attention")))
+@pytest.mark.parametrize("contract", contracts(lambda c: c.compile_cases is not list))
 def test_torch_compile_fullgraph(contract):
     """One graph holding the op (its fake and autograd registrations work), gradients as the
     reference's. The CPU uses aot_eager (what matters for the op, in about a second, where inductor
@@ -455,9 +455,9 @@ def test_bad_inputs_raise_one_value_error(contract):
             call()
 
 
-@pytest.mark.parametrize("contract", contracts())
+@pytest.mark.parametrize("contract", contracts(lambda c: c.bench_baseline is not None))
 def test_bench_quick_rows(contract):
-    rows = importlib.import_module(contract.bench_module).run(BenchContext(device="cpu", quick=True))
+    rows = importlib.import_module(f"bench.bench_{contract.op}").run(BenchContext(device="cpu", quick=True))
     impls = {row["impl"] for row in rows}
     assert contract.bench_baseline in impls and ("triton" in impls) == registry.triton_runs_on("cpu"), impls
     assert {row["pass"] for row in rows} == contract.bench_passes
