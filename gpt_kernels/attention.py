@@ -56,7 +56,7 @@ import triton.language as tl
 
 from gpt_kernels import registry
 from gpt_kernels.common import (
-    check_scale, default_scale, describe, last_dim_contiguous, output_buffer, require_triton,
+    check_scale, check_tensor, default_scale, describe, last_dim_contiguous, output_buffer, require_triton,
 )
 from gpt_kernels.host import cdiv, next_power_of_2
 
@@ -632,11 +632,8 @@ def attention_backward(
     _check_inputs(q, k, v, scale)
     B, H, T, D = q.shape
     for name, t in (("dO (the output gradient)", do), ("o", o)):
-        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(
-                f"attention backward: {name} must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
-                f"got {describe(t)}"
-            )
+        check_tensor("attention backward", name, t, f"a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}",
+                     shape=q.shape, dtypes=(q.dtype,), device=q.device)
     output_buffer("attention", "lse", lse, (B, H, T), torch.float32, q.device)
     grads = []
     for name, buffer in (("dq", dq), ("dk", dk), ("dv", dv)):

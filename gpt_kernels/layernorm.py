@@ -52,7 +52,9 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
-from gpt_kernels.common import FLOAT_DTYPES as SUPPORTED_DTYPES, describe, require_triton, rows, unit_stride
+from gpt_kernels.common import (
+    FLOAT_DTYPES as SUPPORTED_DTYPES, check_same_device, check_tensor, describe, require_triton, rows, unit_stride,
+)
 from gpt_kernels.host import cdiv, next_power_of_2
 
 MAX_WIDTH = 65536
@@ -211,10 +213,7 @@ def _check_inputs(x, weight, bias, eps, residual, out_dtype=None) -> None:
     """ValueError for anything the kernels cannot take, saying what was expected."""
     if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"layernorm: out_dtype must be None, float32, float16 or bfloat16, got {out_dtype}")
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"layernorm: x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"layernorm: x must be float32, float16 or bfloat16, got {x.dtype}")
+    check_tensor("layernorm", "x", x, "a float32, float16 or bfloat16 tensor")
     if x.dim() == 0 or x.shape[-1] == 0 or x.shape[-1] > MAX_WIDTH:
         raise ValueError(
             f"layernorm: x must have a last dimension (the one normalized) of 1 to {MAX_WIDTH} elements, "
@@ -224,14 +223,8 @@ def _check_inputs(x, weight, bias, eps, residual, out_dtype=None) -> None:
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"layernorm: eps must be a non-negative number, got {eps!r}")
     if residual is not None:
-        if not isinstance(residual, torch.Tensor) or residual.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"layernorm: residual must be a float32, float16 or bfloat16 tensor or None, got {describe(residual)}"
-            )
-        if residual.device != x.device:
-            raise ValueError(
-                f"layernorm: residual is on {residual.device} but x is on {x.device}; both must be on the same device"
-            )
+        check_tensor("layernorm", "residual", residual, "a float32, float16 or bfloat16 tensor or None")
+        check_same_device("layernorm", "residual", residual, "x", x)
         if residual.shape != x.shape:
             raise ValueError(
                 f"layernorm: residual must have x's shape {tuple(x.shape)} (no broadcasting), "
@@ -244,10 +237,7 @@ def _check_inputs(x, weight, bias, eps, residual, out_dtype=None) -> None:
             continue
         if not isinstance(param, torch.Tensor):
             raise ValueError(f"layernorm: {name} must be a tensor or None, got {type(param).__name__}")
-        if param.device != x.device:
-            raise ValueError(
-                f"layernorm: {name} is on {param.device} but x is on {x.device}; both must be on the same device"
-            )
+        check_same_device("layernorm", name, param, "x", x)
         if param.dim() != 1 or param.shape[0] != x.shape[-1]:
             raise ValueError(
                 f"layernorm: {name} must be 1-D with x's last dimension, i.e. shape ({x.shape[-1]},); "
@@ -337,14 +327,9 @@ def layernorm_backward(
     _check_inputs(stream, weight, bias, 0.0, None)
     weight, bias = unit_stride(weight), unit_stride(bias)
     for name, grad in (("dy", dy), ("dstream", dstream)):
-        if grad is None and name == "dstream":
-            continue
-        if not isinstance(grad, torch.Tensor) or grad.shape != stream.shape or grad.device != stream.device \
-                or grad.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"layernorm backward: {name} must be a float tensor shaped like the stream "
-                f"{tuple(stream.shape)} on {stream.device}, got {describe(grad)}"
-            )
+        if grad is not None or name == "dy":
+            check_tensor("layernorm backward", name, grad, f"a float tensor shaped like the stream "
+                         f"{tuple(stream.shape)} on {stream.device}", shape=stream.shape, device=stream.device)
     for name, stat in (("mean", mean), ("rstd", rstd)):
         if not isinstance(stat, torch.Tensor) or stat.shape != stream.shape[:-1] or stat.dtype != torch.float32 \
                 or stat.device != stream.device or not stat.is_contiguous():

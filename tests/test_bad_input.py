@@ -53,7 +53,7 @@ def _layernorm_cases():
     return [
         ("int x", lambda f: f(torch.ones(4, C, dtype=torch.int32, device=DEVICE), w, b), "float32, float16 or bfloat16"),
         ("float64 x", lambda f: f(rand(4, C, dtype=torch.float64), w, b), "float32, float16 or bfloat16"),
-        ("not a tensor", lambda f: f([1.0] * C, w, b), "x must be a tensor"),
+        ("not a tensor", lambda f: f([1.0] * C, w, b), "x must be a float32, float16 or bfloat16 tensor, got list"),
         ("weight shape", lambda f: f(rand(4, C), rand(C + 1), b), r"weight must be 1-D with x's last dimension"),
         ("residual shape", lambda f: f(rand(4, C), w, b, residual=rand(4, C - 1)), r"residual must have x's shape"),
         ("weight device", lambda f: f(rand(4, C), rand(C, device=OTHER_DEVICE), b), REFERENCE_DEVICE_MESSAGE),
