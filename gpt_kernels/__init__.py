@@ -7,14 +7,19 @@ the reference per op (see ``registry``).
 """
 
 import importlib
+import pkgutil
 
 from gpt_kernels import registry
 from gpt_kernels.registry import ops, report, set_kernels, use_kernels
 
-# The op modules, in the order of every table (the kernel report, the spec's "all", the benchmarks).
-OP_MODULES = ("layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention")
+# Every module of the package is an op module (it registers itself on import) but these.
+PLUMBING = ("common", "host", "registry", "tolerances")
+# The order of every table (the kernel report, the spec's "all", the benchmarks); an op module not
+# named here (a new one) follows these, in alphabetical order, without being listed.
+TABLE_ORDER = ("layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention")
 
-for _module in OP_MODULES:
+_found = {module.name for module in pkgutil.iter_modules(__path__) if module.name not in PLUMBING}
+for _module in [*(name for name in TABLE_ORDER if name in _found), *sorted(_found - set(TABLE_ORDER))]:
     importlib.import_module(f"gpt_kernels.{_module}")
 # gpt_kernels.<name> is the op's public function (Triton where it has a kernel), <name>_reference its reference.
 for _name, (_reference, _triton) in registry.entry_points().items():
