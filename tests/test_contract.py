@@ -26,10 +26,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from bench.common import BenchContext
 from compare import assert_close
 from conftest import DEVICE
+import gpt_kernels
 from gpt_kernels import registry
 from model_parity import assert_model_parity
-
-import gpt_kernels  # noqa: E402  (after registry: the package's exports are what registered)
 
 EPS = 1e-5
 
@@ -49,11 +48,12 @@ class CompileCase:
 
 @dataclass
 class Contract:
-    """One op's row. Only ``op`` and ``bad_inputs`` are required: an op with no Triton kernel yet has
-    no custom op to check, no compile case and no benchmark (``bench_baseline=None``)."""
+    """One op's row. Only ``op`` is required: an op with no Triton kernel yet (its reference alone) is
+    ``Contract("<op>", model_parity=False)``, with no custom op to check, no compile case and no
+    benchmark (``bench_baseline=None``)."""
 
     op: str
-    bad_inputs: Callable[[], list[tuple[Callable[[], object], str]]]  # (call, a substring of its message)
+    bad_inputs: Callable[[], list[tuple[Callable[[], object], str]]] = list  # (call, a substring of its message)
     opcheck: Callable[[], list[tuple]] = list  # (torch.ops.gpt_triton.<name>.default, sample args) pairs
     compile_cases: Callable[[], list[CompileCase]] = list
     model_parity: bool = True  # the GPT model calls it (checked on Triton vs on every reference)
@@ -388,7 +388,7 @@ def _decode_attention_bad_inputs():
 
 # ----------------------------------------------------------------------------- the table
 
-FORWARD_ONLY = {"forward", "forward+backward"}
+LOSS_PASSES = {"forward", "forward+backward"}  # a loss is timed forward, and forward with backward
 CONTRACTS = [
     Contract("layernorm", _layernorm_bad_inputs, _layernorm_opcheck, _layernorm_compile,
              bench_baseline="eager", bench_rate="gb_per_s"),
@@ -396,9 +396,9 @@ CONTRACTS = [
              bench_baseline="sdpa", bench_rate="tflop_per_s"),
     Contract("gelu", _gelu_bad_inputs, _gelu_opcheck, _gelu_compile, bench_baseline="eager", bench_rate="gb_per_s"),
     Contract("cross_entropy", _cross_entropy_bad_inputs, _cross_entropy_opcheck, _cross_entropy_compile,
-             bench_baseline="eager", bench_passes=FORWARD_ONLY, bench_rate="gb_per_s"),
+             bench_baseline="eager", bench_passes=LOSS_PASSES, bench_rate="gb_per_s"),
     Contract("linear_cross_entropy", _linear_cross_entropy_bad_inputs, _linear_cross_entropy_opcheck,
-             _linear_cross_entropy_compile, bench_baseline="eager", bench_passes=FORWARD_ONLY, bench_rate="tflop_per_s"),
+             _linear_cross_entropy_compile, bench_baseline="eager", bench_passes=LOSS_PASSES, bench_rate="tflop_per_s"),
     # The optimizer has no custom op and no graph of its own: test_adamw checks its steps against torch's.
     Contract("adamw", _adamw_bad_inputs, model_parity=False, bench_baseline="torch fused",
              bench_passes={"step", "clip+step"}, bench_rate="gb_per_s"),
@@ -406,7 +406,6 @@ CONTRACTS = [
     Contract("decode_attention", _decode_attention_bad_inputs, _decode_attention_opcheck, model_parity=False,
              bench_baseline="sdpa", bench_passes={"forward", "generate"}),
 ]
-BY_OP = {contract.op: contract for contract in CONTRACTS}
 
 
 def contracts(where: Callable[[Contract], bool] = lambda contract: True):
