@@ -193,14 +193,14 @@ def test_model_layout_strided_views(monkeypatch):
         return y, y.transpose(1, 2).reshape(B, T, C)
 
     copied = []
-    readable = attention_module._readable
+    readable = attention_module.last_dim_contiguous
 
     def spy(t):
         result = readable(t)
         copied.append(result is not t)
         return result
 
-    monkeypatch.setattr(attention_module, "_readable", spy)
+    monkeypatch.setattr(attention_module, "last_dim_contiguous", spy)
     o, y = block(attention, qkv)
     assert o.transpose(1, 2).is_contiguous()  # so the reshape above copied nothing
     y.backward(dy)
@@ -221,8 +221,8 @@ def test_packed_qkv_one_gradient_buffer(dtype, monkeypatch):
     qkv = torch.randn(B, T, 3 * C, device=DEVICE).to(dtype).requires_grad_()
     dy = torch.randn(B, T, C, device=DEVICE).to(dtype)
     copied = []
-    readable = attention_module._readable
-    monkeypatch.setattr(attention_module, "_readable", lambda t: copied.append(readable(t) is not t) or readable(t))
+    readable = attention_module.last_dim_contiguous
+    monkeypatch.setattr(attention_module, "last_dim_contiguous", lambda t: copied.append(readable(t) is not t) or readable(t))
     calls = []
     real_cat = torch.cat
     monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append("cat") or real_cat(*a, **k))
