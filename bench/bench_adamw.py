@@ -18,20 +18,14 @@ interpreter, which only checks the harness.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-if __name__ == "__main__" and not torch.cuda.is_available():
-    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench.common import BenchContext, Measurement, run_standalone  # noqa: E402
-from gpt.config import PRESETS  # noqa: E402
-from gpt.model import GPT  # noqa: E402
-from gpt_kernels import registry  # noqa: E402
-from gpt_kernels.adamw import AdamW  # noqa: E402
+from bench.common import BenchContext, Case, add_triton, module_runner, run_standalone
+from gpt.config import PRESETS
+from gpt.model import GPT
+from gpt_kernels.adamw import AdamW
 
 OP = "adamw"
 GPU_MODELS = ("gpt2", "gpt2-medium")
@@ -73,18 +67,16 @@ def bytes_moved(numel: int, dtype: torch.dtype, clip: bool) -> int:
 def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
     """name -> factory(params) returning a no-argument ``step(clip)`` closure, and why any are missing."""
     impls, skipped = {}, []
-    if registry.triton_runs_on(ctx.device):
-        def triton_step(params):
-            opt = AdamW(param_groups(params), **HYPERPARAMETERS)
 
-            def step(clip):
-                if clip:
-                    opt.clip_grad_norm_(MAX_NORM)
-                opt.step()
-            return step
-        impls["triton"] = triton_step
-    else:
-        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
+    def triton_step(params):
+        opt = AdamW(param_groups(params), **HYPERPARAMETERS)
+
+        def step(clip):
+            if clip:
+                opt.clip_grad_norm_(MAX_NORM)
+            opt.step()
+        return step
+    add_triton(ctx, impls, skipped, triton_step)
 
     def torch_step(**options):
         def factory(params):
@@ -127,48 +119,27 @@ def count_launches(ctx: BenchContext, fn) -> int | None:
     return len(kernels)
 
 
-def _measure(ctx: BenchContext, factory, shapes, dtype: torch.dtype, clip: bool) -> tuple[Measurement, int | None]:
-    """The measurement and kernel launches of one step on fresh parameters. Its first call (Triton JIT,
-    state allocation, compilation) is not timed. The parameters and the optimizer's state are freed on
-    return, before the next implementation."""
-    torch.manual_seed(0)
-    params = make_parameters(shapes, ctx.device, dtype)
-    step = factory(params)
-    run_once = lambda: step(clip)  # noqa: E731
-    return ctx.measure(run_once, memory=False), count_launches(ctx, run_once)
-
-
-def run(ctx: BenchContext) -> list[dict]:
-    impls, skipped = implementations(ctx)
-    for reason in skipped:
-        print(f"bench_adamw: {reason}")
-    cases = [("toy", QUICK_SHAPES)] if ctx.quick else [(name, model_shapes(name)) for name in ctx.gpu_cases(GPU_MODELS)]
+def cases(ctx: BenchContext):
+    models = [("toy", QUICK_SHAPES)] if ctx.quick else [(name, model_shapes(name)) for name in ctx.gpu_cases(GPU_MODELS)]
     dtype = torch.float32
-    rows = []
-    for name, shapes in cases:
+    for name, shapes in models:
         numel = sum(torch.Size(s).numel() for s in shapes)
-        case = f"{name} ({len(shapes)} tensors, {numel / 1e6:.1f}M params)"
-        for clip in (False, True):
-            pass_ = "clip+step" if clip else "step"
-            case_rows = []
-            for impl, factory in impls.items():
-                key = dict(op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl)
-                result = ctx.attempt(case_rows, lambda: _measure(ctx, factory, shapes, dtype, clip), **key)
-                if result is None:
-                    continue
-                measured, launches = result
-                case_rows.append(
-                    ctx.record(
-                        **key, timing=measured.timing, bytes_moved=bytes_moved(numel, dtype, clip), launches=launches,
-                        first_call_s=measured.first_call_s,
-                    )
-                )
-            fused_ms = next((row["median_ms"] for row in case_rows if row["impl"] == "torch fused"), None)
-            for row in case_rows:
-                if row["median_ms"] is not None:  # not on a failure row
-                    row["speedup_vs_torch_fused"] = fused_ms / row["median_ms"] if fused_ms else None
-            rows += case_rows
-    return rows
+
+        def step(pass_, factory, shapes=shapes):
+            """One optimizer step on fresh parameters (freed with the step, before the next implementation)."""
+            torch.manual_seed(0)
+            optimizer_step = factory(make_parameters(shapes, ctx.device, dtype))
+            return lambda: optimizer_step(pass_ == "clip+step")
+
+        yield Case(
+            name=f"{name} ({len(shapes)} tensors, {numel / 1e6:.1f}M params)", dtype=dtype,
+            impls=implementations(ctx)[0], step=step, passes=("step", "clip+step"), memory=False,
+            bytes_moved=lambda pass_, numel=numel: bytes_moved(numel, dtype, pass_ == "clip+step"),
+            baselines=("torch fused",), row_columns=lambda measured, step: dict(launches=count_launches(ctx, step)),
+        )
+
+
+run = module_runner(__name__)
 
 
 COLUMNS = ["case", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "launches", "speedup_vs_torch_fused",

@@ -20,26 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
-if __name__ == "__main__" and not torch.cuda.is_available():
-    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import BenchContext, run_standalone  # noqa: E402
-from gpt_kernels import registry  # noqa: E402
-from gpt_kernels.attention import attention  # noqa: E402
+from bench.common import BenchContext, Case, add_triton, autograd_step, run_cases, run_standalone
+from gpt_kernels.attention import attention
 
 OP = "attention"
-PASSES = ("forward", "backward", "forward+backward")
 # (B, H, T, D, causal). GPT-2's shapes first: the rows that matter most are measured first.
 GPT2_CASES = [(8, 12, 1024, 64, True), (16, 12, 1024, 64, True)]
-# The issue's sweep is T = 512…8192; T = 16384 comes after all of it, the first to go if a run is cut
+# The sweep is T = 512…8192; T = 16384 comes after all of it, the first to go if a run is cut
 # short. It is cheap: no torch.compile row past NAIVE_MAX_T and no new Triton compilation (T is not a
 # constexpr), so its four cases add two or three implementations × three passes of timed rows, each a
 # fraction of a second of do_bench (with GPT_ATTENTION_AUTOTUNE=1, one more autotuning per kernel and case).
@@ -96,12 +88,8 @@ def flash_attn(q, k, v, causal=True):
 def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
     """The competitors that can run on ``ctx.device`` (fresh ones: call once per case), and why any
     others cannot."""
-    impls, skipped = {}, []
-    if registry.triton_runs_on(ctx.device):
-        impls["triton"] = attention
-    else:
-        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
-    impls["sdpa"] = sdpa  # on the GPU, run() restricts it to the flash backend
+    impls, skipped = {"sdpa": sdpa}, []  # sdpa first: the baseline; on the GPU run() forces its flash backend
+    add_triton(ctx, impls, skipped, attention)
     if ctx.compiles:
         torch._dynamo.reset()  # a fresh cache per case, so no case falls back to eager past the recompile limit
         impls["torch.compile naive"] = torch.compile(naive_attention, fullgraph=True, dynamic=False)
@@ -122,60 +110,30 @@ def model_layout_inputs(B, H, T, D, dtype, device):
     return q, k, v, torch.randn(B, H, T, D, device=device, dtype=dtype)
 
 
-def _pass_fn(pass_: str, fn, q, k, v, do, causal):
-    """A no-argument callable that runs ``pass_`` of ``fn`` once (the backward reuses one graph)."""
-    if pass_ == "forward":
-        return lambda: fn(q, k, v, causal=causal)
-    if pass_ == "backward":
-        out = fn(q, k, v, causal=causal)
-        return lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(q, k, v, causal=causal), (q, k, v), do)
-
-
 def run(ctx: BenchContext) -> list[dict]:
-    for reason in implementations(ctx)[1]:
-        print(f"bench_attention: {reason}")
     with contextlib.ExitStack() as stack:
         if ctx.is_gpu:
-            # SDPA's flash backend, forced: the issue's target compares against it. (Set once here,
+            # SDPA's flash backend, forced: the target compares against it. (Set once here,
             # not per call, so the switch costs nothing inside the timed loop.) The CPU picks its own.
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION]))
-        return _run_cases(ctx)
+        return run_cases(ctx, OP, cases(ctx), implementations(ctx)[1])
 
 
-def _run_cases(ctx: BenchContext) -> list[dict]:
-    cases = QUICK_CASES if ctx.quick else ctx.gpu_cases(GPT2_CASES + SWEEP_CASES, gpt2=len(GPT2_CASES))
+def cases(ctx: BenchContext):
+    shapes = QUICK_CASES if ctx.quick else ctx.gpu_cases(GPT2_CASES + SWEEP_CASES, gpt2=len(GPT2_CASES))
     dtype = torch.float32 if ctx.quick else torch.bfloat16
-    rows = []
-    for B, H, T, D, causal in cases:
+    for B, H, T, D, causal in shapes:
         q, k, v, do = model_layout_inputs(B, H, T, D, dtype, ctx.device)
-        case = f"B{B} H{H} T{T} D{D} {'causal' if causal else 'full'}"
-        impls = implementations(ctx)[0]
-        for pass_ in PASSES:
-            sdpa_ms = None
-            for impl, fn in sorted(impls.items(), key=lambda item: item[0] != "sdpa"):  # sdpa first: the baseline
-                if impl == "torch.compile naive" and T > NAIVE_MAX_T:
-                    continue
-                key = dict(op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl)
-                # The first call compiles (Triton JIT, torch.compile) outside the timed region. A failure
-                # (out of memory, a compilation error, flash_attn rejecting the shape) is this row's result;
-                # the step, and a backward's graph, are freed when ``attempt`` returns.
-                measured = ctx.attempt(rows, lambda: ctx.measure(_pass_fn(pass_, fn, q, k, v, do, causal)), **key)
-                if measured is None:
-                    continue
-                timing = measured.timing
-                sdpa_ms = timing.median_ms if impl == "sdpa" else sdpa_ms
-                rows.append(
-                    ctx.record(
-                        **key, timing=timing, flops=attention_flops(pass_, B, H, T, D, causal),
-                        peak_memory_mb=measured.peak_memory_mb, B=B, H=H, T=T, D=D, causal=causal,
-                        speedup_vs_sdpa=sdpa_ms / timing.median_ms if sdpa_ms else None,
-                        first_call_s=measured.first_call_s,
-                    )
-                )
-    return rows
+        yield Case(
+            name=f"B{B} H{H} T{T} D{D} {'causal' if causal else 'full'}", dtype=dtype, impls=implementations(ctx)[0],
+            step=lambda pass_, fn, q=q, k=k, v=v, do=do, causal=causal: autograd_step(
+                pass_, lambda: fn(q, k, v, causal=causal), (q, k, v), do),
+            flops=lambda pass_, B=B, H=H, T=T, D=D, causal=causal: attention_flops(pass_, B, H, T, D, causal),
+            baselines=("sdpa",), columns=dict(B=B, H=H, T=T, D=D, causal=causal),
+            skip=lambda pass_, impl, T=T: impl == "torch.compile naive" and T > NAIVE_MAX_T,
+        )
 
 
 COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "fraction_of_matmul", "speedup_vs_sdpa",

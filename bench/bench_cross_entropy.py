@@ -14,23 +14,17 @@ the model's own call, a ``[:, :50257]`` view of them. Passes, and the fewest byt
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
-if __name__ == "__main__" and not torch.cuda.is_available():
-    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import BenchContext, competitors, run_standalone  # noqa: E402
-from gpt_kernels.cross_entropy import cross_entropy  # noqa: E402
+from bench.common import BenchContext, Case, competitors, module_runner, run_standalone
+from gpt_kernels.cross_entropy import cross_entropy
 
 OP = "cross_entropy"
 PADDED_VOCAB, VOCAB = 50304, 50257
-# (rows, columns of the tensor, columns the loss sees): the issue's shapes and the model's view.
+# (rows, columns of the tensor, columns the loss sees): the benchmark's shapes and the model's view.
 GPU_CASES = [(8192, PADDED_VOCAB, PADDED_VOCAB), (16384, PADDED_VOCAB, PADDED_VOCAB), (16384, PADDED_VOCAB, VOCAB)]
 QUICK_CASES = [(8, 1024, 1000)]
 
@@ -44,9 +38,12 @@ def bytes_moved(pass_: str, n_rows: int, n_cols: int, dtype: torch.dtype) -> int
     return logits if pass_ == "forward" else 2 * logits
 
 
-def _pass_fn(pass_: str, fn, full, logits, targets, upstream):
+def _pass_fn(pass_: str, fn, n_rows, n_cols, n_classes, dtype, targets, upstream):
     """A no-argument callable running ``pass_`` once: the forward without autograd (evaluation), or
-    forward and backward for an upstream gradient of ``upstream``."""
+    forward and backward for an upstream gradient of ``upstream``. Fresh logits for each competitor:
+    Liger writes its gradient over the logits it is given."""
+    full = (torch.randn(n_rows, n_cols, device=targets.device) * 4).to(dtype).requires_grad_()
+    logits = full[:, :n_classes] if n_classes != n_cols else full
     if pass_ == "forward":
         def step():
             with torch.no_grad():
@@ -65,41 +62,24 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
     return competitors(ctx, eager_cross_entropy, cross_entropy, {"liger": liger})
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    for reason in implementations(ctx)[1]:
-        print(f"bench_cross_entropy: {reason}")
-    cases = QUICK_CASES if ctx.quick else ctx.gpu_cases(GPU_CASES)
-    dtypes = [torch.float32] if ctx.quick else [torch.bfloat16, torch.float32]
-    rows = []
-    for n_rows, n_cols, n_classes in cases:
-        for dtype in dtypes:
+def cases(ctx: BenchContext):
+    shapes = QUICK_CASES if ctx.quick else ctx.gpu_cases(GPU_CASES)
+    for n_rows, n_cols, n_classes in shapes:
+        for dtype in [torch.float32] if ctx.quick else [torch.bfloat16, torch.float32]:
             targets = torch.randint(0, n_classes, (n_rows,), device=ctx.device)
             shape = f"({n_rows}, {n_cols})" + (f"[:, :{n_classes}]" if n_classes != n_cols else "")
-            impls = implementations(ctx)[0]
-            for pass_, upstream in (("forward", None), ("forward+backward", 1.0), ("forward+backward", 0.5)):
-                case = shape + (f" upstream={upstream:g}" if upstream not in (None, 1.0) else "")
-                eager_ms = None
-                for impl, fn in impls.items():
-                    # Fresh logits for each competitor: Liger writes its gradient over the logits it is given.
-                    full = (torch.randn(n_rows, n_cols, device=ctx.device) * 4).to(dtype).requires_grad_()
-                    logits = full[:, :n_classes] if n_classes != n_cols else full
-                    key = dict(op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl)
-                    # The first call compiles (Triton JIT, torch.compile) outside the timed region.
-                    measured = ctx.attempt(
-                        rows, lambda: ctx.measure(_pass_fn(pass_, fn, full, logits, targets, upstream)), **key)
-                    if measured is None:
-                        continue
-                    timing = measured.timing
-                    eager_ms = timing.median_ms if impl == "eager" else eager_ms
-                    rows.append(
-                        ctx.record(
-                            **key, timing=timing, bytes_moved=bytes_moved(pass_, n_rows, n_classes, dtype),
-                            peak_memory_mb=measured.peak_memory_mb,
-                            speedup_vs_eager=eager_ms / timing.median_ms if eager_ms else None,
-                            first_call_s=measured.first_call_s,
-                        )
-                    )
-    return rows
+            for upstream, passes in ((1.0, ("forward", "forward+backward")), (0.5, ("forward+backward",))):
+                yield Case(
+                    name=shape + (f" upstream={upstream:g}" if upstream != 1.0 else ""), dtype=dtype,
+                    impls=implementations(ctx)[0], passes=passes, baselines=("eager",),
+                    step=lambda pass_, fn, a=(n_rows, n_cols, n_classes, dtype, targets, upstream): _pass_fn(
+                        pass_, fn, *a),
+                    bytes_moved=lambda pass_, n_rows=n_rows, n_classes=n_classes, dtype=dtype: bytes_moved(
+                        pass_, n_rows, n_classes, dtype),
+                )
+
+
+run = module_runner(__name__)
 
 
 COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager",

@@ -19,24 +19,18 @@ no GPU) toy sizes on the CPU through Triton's interpreter, which only checks the
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
-if __name__ == "__main__" and not torch.cuda.is_available():
-    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import BenchContext, run_standalone  # noqa: E402
-from gpt.config import GPTConfig, preset  # noqa: E402
-from gpt.generate import generate_tokens  # noqa: E402
-from gpt.model import GPT  # noqa: E402
-from gpt.training import autocast  # noqa: E402
-from gpt_kernels import registry  # noqa: E402
-from gpt_kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
+from bench.common import BenchContext, Case, add_triton, run_cases, run_standalone
+from gpt.config import GPTConfig, preset
+from gpt.generate import generate_tokens
+from gpt.model import GPT
+from gpt.training import autocast
+from gpt_kernels import registry
+from gpt_kernels.decode_attention import decode_attention, decode_attention_reference
 
 try:
     from flash_attn import flash_attn_with_kvcache
@@ -70,10 +64,7 @@ def flash_attn_decode(q, k, v, lengths):
 
 def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
     impls, skipped = {"sdpa": sdpa, "sdpa-masked": decode_attention_reference}, []
-    if registry.triton_runs_on(ctx.device):
-        impls["triton"] = decode_attention
-    else:
-        skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
+    add_triton(ctx, impls, skipped, decode_attention)
     if ctx.compiles:
         torch._dynamo.reset()
         impls["torch.compile"] = torch.compile(decode_attention_reference, dynamic=False)
@@ -87,70 +78,49 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
     return impls, skipped
 
 
-def kernel_rows(ctx: BenchContext) -> list[dict]:
-    cases = QUICK_CASES if ctx.quick else ctx.gpu_cases(GPU_CASES)
+def kernel_cases(ctx: BenchContext):
     heads, head_dim = (2, 16) if ctx.quick else (HEADS, HEAD_DIM)
-    dtypes = [torch.float32] if ctx.quick else [torch.bfloat16, torch.float16]
-    rows = []
-    for B, T in cases:
-        for dtype in dtypes:
+    for B, T in QUICK_CASES if ctx.quick else ctx.gpu_cases(GPU_CASES):
+        for dtype in [torch.float32] if ctx.quick else [torch.bfloat16, torch.float16]:
             q = torch.randn(B, heads, 1, head_dim, device=ctx.device, dtype=dtype)
             k = torch.randn(B, heads, T, head_dim, device=ctx.device, dtype=dtype)
             v = torch.randn(B, heads, T, head_dim, device=ctx.device, dtype=dtype)
             lengths = torch.full((B,), T, device=ctx.device, dtype=torch.int32)
-            bytes_moved = 2 * B * heads * T * head_dim * dtype.itemsize
-            sdpa_ms = None
-            for impl, fn in implementations(ctx)[0].items():
-                key = dict(op=OP, case=f"B={B} H={heads} T={T} D={head_dim}", dtype=dtype, pass_="forward", impl=impl)
-                # The first call compiles (Triton JIT, torch.compile) outside the timed region.
-                measured = ctx.attempt(rows, lambda: ctx.measure(lambda: fn(q, k, v, lengths)), **key)
-                if measured is None:
-                    continue
-                timing = measured.timing
-                sdpa_ms = timing.median_ms if impl == "sdpa" else sdpa_ms
-                rows.append(ctx.record(
-                    **key, timing=timing, bytes_moved=bytes_moved, peak_memory_mb=measured.peak_memory_mb,
-                    speedup_vs_sdpa=sdpa_ms / timing.median_ms if sdpa_ms else None,
-                    first_call_s=measured.first_call_s,
-                ))
-    return rows
+            yield Case(
+                name=f"B={B} H={heads} T={T} D={head_dim}", dtype=dtype, impls=implementations(ctx)[0],
+                step=lambda pass_, fn, args=(q, k, v, lengths): lambda: fn(*args), passes=("forward",),
+                bytes_moved=lambda pass_, n=2 * B * heads * T * head_dim * dtype.itemsize: n, baselines=("sdpa",),
+            )
 
 
-def generation_rows(ctx: BenchContext) -> list[dict]:
+def generation_case(ctx: BenchContext) -> Case:
     setup = QUICK_GENERATION if ctx.quick else GPU_GENERATION
     config, dtype, new_tokens = setup["config"], setup["dtype"], setup["new_tokens"]
     torch.manual_seed(0)
     model = GPT(config).to(ctx.device).eval()
     prompts = [torch.randint(0, config.vocab_size, (n,)).tolist() for n in setup["prompt_lengths"]]
-    # The interpreter would take minutes for a whole model on Triton: the quick mode runs the references.
-    kernel_specs = ["none"] if ctx.quick else ["all", "none"]
-    rows = []
-    for kernels in kernel_specs:
-        for use_cache in (True, False):
-            def step(use_cache=use_cache):
-                with autocast(torch.device(ctx.device), dtype):
-                    generate_tokens(model, prompts, new_tokens, temperature=0.0, use_kv_cache=use_cache)
 
-            impl = ("kv-cache" if use_cache else "no-cache") + ("+triton" if kernels == "all" else "+torch")
-            key = dict(op=OP, case=f"generate L={config.n_layer} C={config.n_embd} B={len(prompts)} new={new_tokens}",
-                       dtype=dtype, pass_="generate", impl=impl)
-            with registry.use_kernels(kernels):
-                measured = ctx.attempt(rows, lambda: ctx.measure(step, memory=False), **key)
-            if measured is None:
-                continue
-            timing = measured.timing
-            rows.append(ctx.record(
-                **key, timing=timing, tokens_per_s=len(prompts) * new_tokens / (timing.median_ms / 1e3),
-                first_call_s=measured.first_call_s,
-            ))
-    return rows
+    def generate(kernels: str, use_cache: bool):
+        def run():
+            with registry.use_kernels(kernels), autocast(torch.device(ctx.device), dtype):
+                generate_tokens(model, prompts, new_tokens, temperature=0.0, use_kv_cache=use_cache)
+        return run
+
+    # The interpreter would take minutes for a whole model on Triton: the quick mode runs the references.
+    impls = {("kv-cache" if use_cache else "no-cache") + ("+triton" if kernels == "all" else "+torch"):
+             generate(kernels, use_cache) for kernels in (["none"] if ctx.quick else ["all", "none"])
+             for use_cache in (True, False)}
+    return Case(
+        name=f"generate L={config.n_layer} C={config.n_embd} B={len(prompts)} new={new_tokens}", dtype=dtype,
+        impls=impls, step=lambda pass_, run: run, passes=("generate",), baselines=(), memory=False,
+        row_columns=lambda measured, _: dict(tokens_per_s=len(prompts) * new_tokens / (measured.timing.median_ms / 1e3)),
+    )
 
 
 def run(ctx: BenchContext) -> list[dict]:
-    for reason in implementations(ctx)[1]:
-        print(f"bench_decode_attention: {reason}")
     # The generation rows time whole models, not the op at its shape: left out of a GPT-2-only pass.
-    return kernel_rows(ctx) + ([] if ctx.gpt2_only else generation_rows(ctx))
+    rows = run_cases(ctx, OP, kernel_cases(ctx), implementations(ctx)[1])
+    return rows if ctx.gpt2_only else rows + run_cases(ctx, OP, [generation_case(ctx)])
 
 
 COLUMNS = ["case", "dtype", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_sdpa", "tokens_per_s",

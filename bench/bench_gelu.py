@@ -16,25 +16,18 @@ no GPU) a toy size on the CPU through Triton's interpreter, which only checks th
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
-if __name__ == "__main__" and not torch.cuda.is_available():
-    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import BenchContext, competitors, run_standalone, speedups  # noqa: E402
-from gpt_kernels.gelu import gelu  # noqa: E402
+from bench.common import BenchContext, Case, autograd_step, competitors, module_runner, run_standalone
+from gpt_kernels.gelu import gelu
 
 OP = "gelu"
-# (B·T, 4·C): GPT-2 small with B·T = 16·1024 tokens (the issue's target shape), and GPT-2 XL's width.
+# (B·T, 4·C): GPT-2 small with B·T = 16·1024 tokens, and GPT-2 XL's width.
 GPU_SHAPES = [(16384, 3072), (8192, 6400)]
 QUICK_SHAPES = [(64, 384)]
-PASSES = ("forward", "backward", "forward+backward")
 
 
 def eager_gelu(x, bias=None):
@@ -54,54 +47,31 @@ def bytes_moved(pass_: str, n_rows: int, n_cols: int, dtype: torch.dtype, with_b
     return 5 * activation + 3 * bias
 
 
-def _pass_fn(pass_: str, fn, x, bias, dy):
-    """A no-argument callable that runs ``pass_`` of ``fn`` once (the backward reuses one graph)."""
-    inputs = (x,) if bias is None else (x, bias)
-    if pass_ == "forward":
-        return lambda: fn(x, bias)
-    if pass_ == "backward":
-        y = fn(x, bias)
-        return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(x, bias), inputs, dy)
-
-
 def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
     # No Liger competitor: Liger-Kernel has GEGLU (a gated product), not a plain GELU.
     return competitors(ctx, eager_gelu, gelu)
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    for reason in implementations(ctx)[1]:
-        print(f"bench_gelu: {reason}")
+def cases(ctx: BenchContext):
     shapes = QUICK_SHAPES if ctx.quick else ctx.gpu_cases(GPU_SHAPES)
-    dtypes = [torch.float32] if ctx.quick else [torch.bfloat16, torch.float32]
-    rows = []
     for n_rows, n_cols in shapes:
-        for dtype in dtypes:
+        for dtype in [torch.float32] if ctx.quick else [torch.bfloat16, torch.float32]:
             for with_bias in (True, False):
                 x = torch.randn(n_rows, n_cols, device=ctx.device, dtype=dtype, requires_grad=True)
                 bias = torch.randn(n_cols, device=ctx.device, dtype=dtype, requires_grad=True) if with_bias else None
                 dy = torch.randn_like(x)
-                case = f"({n_rows}, {n_cols})" + (" +bias" if with_bias else "")
-                impls = implementations(ctx)[0]
-                for pass_ in PASSES:
-                    baselines = {}  # eager and torch.compile come first in impls: the issue's two targets
-                    for impl, fn in impls.items():
-                        key = dict(op=OP, case=case, dtype=dtype, pass_=pass_, impl=impl)
-                        # The first call compiles (Triton JIT, torch.compile) outside the timed region.
-                        measured = ctx.attempt(rows, lambda: ctx.measure(_pass_fn(pass_, fn, x, bias, dy)), **key)
-                        if measured is None:
-                            continue
-                        timing = measured.timing
-                        baselines[impl] = timing.median_ms
-                        extra = speedups(baselines, timing.median_ms)
-                        rows.append(
-                            ctx.record(
-                                **key, timing=timing, bytes_moved=bytes_moved(pass_, n_rows, n_cols, dtype, with_bias),
-                                peak_memory_mb=measured.peak_memory_mb, **extra, first_call_s=measured.first_call_s,
-                            )
-                        )
-    return rows
+                inputs = (x,) if bias is None else (x, bias)
+                yield Case(
+                    name=f"({n_rows}, {n_cols})" + (" +bias" if with_bias else ""), dtype=dtype,
+                    impls=implementations(ctx)[0],
+                    step=lambda pass_, fn, x=x, bias=bias, dy=dy, inputs=inputs: autograd_step(
+                        pass_, lambda: fn(x, bias), inputs, dy),
+                    bytes_moved=lambda pass_, n_rows=n_rows, n_cols=n_cols, dtype=dtype, with_bias=with_bias: bytes_moved(
+                        pass_, n_rows, n_cols, dtype, with_bias),
+                )
+
+
+run = module_runner(__name__)
 
 
 COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager",

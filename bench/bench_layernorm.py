@@ -2,7 +2,7 @@
 
 Rows are B·T tokens (8·1024 and 16·1024), widths GPT-2's n_embd (768, 1024, 1280, 1600). Each shape
 runs plain (``F.layer_norm(x, w, b)``) and with the fused residual (the model's path,
-``layer_norm(branch, w, b, residual=stream)`` against the eager pair ``s = branch + stream;
+``layernorm(branch, w, b, residual=stream)`` against the eager pair ``s = branch + stream;
 F.layer_norm(s)``), in bf16 and fp32, and on the GPU also as the model runs under bf16 autocast: a
 bf16 branch, an fp32 stream and fp32 parameters ("bf16+fp32").
 
@@ -24,25 +24,18 @@ toy size on the CPU through Triton's interpreter, which only checks the harness.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
-if __name__ == "__main__" and not torch.cuda.is_available():
-    # Triton picks its interpreter when kernels are decorated, so this must precede their import.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import BenchContext, competitors, run_standalone, speedups  # noqa: E402
-from gpt_kernels.layernorm import layer_norm  # noqa: E402
+from bench.common import BenchContext, Case, autograd_step, competitors, run_cases, run_standalone
+from gpt_kernels.layernorm import layernorm
 
 OP = "layernorm"
 EPS = 1e-5
 GPU_SHAPES = [(rows, width) for rows in (8 * 1024, 16 * 1024) for width in (768, 1024, 1280, 1600)]
 QUICK_SHAPES = [(16, 256)]
-PASSES = ("forward", "backward", "forward+backward")
 # (x dtype, residual/stream dtype, parameter dtype); the last is the model under bf16 autocast.
 GPU_DTYPES = [(torch.bfloat16,) * 3, (torch.float32,) * 3, (torch.bfloat16, torch.float32, torch.float32)]
 QUICK_DTYPES = [(torch.float32,) * 3]
@@ -84,33 +77,14 @@ def bytes_moved(pass_: str, n_rows: int, n_cols: int, dtypes, with_residual: boo
     return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[pass_]
 
 
-def _pass_fn(pass_: str, fn, inputs: dict, grads: list):
-    """A no-argument callable that runs ``pass_`` of ``fn`` once (the backward reuses one graph)."""
-    leaves = [t for t in inputs.values() if t is not None]
-
-    def forward():
-        out = fn(inputs["x"], inputs["weight"], inputs["bias"], EPS, residual=inputs["residual"])
-        return list(out) if isinstance(out, tuple) else [out]
-
-    if pass_ == "forward":
-        return forward
-    if pass_ == "backward":
-        outputs = forward()
-        return lambda: torch.autograd.grad(outputs, leaves, grads, retain_graph=True)
-    return lambda: torch.autograd.grad(forward(), leaves, grads)
-
-
 def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[str]]:
     # Liger's LayerNorm has no fused residual: it competes on the plain case only.
     installed = {} if with_residual else {"liger": _liger_layer_norm}
-    return competitors(ctx, eager_layer_norm, layer_norm, installed)
+    return competitors(ctx, eager_layer_norm, layernorm, installed)
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    for reason in implementations(ctx, False)[1]:
-        print(f"bench_layernorm: {reason}")
+def cases(ctx: BenchContext):
     shapes = QUICK_SHAPES if ctx.quick else ctx.gpu_cases(GPU_SHAPES)
-    rows = []
     for n_rows, n_cols in shapes:
         for dtypes in QUICK_DTYPES if ctx.quick else GPU_DTYPES:
             x_dtype, residual_dtype, param_dtype = dtypes
@@ -122,36 +96,30 @@ def run(ctx: BenchContext) -> list[dict]:
                 def randn(*shape, dtype, requires_grad=True):
                     return torch.randn(shape, device=ctx.device, dtype=dtype, requires_grad=requires_grad)
 
-                inputs = {
-                    "x": randn(n_rows, n_cols, dtype=x_dtype),
-                    "residual": randn(n_rows, n_cols, dtype=residual_dtype) if with_residual else None,
-                    "weight": randn(n_cols, dtype=param_dtype),
-                    "bias": randn(n_cols, dtype=param_dtype),
-                }
+                x, weight, bias = randn(n_rows, n_cols, dtype=x_dtype), randn(n_cols, dtype=param_dtype), \
+                    randn(n_cols, dtype=param_dtype)
+                residual = randn(n_rows, n_cols, dtype=residual_dtype) if with_residual else None
                 stream_dtype = torch.promote_types(x_dtype, residual_dtype) if with_residual else x_dtype
                 grads = [randn(n_rows, n_cols, dtype=stream_dtype, requires_grad=False)
                          for _ in range(2 if with_residual else 1)]
-                case = f"({n_rows}, {n_cols})" + (" +residual" if with_residual else "")
-                impls = implementations(ctx, with_residual)[0]
-                for pass_ in PASSES:
-                    baselines = {}
-                    for impl, fn in impls.items():
-                        key = dict(op=OP, case=case, dtype=dtype_name, pass_=pass_, impl=impl)
-                        # The first call compiles (Triton JIT, torch.compile) outside the timed region.
-                        measured = ctx.attempt(rows, lambda: ctx.measure(_pass_fn(pass_, fn, inputs, grads)), **key)
-                        if measured is None:
-                            continue
-                        timing = measured.timing
-                        baselines[impl] = timing.median_ms
-                        extra = speedups(baselines, timing.median_ms)
-                        rows.append(
-                            ctx.record(
-                                **key, timing=timing,
-                                bytes_moved=bytes_moved(pass_, n_rows, n_cols, dtypes, with_residual),
-                                peak_memory_mb=measured.peak_memory_mb, **extra, first_call_s=measured.first_call_s,
-                            )
-                        )
-    return rows
+                leaves = [t for t in (x, residual, weight, bias) if t is not None]
+
+                def step(pass_, fn, x=x, residual=residual, weight=weight, bias=bias, grads=grads, leaves=leaves):
+                    def forward():
+                        out = fn(x, weight, bias, EPS, residual=residual)
+                        return list(out) if isinstance(out, tuple) else [out]
+                    return autograd_step(pass_, forward, leaves, grads)
+
+                yield Case(
+                    name=f"({n_rows}, {n_cols})" + (" +residual" if with_residual else ""), dtype=dtype_name,
+                    impls=implementations(ctx, with_residual)[0], step=step,
+                    bytes_moved=lambda pass_, n_rows=n_rows, n_cols=n_cols, dtypes=dtypes, r=with_residual: bytes_moved(
+                        pass_, n_rows, n_cols, dtypes, r),
+                )
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    return run_cases(ctx, OP, cases(ctx), implementations(ctx, False)[1])
 
 
 COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager",

@@ -2,14 +2,14 @@
 
 The training setup of GPT-2 small: ``hidden`` (B·T, 768) in fp32 (the final LayerNorm's output) and
 the fp32 ``lm_head`` weight (V, 768), under bf16 autocast, for B·T = 8·1024 and 16·1024 tokens and
-V = 50304 (the model passes the 50257 real rows; the padded size is the issue's benchmark shape).
+V = 50304 (the model passes the 50257 real rows; the padded size is the benchmark's shape).
 Competitors: ``lm_head`` + ``F.cross_entropy`` eager and ``torch.compile``d, Liger-Kernel's fused
 linear cross-entropy if importable, and ours (``chunk_size`` automatic).
 
 Each row reports the time, TFLOP/s of the three matmuls a training step needs (logits, d_hidden,
 d_weight: ``6·N·V·C``; the forward alone ``2·N·V·C``) and the peak memory above the inputs.
-The issue's target: at N = 16·1024 in bf16, our peak at least 4x below eager's at no more than 10%
-extra time.
+What the fused op is for: at N = 16·1024 in bf16, a peak at least 4x below eager's at no more than
+10% extra time.
 
 ``python -m bench.bench_linear_cross_entropy [--quick]``; ``--quick`` (or no GPU) a toy size on the CPU.
 """
@@ -17,18 +17,13 @@ extra time.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
-if __name__ == "__main__" and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported (see bench_gelu)
-
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import BenchContext, competitors, run_standalone  # noqa: E402
-from gpt_kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from bench.common import BenchContext, Case, competitors, module_runner, run_standalone
+from gpt_kernels.linear_cross_entropy import linear_cross_entropy
 
 OP = "linear_cross_entropy"
 GPU_SHAPES = [(8192, 768, 50304), (16384, 768, 50304)]  # (N, C, V)
@@ -49,49 +44,36 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
     return competitors(ctx, eager_linear_cross_entropy, linear_cross_entropy, {"liger": liger})
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    for reason in implementations(ctx)[1]:
-        print(f"bench_linear_cross_entropy: {reason}")
-    shapes = QUICK_SHAPES if ctx.quick else ctx.gpu_cases(GPU_SHAPES)
+def cases(ctx: BenchContext):
     # bf16 autocast on the GPU (training); the interpreter cannot time a CPU autocast run usefully.
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if ctx.is_gpu else contextlib.nullcontext
-    dtype = torch.bfloat16 if ctx.is_gpu else torch.float32  # the matmuls' dtype: the ceiling to compare with
-    rows = []
-    for n_rows, width, n_classes in shapes:
+    for n_rows, width, n_classes in QUICK_SHAPES if ctx.quick else ctx.gpu_cases(GPU_SHAPES):
         hidden = torch.randn(n_rows, width, device=ctx.device, requires_grad=True)
         weight = (torch.randn(n_classes, width, device=ctx.device) * 0.02).requires_grad_()
         targets = torch.randint(0, n_classes, (n_rows,), device=ctx.device)
+
+        def step(pass_, fn, hidden=hidden, weight=weight, targets=targets):
+            def forward():
+                with torch.no_grad(), autocast():
+                    return fn(hidden, weight, targets)
+
+            def forward_backward():
+                with autocast():
+                    loss = fn(hidden, weight, targets)
+                return torch.autograd.grad(loss, (hidden, weight))
+            return forward if pass_ == "forward" else forward_backward
+
         matmul_flops = 2 * n_rows * n_classes * width
-        impls = implementations(ctx)[0]
-        for pass_ in ("forward", "forward+backward"):
-            eager = None
-            for impl, fn in impls.items():
-                if pass_ == "forward":
-                    def step(fn=fn):
-                        with torch.no_grad(), autocast():
-                            return fn(hidden, weight, targets)
-                else:
-                    def step(fn=fn):
-                        with autocast():
-                            loss = fn(hidden, weight, targets)
-                        return torch.autograd.grad(loss, (hidden, weight))
-                key = dict(op=OP, case=f"N={n_rows} C={width} V={n_classes}", dtype=dtype, pass_=pass_, impl=impl)
-                # The first call compiles (Triton JIT, torch.compile) outside the timed region.
-                measured = ctx.attempt(rows, lambda: ctx.measure(step), **key)
-                if measured is None:
-                    continue
-                timing, peak = measured.timing, measured.peak_memory_mb
-                if impl == "eager":
-                    eager = (timing.median_ms, peak)
-                rows.append(
-                    ctx.record(
-                        **key, timing=timing, flops=matmul_flops * (1 if pass_ == "forward" else 3),
-                        peak_memory_mb=peak, speedup_vs_eager=eager[0] / timing.median_ms if eager else None,
-                        memory_vs_eager=(eager[1] / peak) if eager and peak and eager[1] else None,
-                        autocast=ctx.is_gpu, first_call_s=measured.first_call_s,
-                    )
-                )
-    return rows
+        yield Case(
+            name=f"N={n_rows} C={width} V={n_classes}",
+            dtype=torch.bfloat16 if ctx.is_gpu else torch.float32,  # the matmuls' dtype: the ceiling to compare with
+            impls=implementations(ctx)[0], step=step, passes=("forward", "forward+backward"),
+            flops=lambda pass_, f=matmul_flops: f * (1 if pass_ == "forward" else 3),
+            baselines=("eager",), compare_memory=True, columns=dict(autocast=ctx.is_gpu),
+        )
+
+
+run = module_runner(__name__)
 
 
 COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "tflop_per_s", "speedup_vs_eager", "peak_memory_mb",

@@ -1,8 +1,11 @@
-"""What every benchmark shares: timing done right, the device's ceilings, and one record format.
+"""What every benchmark shares: the loop that times each case, timing done right, and one record format.
 
-A per-op benchmark module (``bench/bench_<op>.py``) exposes ``run(ctx: BenchContext) -> list[dict]``
-and builds its records with :meth:`BenchContext.record`, so the harness can put every op in one
-JSON file, one table and one set of plots.
+A per-op benchmark module (``bench/bench_<op>.py``) holds only what is particular to its op: its
+cases and their inputs (:class:`Case`), a bytes or FLOP formula, and its competitors. Its
+``run(ctx: BenchContext) -> list[dict]`` hands the cases to :func:`run_cases`, which times every
+pass of every implementation, computes the speedups and records the rows, so every op lands in one
+JSON file, one table and one set of plots. ``python -m bench.bench_<op> [--quick]`` runs one module
+alone (:func:`run_standalone`).
 
 Timing on a GPU is ``triton.testing.do_bench`` asked for the median (its default is the mean),
 which clears the L2 cache before every repetition: GPT-2-sized tensors fit in an H100's 50 MB L2,
@@ -12,12 +15,22 @@ harness runs end to end; they are no performance claim.
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
+
+_main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+if _main_spec is not None and _main_spec.name.startswith("bench.bench_") and not torch.cuda.is_available():
+    # ``python -m bench.bench_<op>`` without a GPU runs the kernels in Triton's interpreter, which
+    # Triton picks when the kernels are decorated: every bench module imports this before any kernel.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+PASSES = ("forward", "backward", "forward+backward")
 
 # The status of an op module or an end-to-end configuration while it runs, as a run saves its results
 # as it goes: one killed there (e.g. by a time limit) leaves it so in its results.json.
@@ -183,17 +196,6 @@ class BenchContext:
             return None
 
 
-def speedups(baselines: dict[str, float], median_ms: float) -> dict:
-    """A row's ratios over the baselines timed before it in the same case (impl -> median ms):
-    ``speedup_vs_eager`` (None when eager failed on this case) and, where torch.compile ran,
-    ``speedup_vs_compile``."""
-    eager_ms = baselines.get("eager")
-    ratios = {"speedup_vs_eager": eager_ms / median_ms if eager_ms else None}
-    if "torch.compile" in baselines:
-        ratios["speedup_vs_compile"] = baselines["torch.compile"] / median_ms
-    return ratios
-
-
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """Rows as aligned text columns (floats to 4 significant digits)."""
     cells = [columns] + [
@@ -225,8 +227,6 @@ def competitors(ctx: BenchContext, eager: Callable, triton_fn: Callable,
     eager PyTorch; on a GPU its ``torch.compile`` and every installed competitor (``installed`` maps a
     name to a loader that returns the callable or raises); then our Triton kernel where it can run.
     Also returns why any of them is missing. Call once per case: compiled ones are fresh."""
-    from gpt_kernels import registry
-
     impls, skipped = {"eager": eager}, []
     if ctx.compiles:
         # Dynamo keeps compiled variants on the eager function's code object and falls back to eager
@@ -245,8 +245,115 @@ def competitors(ctx: BenchContext, eager: Callable, triton_fn: Callable,
                 pass  # not installed: nothing to say
             except Exception as exc:  # installed but broken (e.g. built for another triton): say why
                 skipped.append(f"{name}: failed to load: {type(exc).__name__}: {exc}")
+    add_triton(ctx, impls, skipped, triton_fn)
+    return impls, skipped
+
+
+def add_triton(ctx: BenchContext, impls: dict, skipped: list[str], fn: Callable) -> None:
+    """``impls["triton"] = fn`` where Triton can run on ``ctx.device``; else say why in ``skipped``."""
+    from gpt_kernels import registry
+
     if registry.triton_runs_on(ctx.device):
-        impls["triton"] = triton_fn
+        impls["triton"] = fn
     else:
         skipped.append(f"triton: cannot run on {ctx.device} (no CUDA, TRITON_INTERPRET=1 not set at import)")
-    return impls, skipped
+
+
+def autograd_step(pass_: str, forward: Callable[[], object], inputs: Sequence[torch.Tensor], grads) -> Callable:
+    """A no-argument callable that runs ``pass_`` of ``forward()`` once: the forward alone, the
+    backward alone (over one graph built here and kept), or both; gradients of ``inputs`` for ``grads``."""
+    if pass_ == "forward":
+        return forward
+    if pass_ == "backward":
+        outputs = forward()
+        return lambda: torch.autograd.grad(outputs, inputs, grads, retain_graph=True)
+    return lambda: torch.autograd.grad(forward(), inputs, grads)
+
+
+@dataclass
+class Case:
+    """One shape (and dtype) of an op, as its bench module describes it; :func:`run_cases` times it.
+
+    ``step(pass_, fn)`` returns a no-argument callable running ``pass_`` of the implementation ``fn``
+    once (on inputs made for it or shared by the case). ``bytes_moved(pass_)`` (the fewest bytes the
+    pass must move) or ``flops(pass_)`` turn times into GB/s or TFLOP/s. Every row gets
+    ``speedup_vs_<b>`` for each of ``baselines`` that ran in its pass (the first one always, None when
+    it failed); ``compare_memory`` adds ``memory_vs_<first baseline>``. ``columns`` go into every row,
+    ``row_columns(measurement, step)`` computes more per row (e.g. kernel launches)."""
+
+    name: str
+    dtype: torch.dtype | str
+    impls: dict[str, Callable]
+    step: Callable[[str, Callable], Callable[[], object]]
+    passes: Sequence[str] = PASSES
+    bytes_moved: Callable[[str], float] | None = None
+    flops: Callable[[str], float] | None = None
+    baselines: Sequence[str] = ("eager", "torch.compile")
+    compare_memory: bool = False
+    memory: bool = True  # measure the peak memory of each step
+    columns: dict = field(default_factory=dict)
+    row_columns: Callable[[Measurement, Callable], dict] | None = None
+    skip: Callable[[str, str], bool] | None = None  # (pass_, impl) -> leave that row out
+
+
+def _speedup_column(baseline: str) -> str:
+    return "speedup_vs_" + baseline.replace("torch.compile", "compile").replace(" ", "_").replace("-", "_")
+
+
+def add_speedups(rows: list[dict], baselines: Sequence[str], compare_memory: bool = False) -> None:
+    """Fill the ratios of one pass's rows over its baselines' (see :class:`Case`); failure rows get none."""
+    timed = {row["impl"]: row for row in rows if row.get("median_ms") is not None}
+    for row in timed.values():
+        for i, baseline in enumerate(baselines):
+            if i == 0 or baseline in timed:
+                base_ms = timed[baseline]["median_ms"] if baseline in timed else None
+                row[_speedup_column(baseline)] = base_ms / row["median_ms"] if base_ms else None
+        if compare_memory:
+            base = timed.get(baselines[0], {}).get("peak_memory_mb")
+            peak = row.get("peak_memory_mb")
+            row["memory_vs_" + baselines[0]] = base / peak if base and peak else None
+
+
+def run_cases(ctx: BenchContext, op: str, cases: Iterable[Case], skipped: Sequence[str] = ()) -> list[dict]:
+    """The one benchmark loop: every pass of every implementation of every case, measured (its first
+    call, which compiles and autotunes, outside the timed region), with speedups over the case's
+    baselines. One implementation failing on one case costs that row only (see :meth:`BenchContext.attempt`)."""
+    for reason in skipped:
+        print(f"bench_{op}: {reason}")
+    rows: list[dict] = []
+    for case in cases:  # a generator: each case's inputs exist only while it runs
+        for pass_ in case.passes:
+            pass_rows: list[dict] = []
+            for impl, fn in case.impls.items():
+                if case.skip is not None and case.skip(pass_, impl):
+                    continue
+                key = dict(op=op, case=case.name, dtype=case.dtype, pass_=pass_, impl=impl)
+
+                def measure(fn=fn):
+                    step = case.step(pass_, fn)
+                    measured = ctx.measure(step, memory=case.memory)
+                    return measured, (case.row_columns(measured, step) if case.row_columns else {})
+
+                result = ctx.attempt(pass_rows, measure, **key)
+                if result is None:
+                    continue
+                measured, more = result
+                pass_rows.append(ctx.record(
+                    **key, timing=measured.timing,
+                    bytes_moved=case.bytes_moved(pass_) if case.bytes_moved else None,
+                    flops=case.flops(pass_) if case.flops else None,
+                    peak_memory_mb=measured.peak_memory_mb, **case.columns, **more,
+                    first_call_s=measured.first_call_s,
+                ))
+            add_speedups(pass_rows, case.baselines, case.compare_memory)
+            rows += pass_rows
+    return rows
+
+
+def module_runner(module_name: str) -> Callable[[BenchContext], list[dict]]:
+    """``run(ctx)`` for a bench module that holds ``OP``, ``cases(ctx)`` and ``implementations(ctx)``
+    (-> impls, why any are missing), looked up at each run: a test may replace them."""
+    def run(ctx: BenchContext) -> list[dict]:
+        module = sys.modules[module_name]
+        return run_cases(ctx, module.OP, module.cases(ctx), module.implementations(ctx)[1])
+    return run

@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 
 from gpt_kernels import (
-    AdamW,
-    AdamW_reference,
+    adamw,
+    adamw_reference,
     attention,
     attention_reference,
     cross_entropy,
@@ -34,8 +34,8 @@ from gpt_kernels import (
     decode_attention_reference,
     gelu,
     gelu_reference,
-    layer_norm,
-    layer_norm_reference,
+    layernorm,
+    layernorm_reference,
     linear_cross_entropy,
     linear_cross_entropy_reference,
 )
@@ -133,7 +133,7 @@ def _layernorm(s: Shapes, dtype, device, _):
 
     def kernel(t):
         t = _leaves(t, names)
-        y, stream = layer_norm(t["x"], t["weight"], t["bias"], residual=t["residual"])
+        y, stream = layernorm(t["x"], t["weight"], t["bias"], residual=t["residual"])
         torch.autograd.backward([y, stream], [t["dy"], t["ds"]])
         return {"y": y, "stream": stream, **_grads(t, names)}
 
@@ -141,7 +141,7 @@ def _layernorm(s: Shapes, dtype, device, _):
         t = _leaves(t, names, double=True)
         # The op stores the stream in its dtype before normalizing it: so does the reference.
         stream = (t["x"] + t["residual"]).to(stream_dtype(inputs["x"], inputs["residual"])).double()
-        y = layer_norm_reference(stream, t["weight"], t["bias"])
+        y = layernorm_reference(stream, t["weight"], t["bias"])
         torch.autograd.backward([y, stream], [t["dy"].double(), t["ds"].double()])
         return {"y": y, "stream": stream, **_grads(t, names)}
 
@@ -266,10 +266,10 @@ def _adamw(s: Shapes, dtype, device, _):
         return out
 
     def kernel(t):
-        return step(t, AdamW)
+        return step(t, adamw)
 
     def reference(t):
-        return step(t, AdamW_reference, double=True, foreach=False, fused=False)
+        return step(t, adamw_reference, double=True, foreach=False, fused=False)
 
     # Moments are fp32 whatever the parameters' dtype; a low-precision parameter is one rounding of it.
     tolerances = {"grad norm": (None, ADAMW_STEP_RTOL)}

@@ -570,7 +570,7 @@ def host_overhead(config: GPTConfig, repeat: int = 20) -> dict:
         weight, bias = torch.ones(64), torch.zeros(64)
         calls = {
             "aten add (for scale)": lambda: x + residual,
-            "layer_norm (+ residual)": lambda: ops.layer_norm(x, weight, bias, 1e-5, residual=residual),
+            "layernorm (+ residual)": lambda: ops.layernorm(x, weight, bias, 1e-5, residual=residual),
             "attention_qkv": lambda: ops.attention_qkv(torch.randn(1, 16, 192), 4),
             "gelu": lambda: ops.gelu(torch.randn(1, 16, 256), torch.zeros(256)),
             "linear_cross_entropy": lambda: ops.linear_cross_entropy(x.view(16, 64), torch.randn(512, 64),

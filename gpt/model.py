@@ -41,7 +41,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x, residual=None):
-        return ops.layer_norm(x, self.weight, self.bias, LAYER_NORM_EPS, residual=residual)
+        return ops.layernorm(x, self.weight, self.bias, LAYER_NORM_EPS, residual=residual)
 
 
 class CausalSelfAttention(nn.Module):

@@ -51,7 +51,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return ops.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return ops.adamw(groups, lr=lr, betas=betas, eps=eps)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

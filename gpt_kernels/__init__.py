@@ -1,26 +1,32 @@
 """Triton kernels for GPT-2 training, each beside a pure-PyTorch reference with the same signature.
 
-``from gpt_kernels import layer_norm, layer_norm_reference, ...`` reaches every op directly; models go
-through ``gpt_kernels.registry.ops``, which picks Triton or the reference per op (see ``registry``).
+Each op module registers itself with ``registry`` once; the package exports what was registered:
+``from gpt_kernels import layernorm, layernorm_reference, ...`` reaches every op (and variant, such
+as ``attention_qkv``) directly. Models go through ``gpt_kernels.registry.ops``, which picks Triton or
+the reference per op (see ``registry``).
 """
 
+import importlib
+import pkgutil
+
 from gpt_kernels import registry
-from gpt_kernels.adamw import AdamW, AdamW_reference
-from gpt_kernels.attention import attention, attention_qkv, attention_qkv_reference, attention_reference
-from gpt_kernels.cross_entropy import cross_entropy, cross_entropy_reference
-from gpt_kernels.decode_attention import decode_attention, decode_attention_reference
-from gpt_kernels.gelu import gelu, gelu_reference
-from gpt_kernels.layernorm import layer_norm, layer_norm_reference
-from gpt_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from gpt_kernels.registry import ops, report, set_kernels, use_kernels
 
-__all__ = [
-    "registry", "ops", "report", "set_kernels", "use_kernels",
-    "layer_norm", "layer_norm_reference",
-    "attention", "attention_reference", "attention_qkv", "attention_qkv_reference",
-    "gelu", "gelu_reference",
-    "cross_entropy", "cross_entropy_reference",
-    "linear_cross_entropy", "linear_cross_entropy_reference",
-    "AdamW", "AdamW_reference",
-    "decode_attention", "decode_attention_reference",
+# Every module of the package is an op module (it registers itself on import) but these.
+PLUMBING = ("common", "host", "registry", "tolerances")
+# The order of every table (the kernel report, the spec's "all", the benchmarks); an op module not
+# named here (a new one) follows these, in alphabetical order, without being listed.
+TABLE_ORDER = ("layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention")
+
+_found = {module.name for module in pkgutil.iter_modules(__path__) if module.name not in PLUMBING}
+for _module in [*(name for name in TABLE_ORDER if name in _found), *sorted(_found - set(TABLE_ORDER))]:
+    importlib.import_module(f"gpt_kernels.{_module}")
+# gpt_kernels.<name> is the op's public function (Triton where it has a kernel), <name>_reference its reference.
+for _name, (_reference, _triton) in registry.entry_points().items():
+    globals()[_name] = _triton or _reference
+    globals()[f"{_name}_reference"] = _reference
+registry.requested_kernels()  # a bad GPT_KERNELS fails at import, naming the ops it may hold
+
+__all__ = ["registry", "ops", "report", "set_kernels", "use_kernels"] + [
+    name for entry in registry.entry_points() for name in (entry, f"{entry}_reference")
 ]

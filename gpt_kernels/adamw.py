@@ -1,6 +1,6 @@
 """AdamW with decoupled weight decay, and gradient clipping by global norm fused into the step.
 
-Public: ``AdamW`` (the Triton optimizer) and ``AdamW_reference`` (``torch.optim.AdamW``), with one
+Public: ``AdamW`` (the Triton optimizer) and ``TorchAdamW`` (``torch.optim.AdamW``), with one
 interface. Per optimizer step the training loop does::
 
     norm = opt.clip_grad_norm_(max_norm)   # global gradient norm, a 0-dim fp32 tensor
@@ -246,7 +246,7 @@ def _all_plain_cuda(params) -> bool:
     )
 
 
-class AdamW_reference(torch.optim.AdamW):
+class TorchAdamW(torch.optim.AdamW):
     """PyTorch reference: ``torch.optim.AdamW`` plus ``clip_grad_norm_``, the interface training uses.
 
     ``clip_grad_norm_(max_norm)`` returns the global gradient norm (before clipping) and clips to
@@ -646,4 +646,6 @@ class AdamW(torch.optim.Optimizer):
         return (step_size, 1 - lr * group["weight_decay"], bias_correction2**0.5, *cls._beta_coefs(group))
 
 
-registry.register("adamw", reference=AdamW_reference, triton=AdamW)
+# The op ``adamw`` builds the optimizer: ``gpt_kernels.adamw(params, lr=...)`` / ``ops.adamw(...)``.
+adamw, adamw_reference = AdamW, TorchAdamW
+registry.register("adamw", reference=adamw_reference, triton=adamw, device_of=registry.params_device)

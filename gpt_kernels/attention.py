@@ -39,9 +39,8 @@ returns (B, T, C); its backward writes dq, dk and dv into one (B, T, 3C) gradien
 
 Tiles: ``HOPPER_CONFIGS`` holds block shapes, warps and pipeline stages per (head dim, dtype,
 causal): starting points from Triton's fused-attention tutorial and FlashAttention-2's H100 tiles,
-checked to compile for sm_90a without register spills, but NOT yet timed on a GPU. A GPU session
-must sweep them (``python -m bench.bench_attention``, or ``GPT_ATTENTION_AUTOTUNE=1``) and write the
-winners into the table. ``GPT_ATTENTION_AUTOTUNE=1`` makes the fp16/bf16 CUDA path autotune instead,
+checked to compile for sm_90a without register spills; ``python -m bench.bench_attention`` (or
+``GPT_ATTENTION_AUTOTUNE=1``) sweeps them on a GPU. ``GPT_ATTENTION_AUTOTUNE=1`` makes the fp16/bf16 CUDA path autotune instead,
 keyed on (power-of-two bucket of T, head dim, causal, dtype): eight candidates per kernel, compiled
 and timed once per key (tens of seconds in the first training step, then cached on disk by Triton).
 Under Triton's interpreter (CPU tests) small tiles keep the tests fast.
@@ -49,7 +48,6 @@ Under Triton's interpreter (CPU tests) small tiles keep the tests fast.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -60,6 +58,9 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
+from gpt_kernels.common import (
+    check_scale, check_tensor, default_scale, describe, last_dim_contiguous, output_buffer, require_triton,
+)
 from gpt_kernels.host import cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -544,17 +545,11 @@ _dq_autotuned = triton.autotune(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _describe(t) -> str:
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    return f"{t.dtype} {tuple(t.shape)} on {t.device}"
-
-
 def _check_inputs(q, k, v, scale) -> None:
     """ValueError for anything the kernels cannot take, saying what was expected."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"attention: {name} must be a 4-D (B, H, T, D) tensor, got {_describe(t)}")
+            raise ValueError(f"attention: {name} must be a 4-D (B, H, T, D) tensor, got {describe(t)}")
     if not (q.shape == k.shape == v.shape):
         raise ValueError(
             f"attention: q, k and v must have the same (B, H, T, D) shape, got q {tuple(q.shape)}, "
@@ -566,32 +561,10 @@ def _check_inputs(q, k, v, scale) -> None:
         raise ValueError(f"attention: q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    if not registry.triton_runs_on(q.device):
-        raise ValueError(
-            "attention: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before import, for CPU), "
-            f"got tensors on {q.device}"
-        )
+    require_triton("attention", q.device)
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"attention: head dim D = {q.shape[-1]} is not supported; head dims run from 1 to {MAX_HEAD_DIM}")
-    is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if scale is not None and not (is_number and math.isfinite(scale)):
-        raise ValueError(f"attention: scale must be None (1/sqrt(D)) or a finite number, got {scale!r}")
-
-
-def _check_buffer(buffer, shape, dtype, device, name, contiguous=False) -> None:
-    ok = isinstance(buffer, torch.Tensor) and tuple(buffer.shape) == tuple(shape) and buffer.dtype == dtype
-    ok = ok and buffer.device == device and (buffer.is_contiguous() if contiguous else buffer.stride(-1) == 1)
-    if not ok:
-        layout = "contiguous" if contiguous else "last-dim-contiguous"
-        raise ValueError(
-            f"attention: {name} must be a {layout} {dtype} tensor of shape {tuple(shape)} on {device}, "
-            f"got {_describe(buffer)}"
-        )
-
-
-def _readable(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take any strides but need the last dimension contiguous: copy only otherwise."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    check_scale("attention", scale)
 
 
 def _bthd_empty(like: torch.Tensor) -> torch.Tensor:
@@ -645,26 +618,21 @@ def head_block(head_dim: int) -> int:
     return next(block for block in SUPPORTED_HEAD_DIMS if block >= head_dim)
 
 
-def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-
-
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: Optional[float] = None,
-    out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, config: Optional[AttentionConfig] = None,
+    out: Optional[torch.Tensor] = None, config: Optional[AttentionConfig] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: ``(O, lse)``, O (B, H, T, D) in q's dtype and lse (B, H, T) fp32 in
-    base 2 (see the module doc), into ``out`` / ``lse`` if given. ``config`` overrides the tile table."""
+    base 2 (see the module doc). O goes into ``out`` if given (the packed op's (B, T, C) output,
+    viewed per head). ``config`` overrides the tile table."""
     _check_inputs(q, k, v, scale)
     B, H, T, _ = q.shape
-    out = _bthd_empty(q) if out is None else out
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device) if lse is None else lse
-    _check_buffer(out, q.shape, q.dtype, q.device, "out")
-    _check_buffer(lse, (B, H, T), torch.float32, q.device, "lse", contiguous=True)
+    out = _bthd_empty(q) if out is None else output_buffer("attention", "out", out, q.shape, q.dtype, q.device, False)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    q, k, v = _readable(q), _readable(k), _readable(v)
-    sm_scale = _default_scale(q, scale)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    sm_scale = default_scale(q, scale)
     config = _resolve(q, causal, config)
     _launch(
         _attention_forward_kernel, _forward_autotuned, config and config.forward,
@@ -692,22 +660,18 @@ def attention_backward(
     _check_inputs(q, k, v, scale)
     B, H, T, D = q.shape
     for name, t in (("dO (the output gradient)", do), ("o", o)):
-        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(
-                f"attention backward: {name} must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
-                f"got {_describe(t)}"
-            )
-    _check_buffer(lse, (B, H, T), torch.float32, q.device, "lse", contiguous=True)
+        check_tensor("attention backward", name, t, f"a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}",
+                     shape=q.shape, dtypes=(q.dtype,), device=q.device)
+    output_buffer("attention", "lse", lse, (B, H, T), torch.float32, q.device)
     grads = []
     for name, buffer in (("dq", dq), ("dk", dk), ("dv", dv)):
         buffer = _bthd_empty(q) if buffer is None else buffer
-        _check_buffer(buffer, q.shape, q.dtype, q.device, name)
-        grads.append(buffer)
+        grads.append(output_buffer("attention", name, buffer, q.shape, q.dtype, q.device, contiguous=False))
     dq, dk, dv = grads
     if q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    q, k, v, o, do = _readable(q), _readable(k), _readable(v), _readable(o), _readable(do)
-    sm_scale = _default_scale(q, scale)
+    q, k, v, o, do = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), last_dim_contiguous(o), last_dim_contiguous(do)
+    sm_scale = default_scale(q, scale)
     config = _resolve(q, causal, config)
     constexprs = _constexprs(q, causal)
 
@@ -818,7 +782,7 @@ def attention(
     differentiable in q, k and v. See the module doc for layouts, dtypes and determinism. Bad inputs
     raise ValueError before anything is launched."""
     _check_inputs(q, k, v, scale)
-    return torch.ops.gpt_triton.attention(q, k, v, bool(causal), _default_scale(q, scale))[0]
+    return torch.ops.gpt_triton.attention(q, k, v, bool(causal), default_scale(q, scale))[0]
 
 
 def attention_reference(q, k, v, causal=True, scale=None):
@@ -839,7 +803,7 @@ def _check_packed(qkv, n_heads) -> None:
         raise ValueError(f"attention_qkv: n_heads must be an int >= 1, got {n_heads!r}")
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3 or qkv.shape[-1] % (3 * n_heads):
         raise ValueError(f"attention_qkv: qkv must be a (B, T, 3·C) tensor with C divisible by n_heads={n_heads}, "
-                         f"got {_describe(qkv)}")
+                         f"got {describe(qkv)}")
 
 
 def split_qkv(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -930,7 +894,7 @@ def attention_qkv(qkv: torch.Tensor, n_heads: int, causal: bool = True, scale: O
     _check_packed(qkv, n_heads)
     q, k, v = split_qkv(qkv, n_heads)
     _check_inputs(q, k, v, scale)
-    return torch.ops.gpt_triton.attention_qkv(qkv, n_heads, bool(causal), _default_scale(q, scale))[0]
+    return torch.ops.gpt_triton.attention_qkv(qkv, n_heads, bool(causal), default_scale(q, scale))[0]
 
 
 def attention_qkv_reference(qkv, n_heads, causal=True, scale=None):

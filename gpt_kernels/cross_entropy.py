@@ -77,9 +77,9 @@ import triton.language as tl
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from gpt_kernels import registry
+from gpt_kernels.common import FLOAT_DTYPES as SUPPORTED_DTYPES, describe, output_buffer, require_triton
 from gpt_kernels.host import cdiv, next_power_of_2
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGET_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -259,10 +259,6 @@ def _scale_rows_kernel(
 # ----------------------------------------------------------------------------- input checks
 
 
-def _describe(t) -> str:
-    return f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def check_options(op: str, ignore_index, reduction, label_smoothing, lse_square_scale, softcap) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
@@ -278,7 +274,7 @@ def check_options(op: str, ignore_index, reduction, label_smoothing, lse_square_
 
 def check_targets(op: str, targets, n_rows: int, device: torch.device) -> None:
     if not isinstance(targets, torch.Tensor) or targets.dtype not in TARGET_DTYPES:
-        raise ValueError(f"{op}: targets must be an int64 or int32 tensor, got {_describe(targets)}")
+        raise ValueError(f"{op}: targets must be an int64 or int32 tensor, got {describe(targets)}")
     if targets.shape != (n_rows,):
         raise ValueError(f"{op}: targets must have shape ({n_rows},), one class index per row; got {tuple(targets.shape)}")
     if targets.device != device:
@@ -289,16 +285,12 @@ def check_inputs(logits, targets, ignore_index, reduction, label_smoothing, lse_
     """ValueError for anything the op cannot take, saying what was expected (no device sync)."""
     op = "cross_entropy"
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"{op}: logits must be a 2-D (N, V) tensor, got {_describe(logits)}")
+        raise ValueError(f"{op}: logits must be a 2-D (N, V) tensor, got {describe(logits)}")
     if logits.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{op}: logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if logits.shape[1] == 0:
         raise ValueError(f"{op}: logits must have at least one class (V >= 1), got shape {tuple(logits.shape)}")
-    if not registry.triton_runs_on(logits.device):
-        raise ValueError(
-            f"{op}: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before import for CPU), "
-            f"got logits on {logits.device}"
-        )
+    require_triton(op, logits.device, "logits")
     check_targets(op, targets, logits.shape[0], logits.device)
     check_options(op, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
 
@@ -362,15 +354,15 @@ def cross_entropy_forward(
     n_rows, n_cols = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    loss_rows = _checked_out(loss_rows, (n_rows,), torch.float32, logits.device, "loss_rows")
-    z_loss_rows = _checked_out(z_loss_rows, (n_rows,), torch.float32, logits.device, "z_loss_rows")
+    loss_rows = output_buffer("cross_entropy", "loss_rows", loss_rows, (n_rows,), torch.float32, logits.device)
+    z_loss_rows = output_buffer("cross_entropy", "z_loss_rows", z_loss_rows, (n_rows,), torch.float32, logits.device)
     if grad_scale is not None:
         if grad is None:
             grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
         elif grad.shape != logits.shape or grad.dtype not in SUPPORTED_DTYPES or grad.device != logits.device or grad.stride(1) != 1:
             raise ValueError(
                 f"cross_entropy: grad must be a float tensor of shape {tuple(logits.shape)} on {logits.device} "
-                f"with unit column stride, got {_describe(grad)} with strides {grad.stride()}"
+                f"with unit column stride, got {describe(grad)} with strides {grad.stride()}"
             )
         grad_scale, stride_grad_scale = _checked_scale(grad_scale, n_rows, logits.device)
     if n_rows == 0:
@@ -396,7 +388,7 @@ def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """In place ``x *= scale`` row by row: ``scale`` has one element (every row) or one per row.
     Tiles whose factor is exactly 1 are not touched."""
     if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"scale_rows_: x must be a 2-D float tensor with unit column stride, got {_describe(x)}")
+        raise ValueError(f"scale_rows_: x must be a 2-D float tensor with unit column stride, got {describe(x)}")
     n_rows, n_cols = x.shape
     scale, stride_scale = _checked_scale(scale, n_rows, x.device)
     if x.numel() == 0:
@@ -414,20 +406,12 @@ def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def _checked_scale(scale: torch.Tensor, n_rows: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """A one-element or (n_rows,) float tensor -> (tensor, its stride per row: 0 for one element)."""
     if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() or scale.device != device:
-        raise ValueError(f"gradient scale must be a float tensor on {device}, got {_describe(scale)}")
+        raise ValueError(f"gradient scale must be a float tensor on {device}, got {describe(scale)}")
     if scale.numel() == 1:
         return scale.reshape(1), 0
     if scale.shape != (n_rows,):
         raise ValueError(f"gradient scale must have one element or shape ({n_rows},), got {tuple(scale.shape)}")
     return scale, scale.stride(0)
-
-
-def _checked_out(out, shape, dtype, device, name) -> torch.Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if out.shape != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(f"cross_entropy: {name} must be a contiguous {dtype} tensor of shape {shape} on {device}, got {_describe(out)}")
-    return out
 
 
 # ----------------------------------------------------------------------------- custom ops

@@ -31,8 +31,8 @@ output is contiguous (B, H, 1, D). Dtypes fp32, fp16, bf16; head dims up to 256.
 Tiles (``_tile``) and the split count (``_num_splits``) are starting points for Hopper: tiles
 that ptxas compiles for sm_90a without spills in at most about 128 registers (at least four
 programs per SM to keep loads in flight; the loop has no ``tl.dot``, so ``num_stages`` pipelining
-does not apply), and splits until there are four programs per SM. They are NOT yet timed on a GPU:
-``python -m bench.bench_decode_attention`` on an H100 is where to tune them.
+does not apply), and splits until there are four programs per SM. ``python -m bench.bench_decode_attention``
+on an H100 is where to tune them.
 
 This is an inference op; its autograd formula is plain PyTorch (correct, not fast).
 """
@@ -40,7 +40,6 @@ This is an inference op; its autograd formula is plain PyTorch (correct, not fas
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -49,6 +48,7 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
+from gpt_kernels.common import check_scale, check_tensor, default_scale, describe, last_dim_contiguous, require_triton
 from gpt_kernels.host import cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -146,24 +146,18 @@ def _decode_combine_kernel(
 # ----------------------------------------------------------------------------- launcher
 
 
-def _describe(t) -> str:
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    return f"{t.dtype} {tuple(t.shape)} on {t.device}"
-
-
 def _check_inputs(q, k_cache, v_cache, cache_lengths, scale) -> None:
     """ValueError for anything the kernels cannot take, saying what was expected."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(
-            f"decode_attention: q must be a (B, H, 1, D) tensor (one query row per sequence), got {_describe(q)}"
+            f"decode_attention: q must be a (B, H, 1, D) tensor (one query row per sequence), got {describe(q)}"
         )
     B, H, _, D = q.shape
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (B, H, D):
             raise ValueError(
                 f"decode_attention: {name} must be a (B, H, T, D) = ({B}, {H}, T, {D}) tensor matching q, "
-                f"got {_describe(t)}"
+                f"got {describe(t)}"
             )
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
@@ -176,31 +170,22 @@ def _check_inputs(q, k_cache, v_cache, cache_lengths, scale) -> None:
             f"decode_attention: q and the caches must share one dtype, got q {q.dtype}, "
             f"k_cache {k_cache.dtype}, v_cache {v_cache.dtype}"
         )
-    is_lengths = isinstance(cache_lengths, torch.Tensor) and cache_lengths.shape == (B,)
-    if not is_lengths or cache_lengths.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"decode_attention: cache_lengths must be a ({B},) int32/int64 tensor, got {_describe(cache_lengths)}"
-        )
+    check_tensor("decode_attention", "cache_lengths", cache_lengths, f"a ({B},) int32/int64 tensor", shape=(B,),
+                 dtypes=(torch.int32, torch.int64))
     devices = {q.device, k_cache.device, v_cache.device, cache_lengths.device}
     if len(devices) != 1:
         raise ValueError(f"decode_attention: all tensors must be on one device, got {sorted(map(str, devices))}")
-    if not registry.triton_runs_on(q.device):
-        raise ValueError(
-            "decode_attention: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before import, "
-            f"for CPU), got tensors on {q.device}"
-        )
+    require_triton("decode_attention", q.device)
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"decode_attention: head dim D = {D} is not supported (1 to {MAX_HEAD_DIM})")
-    is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if scale is not None and not (is_number and math.isfinite(scale)):
-        raise ValueError(f"decode_attention: scale must be None (1/sqrt(D)) or a finite number, got {scale!r}")
+    check_scale("decode_attention", scale)
 
 
 def _tile(block_d: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps): 16 elements of each K and V tile per thread. For sm_90a ptxas fits that
     in 48-64 registers when the strides are multiples of 16 (the model's caches and q at D = 64),
     and in 80-150 when Triton cannot assume so (D = 40: 148; D = 64 with 32 elements per thread:
-    236). Checked to compile without spills for D = 16 to 256; not yet timed (see the module doc)."""
+    236). Checked to compile without spills for D = 16 to 256."""
     num_warps = 4 if block_d <= 64 else 8
     block_n = max(16, min(128, 16 * 32 * num_warps // block_d))
     return block_n, num_warps
@@ -219,30 +204,19 @@ def _num_splits(n_programs: int, max_len: int, block_n: int, device: torch.devic
     return max(1, min(wanted, cdiv(max_len, block_n), MAX_SPLITS))
 
 
-def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-
-
 def decode_attention_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lengths: torch.Tensor,
-    scale: Optional[float] = None, out: Optional[torch.Tensor] = None, num_splits: Optional[int] = None,
+    scale: Optional[float] = None, num_splits: Optional[int] = None,
 ) -> torch.Tensor:
-    """Launch the kernels; returns (B, H, 1, D) in q's dtype, written into ``out`` if given (any
-    strides, last dimension contiguous). ``num_splits`` overrides the heuristic (tests, tuning)."""
+    """Launch the kernels; returns (B, H, 1, D) in q's dtype. ``num_splits`` overrides the heuristic
+    (tests, tuning)."""
     _check_inputs(q, k_cache, v_cache, cache_lengths, scale)
     B, H, _, D = q.shape
     max_len = k_cache.shape[2]
-    if out is None:
-        out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
-    ok = isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype
-    if not (ok and out.device == q.device and out.stride(-1) == 1):
-        raise ValueError(
-            f"decode_attention: out must be a last-dim-contiguous {q.dtype} tensor of shape {tuple(q.shape)} "
-            f"on {q.device}, got {_describe(out)}"
-        )
+    out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    q, k_cache, v_cache = (last_dim_contiguous(t) for t in (q, k_cache, v_cache))
 
     block_d = next_power_of_2(D)
     block_n, num_warps = _tile(block_d)
@@ -265,7 +239,7 @@ def decode_attention_forward(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
-        H, max_len, keys_per_split, _default_scale(q, scale) * LOG2E,
+        H, max_len, keys_per_split, default_scale(q, scale) * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, SINGLE_SPLIT=single,
         num_warps=num_warps,
     )
@@ -326,7 +300,7 @@ def decode_attention(
     positions of each row; q (B, H, 1, D), caches (B, H, T, D). See the module doc. Bad inputs raise
     ValueError before anything is launched."""
     _check_inputs(q, k_cache, v_cache, cache_lengths, scale)
-    return torch.ops.gpt_triton.decode_attention(q, k_cache, v_cache, cache_lengths, _default_scale(q, scale))
+    return torch.ops.gpt_triton.decode_attention(q, k_cache, v_cache, cache_lengths, default_scale(q, scale))
 
 
 def decode_attention_reference(q, k_cache, v_cache, cache_lengths, scale=None):

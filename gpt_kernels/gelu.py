@@ -6,8 +6,7 @@ once: the bias add costs no extra pass over the ``(B·T, 4·C)`` tensor, the lar
 tensor in the model.
 
 Public: ``gelu`` (the differentiable custom op ``gpt_triton::gelu``, backward ``gpt_triton::gelu_backward``),
-``gelu_forward`` / ``gelu_backward`` (the launchers, which take optional preallocated output buffers)
-and ``gelu_reference``.
+``gelu_forward`` / ``gelu_backward`` (the launchers) and ``gelu_reference``.
 
 Dtypes (custom ops are not autocast-aware, and under bf16 autocast ``x`` is bf16 while ``bias``
 is an fp32 parameter): the math is fp32 whatever the inputs; each input is read in its own dtype;
@@ -40,9 +39,9 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
+from gpt_kernels.common import check_same_device, check_tensor, require_triton, rows, unit_stride
 from gpt_kernels.host import cdiv, next_power_of_2
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tile shape: BLOCK_N columns (256 bf16 = 512 contiguous bytes per row, full 128-byte lines, and
 # divides 4·C for every GPT-2 width) by as many rows as make TILE_ELEMENTS. Starting points for
@@ -140,49 +139,16 @@ def _gelu_backward_kernel(
 
 def _check_inputs(x: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
     """ValueError for anything the kernels cannot take, saying what was expected."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"gelu: x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"gelu: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if not registry.triton_runs_on(x.device):
-        raise ValueError(
-            f"gelu: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before import for CPU), "
-            f"got x on {x.device}"
-        )
+    check_tensor("gelu", "x", x, "a float32, float16 or bfloat16 tensor")
+    require_triton("gelu", x.device, "x")
     if bias is None:
         return
-    if not isinstance(bias, torch.Tensor):
-        raise ValueError(f"gelu: bias must be a tensor or None, got {type(bias).__name__}")
-    if bias.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"gelu: bias must be float32, float16 or bfloat16, got {bias.dtype}")
-    if bias.device != x.device:
-        raise ValueError(f"gelu: bias is on {bias.device} but x is on {x.device}; both must be on the same device")
+    check_tensor("gelu", "bias", bias, "a float32, float16 or bfloat16 tensor or None")
+    check_same_device("gelu", "bias", bias, "x", x)
     if x.dim() == 0 or bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
         raise ValueError(
             f"gelu: bias must be 1-D with x's last dimension, i.e. shape ({x.shape[-1] if x.dim() else '?'},); "
             f"got bias {tuple(bias.shape)} for x {tuple(x.shape)}"
-        )
-
-
-def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """``t`` as a (rows, n_cols) matrix with unit column stride: a view when the strides allow it
-    (e.g. a column slice keeps its row stride), a contiguous copy otherwise."""
-    matrix = t.reshape(-1, n_cols)
-    return matrix if matrix.stride(1) == 1 or n_cols == 1 else matrix.contiguous()
-
-
-def _unit_stride(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The bias as the kernels index it, element i at offset i: a strided or expanded bias (a view,
-    not the model's parameter) is copied, which costs one small vector."""
-    return bias.contiguous() if bias is not None else None
-
-
-def _check_out(out: torch.Tensor, like: torch.Tensor, name: str) -> None:
-    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
-        layout = "" if out.is_contiguous() else "a non-contiguous "
-        raise ValueError(
-            f"gelu: {name} must be a contiguous {like.dtype} tensor of shape {tuple(like.shape)} on {like.device}, "
-            f"got {layout}{out.dtype} {tuple(out.shape)} on {out.device}"
         )
 
 
@@ -201,19 +167,15 @@ def _tiles_per_strip(row_tiles: int, col_blocks: int) -> int:
     return tiles
 
 
-def gelu_forward(
-    x: torch.Tensor, bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """Launch the forward kernel: ``gelu_tanh(x + bias)`` in x's dtype, into ``out`` if given."""
+def gelu_forward(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch the forward kernel: ``gelu_tanh(x + bias)`` in x's dtype."""
     _check_inputs(x, bias)
-    bias = _unit_stride(bias)
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _check_out(out, x, "out")
+    bias = unit_stride(bias)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_cols = x.shape[-1] if x.dim() else 1
     if x.numel() == 0:
         return out
-    x2, y2 = _rows(x, n_cols), out.view(-1, n_cols)
+    x2, y2 = rows(x, n_cols), out.view(-1, n_cols)
     n_rows = x2.shape[0]
     block_m, block_n = _block_shape(n_rows, n_cols)
     grid = (cdiv(n_rows, block_m) * cdiv(n_cols, block_n),)
@@ -226,26 +188,20 @@ def gelu_forward(
 
 
 def gelu_backward(
-    dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None, dx: Optional[torch.Tensor] = None
+    dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Launch the backward kernel: ``(dx, dbias)`` from the upstream gradient and the saved inputs,
-    ``dx`` into the given buffer if any; ``dbias`` is None without a bias."""
+    """Launch the backward kernel: ``(dx, dbias)`` from the upstream gradient and the saved inputs;
+    ``dbias`` is None without a bias."""
     _check_inputs(x, bias)
-    bias = _unit_stride(bias)
-    dy_ok = isinstance(dy, torch.Tensor) and dy.shape == x.shape and dy.device == x.device
-    if not dy_ok or dy.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"gelu backward: dy must be a float tensor shaped like x {tuple(x.shape)} on {x.device}, got "
-            + (f"{dy.dtype} {tuple(dy.shape)} on {dy.device}" if isinstance(dy, torch.Tensor) else type(dy).__name__)
-        )
-    if dx is None:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _check_out(dx, x, "dx")
+    bias = unit_stride(bias)
+    check_tensor("gelu backward", "dy", dy, f"a float tensor shaped like x {tuple(x.shape)} on {x.device}",
+                 shape=x.shape, device=x.device)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_cols = x.shape[-1] if x.dim() else 1
     if x.numel() == 0:
         return dx, (torch.zeros_like(bias) if bias is not None else None)
 
-    x2, dy2, dx2 = _rows(x, n_cols), _rows(dy, n_cols), dx.view(-1, n_cols)
+    x2, dy2, dx2 = rows(x, n_cols), rows(dy, n_cols), dx.view(-1, n_cols)
     n_rows = x2.shape[0]
     block_m, block_n = _block_shape(n_rows, n_cols)
     row_tiles, col_blocks = cdiv(n_rows, block_m), cdiv(n_cols, block_n)

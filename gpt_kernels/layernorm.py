@@ -1,12 +1,11 @@
 """LayerNorm over the last dimension, with an optional fused residual add.
 
-``layer_norm(x, weight, bias, eps, residual=None)``: with ``residual`` it returns
-``(layer_norm(x + residual), x + residual)``, the pre-norm block's add-then-norm in one call.
+``layernorm(x, weight, bias, eps, residual=None)``: with ``residual`` it returns
+``(layernorm(x + residual), x + residual)``, the pre-norm block's add-then-norm in one call.
 
-Public: ``layer_norm`` (the differentiable custom ops ``gpt_triton::layer_norm`` and
+Public: ``layernorm`` (the differentiable custom ops ``gpt_triton::layer_norm`` and
 ``gpt_triton::layer_norm_residual``, backward ``gpt_triton::layer_norm_backward``),
-``layer_norm_forward`` / ``layer_norm_backward`` (the launchers, which take optional preallocated
-output buffers) and ``layer_norm_reference``.
+``layernorm_forward`` / ``layernorm_backward`` (the launchers) and ``layernorm_reference``.
 
 Dtypes (custom ops are not autocast-aware; in the model, under bf16 autocast, ``x`` is a linear's
 bf16 output, ``residual`` the fp32 stream and the parameters fp32):
@@ -53,9 +52,11 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
+from gpt_kernels.common import (
+    FLOAT_DTYPES as SUPPORTED_DTYPES, check_same_device, check_tensor, describe, require_triton, rows, unit_stride,
+)
 from gpt_kernels.host import cdiv, next_power_of_2
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 65536
 
 # Tile sizes and warps, picked from the row width (no autotuning: the first training step must not
@@ -203,10 +204,6 @@ def _sum_partials_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _describe(t) -> str:
-    return f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def stream_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
     """The dtype of the stream that is normalized (and of the output): ``x``'s, or that of ``x + residual``."""
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -215,35 +212,22 @@ def stream_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dty
 def _check_inputs(x, weight, bias, eps, residual, out_dtype=None) -> None:
     """ValueError for anything the kernels cannot take, saying what was expected."""
     if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"layer_norm: out_dtype must be None, float32, float16 or bfloat16, got {out_dtype}")
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"layer_norm: x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"layer_norm: x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise ValueError(f"layernorm: out_dtype must be None, float32, float16 or bfloat16, got {out_dtype}")
+    check_tensor("layernorm", "x", x, "a float32, float16 or bfloat16 tensor")
     if x.dim() == 0 or x.shape[-1] == 0 or x.shape[-1] > MAX_WIDTH:
         raise ValueError(
-            f"layer_norm: x must have a last dimension (the one normalized) of 1 to {MAX_WIDTH} elements, "
+            f"layernorm: x must have a last dimension (the one normalized) of 1 to {MAX_WIDTH} elements, "
             f"got shape {tuple(x.shape)}"
         )
-    if not registry.triton_runs_on(x.device):
-        raise ValueError(
-            f"layer_norm: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before import for CPU), "
-            f"got x on {x.device}"
-        )
+    require_triton("layernorm", x.device, "x")
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"layer_norm: eps must be a non-negative number, got {eps!r}")
+        raise ValueError(f"layernorm: eps must be a non-negative number, got {eps!r}")
     if residual is not None:
-        if not isinstance(residual, torch.Tensor) or residual.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"layer_norm: residual must be a float32, float16 or bfloat16 tensor or None, got {_describe(residual)}"
-            )
-        if residual.device != x.device:
-            raise ValueError(
-                f"layer_norm: residual is on {residual.device} but x is on {x.device}; both must be on the same device"
-            )
+        check_tensor("layernorm", "residual", residual, "a float32, float16 or bfloat16 tensor or None")
+        check_same_device("layernorm", "residual", residual, "x", x)
         if residual.shape != x.shape:
             raise ValueError(
-                f"layer_norm: residual must have x's shape {tuple(x.shape)} (no broadcasting), "
+                f"layernorm: residual must have x's shape {tuple(x.shape)} (no broadcasting), "
                 f"got {tuple(residual.shape)}"
             )
     normalized = stream_dtype(x, residual)
@@ -252,45 +236,18 @@ def _check_inputs(x, weight, bias, eps, residual, out_dtype=None) -> None:
         if param is None:
             continue
         if not isinstance(param, torch.Tensor):
-            raise ValueError(f"layer_norm: {name} must be a tensor or None, got {type(param).__name__}")
-        if param.device != x.device:
-            raise ValueError(
-                f"layer_norm: {name} is on {param.device} but x is on {x.device}; both must be on the same device"
-            )
+            raise ValueError(f"layernorm: {name} must be a tensor or None, got {type(param).__name__}")
+        check_same_device("layernorm", name, param, "x", x)
         if param.dim() != 1 or param.shape[0] != x.shape[-1]:
             raise ValueError(
-                f"layer_norm: {name} must be 1-D with x's last dimension, i.e. shape ({x.shape[-1]},); "
+                f"layernorm: {name} must be 1-D with x's last dimension, i.e. shape ({x.shape[-1]},); "
                 f"got {name} {tuple(param.shape)} for x {tuple(x.shape)}"
             )
         if param.dtype not in allowed:
             raise ValueError(
-                f"layer_norm: {name} must be {' or '.join(sorted(str(d) for d in allowed))} (the normalized stream's "
+                f"layernorm: {name} must be {' or '.join(sorted(str(d) for d in allowed))} (the normalized stream's "
                 f"dtype, or fp32 parameters under autocast), got {param.dtype}"
             )
-
-
-def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """``t`` as a (rows, n_cols) matrix with unit column stride: a view when the strides allow it
-    (e.g. a column slice keeps its row stride), a contiguous copy otherwise."""
-    matrix = t.reshape(-1, n_cols)
-    return matrix if matrix.stride(1) == 1 or n_cols == 1 else matrix.contiguous()
-
-
-def _unit_stride(param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``weight``/``bias`` as the kernels read them, at consecutive addresses: a strided view (a
-    column of a matrix, an expanded scalar) is copied, a contiguous one (the usual case) is not."""
-    return param.contiguous() if param is not None else None
-
-
-def _check_out(out: torch.Tensor, shape, dtype: torch.dtype, device: torch.device, name: str) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"layer_norm: {name} must be a tensor, got {type(out).__name__}")
-    if out.shape != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        layout = "" if out.is_contiguous() else "a non-contiguous "
-        raise ValueError(
-            f"layer_norm: {name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, "
-            f"got {layout}{out.dtype} {tuple(out.shape)} on {out.device}"
-        )
 
 
 def _tile(n_rows: int, n_cols: int, tile_elements: int, warp_elements: int) -> tuple[int, int, int]:
@@ -312,38 +269,30 @@ def _max_backward_programs(device: torch.device) -> int:
     return INTERPRETER_BACKWARD_PROGRAMS
 
 
-def layer_norm_forward(
+def layernorm_forward(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     eps: float = 1e-5,
     residual: Optional[torch.Tensor] = None,
-    out: Optional[torch.Tensor] = None,
-    stream_out: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: ``(y, stream, mean, rstd)``. ``stream`` is ``x + residual``
     (None without a residual), ``y`` its LayerNorm in ``out_dtype`` (default: the stream's),
-    ``mean``/``rstd`` fp32 of shape ``x.shape[:-1]``. ``y`` and ``stream`` go into ``out`` /
-    ``stream_out`` when given."""
+    ``mean``/``rstd`` fp32 of shape ``x.shape[:-1]``."""
     _check_inputs(x, weight, bias, eps, residual, out_dtype)
-    weight, bias = _unit_stride(weight), _unit_stride(bias)
+    weight, bias = unit_stride(weight), unit_stride(bias)
     dtype = stream_dtype(x, residual)
-    if out is None:
-        out = torch.empty(x.shape, dtype=out_dtype or dtype, device=x.device)
-    _check_out(out, x.shape, out_dtype or dtype, x.device, "out")
-    stream = None
-    if residual is not None:
-        stream = torch.empty(x.shape, dtype=dtype, device=x.device) if stream_out is None else stream_out
-        _check_out(stream, x.shape, dtype, x.device, "stream_out")
+    out = torch.empty(x.shape, dtype=out_dtype or dtype, device=x.device)
+    stream = torch.empty(x.shape, dtype=dtype, device=x.device) if residual is not None else None
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return out, stream, mean, rstd
 
     n_cols = x.shape[-1]
-    x2, y2 = _rows(x, n_cols), out.view(-1, n_cols)
-    residual2 = _rows(residual, n_cols) if residual is not None else x2
+    x2, y2 = rows(x, n_cols), out.view(-1, n_cols)
+    residual2 = rows(residual, n_cols) if residual is not None else x2
     stream2 = stream.view(-1, n_cols) if stream is not None else y2
     n_rows = x2.shape[0]
     block_m, block_n, num_warps = _tile(n_rows, n_cols, FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS)
@@ -357,7 +306,7 @@ def layer_norm_forward(
     return out, stream, mean, rstd
 
 
-def layer_norm_backward(
+def layernorm_backward(
     dy: torch.Tensor,
     stream: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -367,8 +316,6 @@ def layer_norm_backward(
     dstream: Optional[torch.Tensor] = None,
     x_dtype: Optional[torch.dtype] = None,
     residual_dtype: Optional[torch.dtype] = None,
-    dx: Optional[torch.Tensor] = None,
-    dresidual: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the backward kernel: ``(dx, dresidual, dweight, dbias)``.
 
@@ -376,47 +323,37 @@ def layer_norm_backward(
     of ``y`` and ``dstream`` (optional) the gradient reaching the stream output directly. ``dx`` is
     the stream's whole gradient in ``x_dtype`` (default: the stream's); ``dresidual`` the same
     values in ``residual_dtype``, written only when that is given (else None); ``dweight``/``dbias``
-    are None without a weight/bias. ``dx`` and ``dresidual`` go into the given buffers if any."""
+    are None without a weight/bias."""
     _check_inputs(stream, weight, bias, 0.0, None)
-    weight, bias = _unit_stride(weight), _unit_stride(bias)
+    weight, bias = unit_stride(weight), unit_stride(bias)
     for name, grad in (("dy", dy), ("dstream", dstream)):
-        if grad is None and name == "dstream":
-            continue
-        if not isinstance(grad, torch.Tensor) or grad.shape != stream.shape or grad.device != stream.device \
-                or grad.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"layer_norm backward: {name} must be a float tensor shaped like the stream "
-                f"{tuple(stream.shape)} on {stream.device}, got {_describe(grad)}"
-            )
+        if grad is not None or name == "dy":
+            check_tensor("layernorm backward", name, grad, f"a float tensor shaped like the stream "
+                         f"{tuple(stream.shape)} on {stream.device}", shape=stream.shape, device=stream.device)
     for name, stat in (("mean", mean), ("rstd", rstd)):
         if not isinstance(stat, torch.Tensor) or stat.shape != stream.shape[:-1] or stat.dtype != torch.float32 \
                 or stat.device != stream.device or not stat.is_contiguous():
             raise ValueError(
-                f"layer_norm backward: {name} must be a contiguous float32 tensor of shape {tuple(stream.shape[:-1])} "
-                f"on {stream.device} (as the forward returns it), got {_describe(stat)}"
+                f"layernorm backward: {name} must be a contiguous float32 tensor of shape {tuple(stream.shape[:-1])} "
+                f"on {stream.device} (as the forward returns it), got {describe(stat)}"
             )
     for name, dtype in (("x_dtype", x_dtype), ("residual_dtype", residual_dtype)):
         if dtype is not None and dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"layer_norm backward: {name} must be float32, float16 or bfloat16, got {dtype}")
+            raise ValueError(f"layernorm backward: {name} must be float32, float16 or bfloat16, got {dtype}")
 
     x_dtype = x_dtype or stream.dtype
-    if dx is None:
-        dx = torch.empty(stream.shape, dtype=x_dtype, device=stream.device)
-    _check_out(dx, stream.shape, x_dtype, stream.device, "dx")
+    dx = torch.empty(stream.shape, dtype=x_dtype, device=stream.device)
+    dresidual = None
     if residual_dtype is not None:
-        if dresidual is None:
-            dresidual = torch.empty(stream.shape, dtype=residual_dtype, device=stream.device)
-        _check_out(dresidual, stream.shape, residual_dtype, stream.device, "dresidual")
-    else:
-        dresidual = None
+        dresidual = torch.empty(stream.shape, dtype=residual_dtype, device=stream.device)
     n_cols = stream.shape[-1]
     n_params = (weight is not None) + (bias is not None)
     if stream.numel() == 0:
         zeros = [torch.zeros_like(p) if p is not None else None for p in (weight, bias)]
         return dx, dresidual, *zeros
 
-    stream2, dy2, dx2 = _rows(stream, n_cols), _rows(dy, n_cols), dx.view(-1, n_cols)
-    dstream2 = _rows(dstream, n_cols) if dstream is not None else dy2
+    stream2, dy2, dx2 = rows(stream, n_cols), rows(dy, n_cols), dx.view(-1, n_cols)
+    dstream2 = rows(dstream, n_cols) if dstream is not None else dy2
     dresidual2 = dresidual.view(-1, n_cols) if dresidual is not None else dx2
     n_rows = stream2.shape[0]
     block_m, block_n, num_warps = _tile(n_rows, n_cols, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS)
@@ -452,7 +389,7 @@ def _layer_norm_op(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
     out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, _, mean, rstd = layer_norm_forward(x, weight, bias, eps, out_dtype=out_dtype)
+    y, _, mean, rstd = layernorm_forward(x, weight, bias, eps, out_dtype=out_dtype)
     return y, mean, rstd
 
 
@@ -467,7 +404,7 @@ def _layer_norm_residual_op(
     x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
     out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_forward(x, weight, bias, eps, residual, out_dtype=out_dtype)
+    return layernorm_forward(x, weight, bias, eps, residual, out_dtype=out_dtype)
 
 
 @_layer_norm_residual_op.register_fake
@@ -492,7 +429,7 @@ def _layer_norm_backward_op(
     x_dtype: torch.dtype,
     residual_dtype: Optional[torch.dtype],
 ) -> list[torch.Tensor]:
-    grads = layer_norm_backward(dy, stream, weight, bias, mean, rstd, dstream, x_dtype, residual_dtype)
+    grads = layernorm_backward(dy, stream, weight, bias, mean, rstd, dstream, x_dtype, residual_dtype)
     return [g for g in grads if g is not None]
 
 
@@ -561,9 +498,9 @@ def output_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dty
     return stream_dtype(x, residual)
 
 
-def layer_norm(x, weight, bias, eps=1e-5, residual=None):
+def layernorm(x, weight, bias, eps=1e-5, residual=None):
     """Triton LayerNorm over the last dimension: ``y``, or with ``residual`` the pair
-    ``(layer_norm(x + residual), x + residual)``; differentiable in every tensor. See the module doc
+    ``(layernorm(x + residual), x + residual)``; differentiable in every tensor. See the module doc
     for dtypes (``y`` in the autocast dtype under autocast). Bad inputs raise ValueError before
     anything is launched."""
     _check_inputs(x, weight, bias, eps, residual)
@@ -574,7 +511,7 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     return y, stream
 
 
-def layer_norm_reference(x, weight, bias, eps=1e-5, residual=None):
+def layernorm_reference(x, weight, bias, eps=1e-5, residual=None):
     """PyTorch reference with the Triton op's dtype contract: the sum ``x + residual`` in
     ``promote_types(x, residual)`` (PyTorch adds in fp32 and rounds once); the normalization in fp32
     (or float64 for float64 inputs) with the parameters upcast, so fp32 parameters may meet an
@@ -591,4 +528,4 @@ def layer_norm_reference(x, weight, bias, eps=1e-5, residual=None):
     return (y, x) if residual is not None else y
 
 
-registry.register("layernorm", reference=layer_norm_reference, triton=layer_norm)
+registry.register("layernorm", reference=layernorm_reference, triton=layernorm)

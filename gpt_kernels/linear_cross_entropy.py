@@ -48,9 +48,8 @@ from typing import Optional
 import torch
 
 from gpt_kernels import registry
+from gpt_kernels.common import check_tensor, require_triton
 from gpt_kernels.cross_entropy import (
-    SUPPORTED_DTYPES,
-    _describe,
     backward_scale,
     check_options,
     check_targets,
@@ -190,11 +189,8 @@ def check_inputs(hidden, weight, targets, ignore_index, reduction, label_smoothi
                                   or (isinstance(weight, torch.Tensor) and n_classes > weight.shape[0])):
         rows = weight.shape[0] if isinstance(weight, torch.Tensor) else "V"
         raise ValueError(f"{op}: n_classes must be None (every weight row) or an int in [1, {rows}], got {n_classes!r}")
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{op}: {name} must be a 2-D tensor ({'(N, C)' if name == 'hidden' else '(V, C)'}), got {_describe(t)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    for name, t, shape in (("hidden", hidden, "(N, C)"), ("weight", weight, "(V, C)")):
+        check_tensor(op, name, t, f"a 2-D {shape} float32, float16 or bfloat16 tensor", dim=2)
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"{op}: hidden (N, C) and weight (V, C) must share C, got hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}"
@@ -208,11 +204,7 @@ def check_inputs(hidden, weight, targets, ignore_index, reduction, label_smoothi
             f"{op}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must have one dtype outside autocast "
             f"(under autocast the matmul runs in the autocast dtype)"
         )
-    if not registry.triton_runs_on(hidden.device):
-        raise ValueError(
-            f"{op}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before import for CPU), "
-            f"got hidden on {hidden.device}"
-        )
+    require_triton(op, hidden.device, "hidden")
     check_targets(op, targets, hidden.shape[0], hidden.device)
     check_options(op, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):

@@ -12,32 +12,27 @@ A requested Triton kernel still falls back to its reference when it cannot run: 
 Triton version yet, or the tensors live on the CPU and Triton's interpreter is off. Each
 fallback is reported once (a warning), and :func:`report` prints the whole table.
 
-Callers reach ops through ``ops``: ``ops.layer_norm(x, w, b)`` picks the implementation from the
-switch and the device of its first tensor argument at call time, so a model never changes when
-a kernel is swapped.
+Each op module registers itself once (:func:`register`): its name, its reference, its Triton
+version and how to find a call's device. That one entry is the op everywhere: the spec's names, the
+report's rows, ``ops.<name>``, and ``gpt_kernels.<name>`` / ``<name>_reference`` (the package exports
+what was registered, in the order ``gpt_kernels/__init__.py`` imports the op modules: the order of
+every table we print).
+
+Callers reach ops through ``ops``: ``ops.layernorm(x, w, b)`` picks the implementation from the
+switch and the device of the call (its first tensor argument, by default) at call time, so a model
+never changes when a kernel is swapped.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-
-# Registry name -> the public function's name. The order is the order of every table we print.
-OP_FUNCTIONS = {
-    "layernorm": "layer_norm",
-    "attention": "attention",
-    "gelu": "gelu",
-    "cross_entropy": "cross_entropy",
-    "linear_cross_entropy": "linear_cross_entropy",
-    "adamw": "AdamW",
-    "decode_attention": "decode_attention",
-}
-OPS = tuple(OP_FUNCTIONS)
 
 # Triton picks its interpreter when a kernel is *decorated*, so what counts is the setting
 # at the time the kernel modules were imported, not whatever the environment says later.
@@ -59,18 +54,42 @@ def _interpreter_problem() -> str | None:
 INTERPRETER_PROBLEM = _interpreter_problem() if TRITON_INTERPRETER else None
 
 
+def first_tensor_device(args, kwargs) -> torch.device:
+    """The device of a call: that of its first tensor argument (or first tensor of a list argument)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+            return value[0].device
+    raise TypeError("cannot tell the device of this call: no tensor argument")
+
+
+def params_device(args, kwargs) -> torch.device:
+    """The device of an optimizer's first parameter, given tensors or param-group dicts (as torch.optim takes)."""
+    params = args[0] if args else kwargs.get("params", [])
+    for item in params:
+        group = item["params"] if isinstance(item, dict) else [item]
+        for param in [group] if isinstance(group, torch.Tensor) else group:
+            return param.device
+    raise ValueError("optimizer got an empty parameter list")
+
+
 @dataclass
 class _Entry:
     reference: Callable
     triton: Callable | None = None
+    device_of: Callable = first_tensor_device  # (args, kwargs) -> the device this call runs on
     # Other entry points of the same op, switched with it: name -> (reference, triton).
-    variants: dict[str, tuple[Callable, Callable | None]] | None = None
+    variants: dict[str, tuple[Callable, Callable | None]] = field(default_factory=dict)
     # A choice inside the Triton version worth naming in the report (e.g. attention's backward).
     note: Callable[[], str] | None = None
 
 
-_entries: dict[str, _Entry] = {}
-_requested: frozenset[str] = frozenset(OPS)
+_entries: dict[str, _Entry] = {}  # in registration order: the order of every table
+OPS: tuple[str, ...] = ()
+_entry_points: dict[str, tuple[str, str | None]] = {}  # ops.<name> -> (op, variant or None)
+_spec: str | None = os.environ.get("GPT_KERNELS")  # checked once the op modules registered (gpt_kernels/__init__)
+_requested: frozenset[str] | None = None  # parsed from _spec on first use
 _warned: set[tuple[str, str]] = set()
 _assume_triton_runs = False  # set by assume_triton_runs(): the ledger's fake tensors stand in for CUDA ones
 _unit_loss_gradient = False
@@ -79,15 +98,28 @@ _costs: dict[str, Callable] = {}
 
 
 def register(op: str, *, reference: Callable, triton: Callable | None = None,
+             device_of: Callable = first_tensor_device,
              variants: dict[str, tuple[Callable, Callable | None]] | None = None,
              note: Callable[[], str] | None = None) -> None:
-    """Called once by each op module: its reference, and its Triton version where one exists;
-    ``variants`` are other entry points of the op (e.g. attention over packed q/k/v), each a
-    (reference, triton) pair that follows the op's switch; ``note()`` names a choice inside the
-    Triton version, shown by :func:`report`."""
-    if op not in OP_FUNCTIONS:
-        raise ValueError(f"unknown op {op!r}; the registry knows {', '.join(OPS)}")
-    _entries[op] = _Entry(reference=reference, triton=triton, variants=variants, note=note)
+    """Called once by each op module, at its end: the op's name (the spec's, ``ops.<name>``'s and the
+    public function's), its reference, its Triton version where one exists, and ``device_of(args,
+    kwargs)``, the device a call runs on. ``variants`` are other entry points of the op (attention
+    over packed q/k/v), each a (reference, triton) pair reached as ``ops.<variant>`` that follows the
+    op's switch; ``note()`` names a choice inside the Triton version, shown by :func:`report`."""
+    global OPS, _requested
+    if op in _entries:
+        raise ValueError(f"op {op!r} is registered twice")
+    _entries[op] = _Entry(reference, triton, device_of, dict(variants or {}), note)
+    _entry_points[op] = (op, None)
+    _entry_points.update({variant: (op, variant) for variant in variants or {}})
+    OPS = tuple(_entries)
+    _requested = None  # "all" now includes this op
+
+
+def entry_points() -> dict[str, tuple[Callable, Callable | None]]:
+    """Every registered public name -> (reference, triton): each op and each of its variants."""
+    return {name: (_entries[op].variants[variant] if variant else (_entries[op].reference, _entries[op].triton))
+            for name, (op, variant) in _entry_points.items()}
 
 
 def register_cost(custom_op: str, cost: Callable) -> None:
@@ -169,7 +201,7 @@ def parse_kernels(spec: str | None) -> frozenset[str]:
             if remove:
                 raise ValueError(f"kernel spec {spec!r}: '-none' means nothing; use 'all'")
             chosen.clear()
-        elif name in OP_FUNCTIONS:
+        elif name in _entries:
             names = {name}
         else:
             raise ValueError(
@@ -182,25 +214,32 @@ def parse_kernels(spec: str | None) -> frozenset[str]:
 
 def set_kernels(spec: str | None) -> frozenset[str]:
     """Switch the given ops onto Triton and every other op onto its reference; returns the set."""
-    global _requested
+    global _spec, _requested
     _requested = parse_kernels(spec)
+    _spec = spec
     return _requested
 
 
 def requested_kernels() -> frozenset[str]:
+    global _requested
+    if _requested is None:
+        _requested = parse_kernels(_spec)
     return _requested
 
 
 @contextlib.contextmanager
 def use_kernels(spec: str | None) -> Iterator[frozenset[str]]:
     """``with use_kernels("none"): ...`` runs the block on the references, then restores the switches."""
-    global _requested
-    saved = _requested
-    _requested = parse_kernels(spec)
+    saved = _spec, _requested
     try:
-        yield _requested
+        yield set_kernels(spec)
     finally:
-        _requested = saved
+        _set_state(*saved)
+
+
+def _set_state(spec, requested) -> None:
+    global _spec, _requested
+    _spec, _requested = spec, requested
 
 
 def triton_runs_on(device: torch.device | str) -> bool:
@@ -213,7 +252,7 @@ def triton_runs_on(device: torch.device | str) -> bool:
 def implementation(op: str, device: torch.device | str) -> tuple[str, str]:
     """('triton' | 'torch', why) for ``op`` on ``device`` under the current switches."""
     entry = _entries[op]
-    if op not in _requested:
+    if op not in requested_kernels():
         return "torch", "switched off"
     if entry.triton is None:
         return "torch", "no Triton kernel yet"
@@ -224,6 +263,11 @@ def implementation(op: str, device: torch.device | str) -> tuple[str, str]:
     if torch.device(device).type == "cpu":
         return "triton", "Triton interpreter (CPU, slow: for testing)"
     return "triton", "Triton kernel"
+
+
+def has_triton(op: str) -> bool:
+    """Whether ``op`` has a Triton kernel at all."""
+    return _entries[op].triton is not None
 
 
 def is_triton(op: str, device: torch.device | str) -> bool:
@@ -238,7 +282,7 @@ def resolve(op: str, device: torch.device | str, variant: str | None = None) -> 
     reference, triton = entry.variants[variant] if variant else (entry.reference, entry.triton)
     if impl == "triton":
         return triton
-    if op in _requested and (op, why) not in _warned:
+    if op in requested_kernels() and (op, why) not in _warned:
         _warned.add((op, why))
         warnings.warn(f"kernel {op!r} asked on Triton runs its PyTorch reference: {why}", stacklevel=3)
     return reference
@@ -257,53 +301,24 @@ def report(device: torch.device | str) -> str:
     return "\n".join(lines)
 
 
-def _first_device(args, kwargs) -> torch.device:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value.device
-        if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
-            return value[0].device
-    raise TypeError("cannot tell the device of this call: no tensor argument")
-
-
-def _params_device(params) -> torch.device:
-    """The device of the first parameter, given tensors or param-group dicts (as torch.optim takes)."""
-    for item in params:
-        group = item["params"] if isinstance(item, dict) else [item]
-        for param in [group] if isinstance(group, torch.Tensor) else group:
-            return param.device
-    raise ValueError("optimizer got an empty parameter list")
-
-
 class _Ops:
-    """``ops.layer_norm(...)`` etc.: each call runs the implementation the switches pick for its device."""
+    """``ops.<name>(...)`` for every registered op and variant: each call runs the implementation the
+    switches pick for the call's device."""
 
-    def layer_norm(self, *args, **kwargs):
-        return resolve("layernorm", _first_device(args, kwargs))(*args, **kwargs)
+    def __getattr__(self, name: str) -> Callable:
+        if name not in _entry_points:
+            raise AttributeError(f"ops has no op {name!r}; registered: {', '.join(_entry_points)}")
+        op, variant = _entry_points[name]
+        device_of = _entries[op].device_of
 
-    def attention(self, *args, **kwargs):
-        return resolve("attention", _first_device(args, kwargs))(*args, **kwargs)
+        def call(*args, **kwargs):
+            if args and isinstance(args[0], collections.abc.Iterator):
+                args = (list(args[0]), *args[1:])  # a one-shot iterable (model.parameters()) is read twice
+            return resolve(op, device_of(args, kwargs), variant)(*args, **kwargs)
 
-    def attention_qkv(self, *args, **kwargs):
-        return resolve("attention", _first_device(args, kwargs), "attention_qkv")(*args, **kwargs)
-
-    def gelu(self, *args, **kwargs):
-        return resolve("gelu", _first_device(args, kwargs))(*args, **kwargs)
-
-    def cross_entropy(self, *args, **kwargs):
-        return resolve("cross_entropy", _first_device(args, kwargs))(*args, **kwargs)
-
-    def linear_cross_entropy(self, *args, **kwargs):
-        return resolve("linear_cross_entropy", _first_device(args, kwargs))(*args, **kwargs)
-
-    def decode_attention(self, *args, **kwargs):
-        return resolve("decode_attention", _first_device(args, kwargs))(*args, **kwargs)
-
-    def AdamW(self, params, *args, **kwargs):
-        params = list(params)
-        return resolve("adamw", _params_device(params))(params, *args, **kwargs)
+        call.__name__ = call.__qualname__ = name
+        setattr(self, name, call)  # later lookups skip __getattr__
+        return call
 
 
 ops = _Ops()
-
-set_kernels(os.environ.get("GPT_KERNELS"))

@@ -30,7 +30,7 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _full_fp32_matmuls():
-    # fp32 tolerances (tests/numerics.py) assume IEEE fp32 products; TF32, which training switches
+    # fp32 tolerances (tests/compare.py) assume IEEE fp32 products; TF32, which training switches
     # on for CUDA, must not leak from one test into the next.
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -10,7 +10,7 @@ from conftest import DEVICE
 from gpt.model import GPT, GPTConfig
 from gpt.training import fused_loss_on
 from gpt_kernels.registry import is_triton, use_kernels
-from numerics import assert_close
+from compare import assert_close
 
 # Small enough for Triton's interpreter, yet with GPT-2's shape rules: a padded vocabulary
 # (1000 -> 1024), several heads of width 16, biases, two blocks to chain the fused residual adds.

@@ -8,10 +8,11 @@ Tolerances: the update is torch's, operation for operation, in fp32 with IEEE sq
 what differs is contraction into fused multiply-adds (torch's lerp uses one; our step kernel none,
 on the GPU as in the interpreter), a last-bit difference per operation. Over 50 steps parameters
 and moments stay within ``STEP_RTOL`` (1e-6) of torch's, relative to each tensor's largest value,
-as ``numerics`` measures.
+as ``compare`` measures.
 """
 
 import copy
+import importlib
 import io
 import math
 import re
@@ -19,16 +20,15 @@ import re
 import pytest
 import torch
 
-import gpt_kernels.adamw as adamw_module
-from bench.bench_adamw import run as run_bench
-from bench.common import BenchContext
 from conftest import DEVICE
-from hopper import run_compile_script
+from hopper import Build, compile_for_hopper, count
 from gpt_kernels import registry
-from gpt_kernels.adamw import AdamW, AdamW_reference
+from gpt_kernels.adamw import AdamW, TorchAdamW
 from gpt_kernels.registry import ops, use_kernels
 from gpt_kernels.tolerances import ADAMW_STEP_RTOL as STEP_RTOL
-from numerics import RTOL, relative_error
+from compare import RTOL, relative_error
+
+adamw_module = importlib.import_module("gpt_kernels.adamw")  # the module, not the op
 
 # GPT-2's awkward sizes: a scalar-like 1, 3, 1000, and (cut down on the CPU) c_attn's 768x2304 and
 # the padded embedding's 50304x768. With CHUNK = 2 blocks of 1024 on the CPU, 37x71 is one full
@@ -49,6 +49,13 @@ def make_params(shapes=SHAPES, dtype=torch.float32):
 
 def clone_params(params):
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def optimizer_pair(n_shapes: int = 4):
+    """Parameters, their copies, our AdamW over the first and torch's (``torch_adamw``) over the copies."""
+    params = make_params(SHAPES[:n_shapes])
+    ref_params = clone_params(params)
+    return params, ref_params, AdamW(params), torch_adamw(ref_params)
 
 
 def three_groups(params):
@@ -84,7 +91,7 @@ def torch_adamw(params, **options):
 
 
 def error(actual, expected):
-    """numerics.relative_error, and 0 for empty tensors (which have no largest value)."""
+    """compare.relative_error, and 0 for empty tensors (which have no largest value)."""
     assert actual.shape == expected.shape
     return relative_error(actual, expected) if expected.numel() else 0.0
 
@@ -139,10 +146,7 @@ def test_fused_clipping_matches_clip_grad_norm_then_step():
 
 
 def test_clip_without_max_norm_only_measures():
-    params = make_params(SHAPES[:4])
-    ref_params = clone_params(params)
-    opt = AdamW(params)
-    ref = torch_adamw(ref_params)
+    params, ref_params, opt, ref = optimizer_pair()
     set_grads([params, ref_params])
     for max_norm in (None, 0.0):
         norm = opt.clip_grad_norm_(max_norm)
@@ -169,7 +173,7 @@ def test_non_finite_gradients_are_reported_and_the_step_skipped(bad):
     params = make_params(SHAPES[:4])
     ref_params = clone_params(params)
     opt = AdamW(params)
-    ref = AdamW_reference(ref_params, foreach=False)  # the reference has our defaults
+    ref = TorchAdamW(ref_params, foreach=False)  # the reference has our defaults
     for step in range(3):
         set_grads([params, ref_params])
         if step == 1:
@@ -188,10 +192,7 @@ def test_non_finite_gradients_are_reported_and_the_step_skipped(bad):
 
 
 def test_zero_grad_drops_a_pending_clip_scale():
-    params = make_params(SHAPES[:4])
-    ref_params = clone_params(params)
-    opt = AdamW(params)
-    ref = torch_adamw(ref_params)
+    params, ref_params, opt, ref = optimizer_pair()
     set_grads([params])
     opt.clip_grad_norm_(1e-3)  # a tiny max_norm: a stale scale would shrink the next step's gradients
     opt.zero_grad(set_to_none=True)
@@ -437,26 +438,10 @@ def test_bad_lr_from_a_schedule_raises_at_the_step():
         opt.step()
 
 
-def test_bad_params_and_grads_raise_value_error():
-    with pytest.raises(ValueError, match="float32, bfloat16 or float16, got torch.float64"):
-        AdamW([torch.nn.Parameter(torch.randn(3, device=DEVICE, dtype=torch.float64))])
-    with pytest.raises(ValueError, match="parameters must be contiguous"):
-        AdamW([torch.nn.Parameter(torch.randn(4, 6, device=DEVICE).t())])
-    with pytest.raises(ValueError, match="optimizer got an empty parameter list"):
-        AdamW([])
-    sparse = torch.nn.Parameter(torch.randn(5, 3, device=DEVICE))
-    sparse.grad = torch.randn(5, 3, device=DEVICE).to_sparse()
-    with pytest.raises(ValueError, match="does not support sparse gradients"):
-        AdamW([sparse]).step()
-
-
 def test_cached_tables_follow_replaced_parameters_and_state():
     """The pointer tables are cached by the tensors' addresses: a parameter whose ``.data`` is
     replaced, or moments replaced by ``load_state_dict``, are updated where they now live."""
-    params = make_params(SHAPES[:4])
-    ref_params = clone_params(params)
-    opt = AdamW(params)
-    ref = torch_adamw(ref_params)
+    params, ref_params, opt, ref = optimizer_pair()
     for step in range(3):
         set_grads([params, ref_params])
         if step == 1:
@@ -502,10 +487,10 @@ def test_state_dicts_of_unsupported_torch_options_are_refused(option):
 def test_registry_picks_the_triton_optimizer():
     params = make_params(SHAPES[:2])
     with use_kernels("adamw"):
-        assert isinstance(ops.AdamW(params, lr=1e-3), AdamW)
+        assert isinstance(ops.adamw(params, lr=1e-3), AdamW)
     with use_kernels("none"):
-        opt = ops.AdamW(params, lr=1e-3)
-        assert type(opt) is AdamW_reference
+        opt = ops.adamw(params, lr=1e-3)
+        assert type(opt) is TorchAdamW
 
 
 def test_tiny_gpt_trains_the_same_with_ours_and_torchs():
@@ -543,49 +528,35 @@ def test_tiny_gpt_trains_the_same_with_ours_and_torchs():
     assert relative_error(curves["adamw"], curves["none"]) <= 1e-5, (curves["adamw"], curves["none"])
 
 
-# Compiles the kernels for an H100 (sm_90) without one: Triton's bundled ptxas needs no GPU. Run in
-# a subprocess because this one decorated them for the interpreter.
-HOPPER_PTX = r"""
-import json, re
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import gpt_kernels.adamw as am
-
-def ptx(fn, constexprs, aligned, scalars=(), options=None):
-    names = fn.arg_names
-    signature = {n: "constexpr" if n in constexprs else dict(scalars).get(n, "*i64") for n in names}
-    for n in ("coef_ptr", "clip_scale_ptr", "partials_ptr", "norm_ptr"):
-        if n in signature:
-            signature[n] = "*fp32"
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                       attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    code = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options or {"num_warps": am.NUM_WARPS}).asm["ptx"]
-    ops = ("ld.global.v4", "st.global.v4", "div.rn.f32", "sqrt.rn.f32", "fma.rn.f32")
-    return {op: len(re.findall(re.escape(op), code)) for op in ops}
-
-tables = ["chunk_table_ptr", "tensor_table_ptr", "step_table_ptr", "clip_scale_ptr"]
-step = dict(ALIGNED=True, CAPTURABLE=False, HAS_CLIP_SCALE=True, STEP_ROW=am._STEP_ROW, COEF_ROW=am._COEF_ROW,
-            BLOCK=am.BLOCK)
-print(json.dumps({
-    "step fp32": ptx(am._adamw_kernel, dict(step, PARAM_DTYPE=tl.float32), tables, options=am.STEP_LAUNCH_OPTIONS),
-    "step bf16 capturable": ptx(am._adamw_kernel, dict(step, PARAM_DTYPE=tl.bfloat16, CAPTURABLE=True), tables,
-                                options=am.STEP_LAUNCH_OPTIONS),
-    "sum of squares": ptx(am._grad_sum_squares_kernel, dict(GRAD_DTYPE=tl.float32, BLOCK=am.BLOCK),
-                          ["chunk_table_ptr", "grad_table_ptr", "partials_ptr"]),
-    "finalize": ptx(am._finalize_norm_kernel, dict(HAS_MAX_NORM=True, BLOCK=am.FINALIZE_BLOCK), [],
-                    scalars=[("n_partials", "i32"), ("max_norm", "fp32")]),
-}))
-"""
-
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_with_vector_loads():
     """Full blocks use 16-byte vector loads and stores (the hints work through the pointer table),
     sqrt and division are IEEE-rounded, as torch's are, and the step has no fused multiply-add (see
     ``STEP_LAUNCH_OPTIONS``)."""
-    counts = run_compile_script(HOPPER_PTX)
+    import triton.language as tl
+
+    am = adamw_module
+    tables = ["chunk_table_ptr", "tensor_table_ptr", "step_table_ptr", "clip_scale_ptr"]
+    step = dict(ALIGNED=True, CAPTURABLE=False, HAS_CLIP_SCALE=True, STEP_ROW=am._STEP_ROW, COEF_ROW=am._COEF_ROW,
+                BLOCK=am.BLOCK)
+    # Pointers are int64 table entries, but for the fp32 scalars the kernels read directly.
+    types = {r"coef_ptr|clip_scale_ptr|partials_ptr|norm_ptr": "*fp32", "n_partials": "i32", "max_norm": "fp32"}
+    warps = dict(num_warps=am.NUM_WARPS)
+    built = compile_for_hopper({
+        "step fp32": Build("gpt_kernels.adamw", "_adamw_kernel", dict(step, PARAM_DTYPE=tl.float32), types, tables,
+                           am.STEP_LAUNCH_OPTIONS, "*i64"),
+        "step bf16 capturable": Build("gpt_kernels.adamw", "_adamw_kernel",
+                                      dict(step, PARAM_DTYPE=tl.bfloat16, CAPTURABLE=True), types, tables,
+                                      am.STEP_LAUNCH_OPTIONS, "*i64"),
+        "sum of squares": Build("gpt_kernels.adamw", "_grad_sum_squares_kernel",
+                                dict(GRAD_DTYPE=tl.float32, BLOCK=am.BLOCK), types,
+                                ["chunk_table_ptr", "grad_table_ptr", "partials_ptr"], warps, "*i64"),
+        "finalize": Build("gpt_kernels.adamw", "_finalize_norm_kernel", dict(HAS_MAX_NORM=True, BLOCK=am.FINALIZE_BLOCK),
+                          types, [], warps, "*i64"),
+    })
+    counts = {name: {op: count(re.escape(op), result["ptx"])
+                     for op in ("ld.global.v4", "st.global.v4", "div.rn.f32", "sqrt.rn.f32", "fma.rn.f32")}
+              for name, result in built.items()}
     for name in ("step fp32", "step bf16 capturable"):
         assert counts[name]["ld.global.v4"] >= 4 and counts[name]["st.global.v4"] >= 3, (name, counts[name])
         assert counts[name]["div.rn.f32"] > 0 and counts[name]["sqrt.rn.f32"] > 0, (name, counts[name])
@@ -594,17 +565,9 @@ def test_kernels_compile_for_hopper_with_vector_loads():
     assert counts["finalize"]["div.rn.f32"] > 0 and counts["finalize"]["sqrt.rn.f32"] > 0, counts["finalize"]
 
 
-def test_bench_quick_runs():
-    rows = run_bench(BenchContext(device="cpu", quick=True))
-    expected = {"torch foreach", "torch fused"} | ({"triton"} if registry.triton_runs_on("cpu") else set())
-    assert {row["impl"] for row in rows} == expected
-    assert {row["pass"] for row in rows} == {"step", "clip+step"}
-    assert all(row["median_ms"] > 0 and row["gb_per_s"] > 0 for row in rows)
-
-
 def test_reference_is_torchs_fused_adamw_on_cuda():
     """The ablations' "adamw off" baseline is torch's fastest AdamW where it exists."""
     param = torch.nn.Parameter(torch.randn(3, device=DEVICE))
-    reference = AdamW_reference([{"params": [param]}, {"params": [], "weight_decay": 0.0}])
+    reference = TorchAdamW([{"params": [param]}, {"params": [], "weight_decay": 0.0}])
     assert bool(reference.defaults["fused"]) == (DEVICE == "cuda")
-    assert AdamW_reference([param], foreach=False).defaults["fused"] in (None, False)
+    assert TorchAdamW([param], foreach=False).defaults["fused"] in (None, False)

@@ -3,7 +3,7 @@
 Expected values come from an explicit softmax in float64 computed from the same (rounded) inputs;
 ``attention_reference`` (F.scaled_dot_product_attention) is checked against it and against the
 op through autograd. Launchers write into NaN-poisoned buffers, so an element a kernel skips fails.
-Tolerances are numerics.RTOL per dtype (stated once there).
+Tolerances are compare.RTOL per dtype (stated once there).
 
 The issue's grid (B, H, T, D, causal, dtype) is too slow as a cross product in Triton's
 interpreter: on the CPU a greedy all-pairs subset covers every pair of values of any two factors
@@ -21,10 +21,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from bench.bench_attention import PASSES, run as run_bench
-from bench.common import BenchContext
 from conftest import DEVICE
-from hopper import run_compile_script
+from hopper import Build, compile_for_hopper
 from gpt.model import GPT
 from gpt_kernels import registry
 from gpt_kernels.attention import (
@@ -32,6 +30,7 @@ from gpt_kernels.attention import (
     SUPPORTED_HEAD_DIMS,
     AttentionConfig,
     Tile,
+    head_block,
     attention,
     attention_backward,
     attention_forward,
@@ -40,7 +39,7 @@ from gpt_kernels.attention import (
     attention_reference,
 )
 from model_parity import TINY, assert_model_parity
-from numerics import FLOAT_DTYPES, RTOL, assert_close, poisoned_like
+from compare import FLOAT_DTYPES, RTOL, assert_close, fresh_buffers_poisoned, poisoned_like
 
 # The module, not the function of the same name that gpt_kernels/__init__ exports (which
 # `import gpt_kernels.attention as ...` would give).
@@ -136,8 +135,8 @@ def test_grid_covers_every_pair():
 def test_forward_and_backward_match_float64(case):
     B, H, T, D, causal, dtype = (case[name] for name in ("B", "H", "T", "D", "causal", "dtype"))
     q, k, v, do = make_inputs(B, H, T, D, dtype)
-    lse_buffer = poisoned_like(torch.empty(B, H, T, device=DEVICE))
-    o, lse = attention_forward(q, k, v, causal, out=poisoned_like(q), lse=lse_buffer)
+    with fresh_buffers_poisoned():  # lse, and every other buffer the launchers allocate
+        o, lse = attention_forward(q, k, v, causal, out=poisoned_like(q))
     grads = attention_backward(
         do, q, k, v, o, lse, causal, dq=poisoned_like(q), dk=poisoned_like(q), dv=poisoned_like(q)
     )
@@ -194,14 +193,14 @@ def test_model_layout_strided_views(monkeypatch):
         return y, y.transpose(1, 2).reshape(B, T, C)
 
     copied = []
-    readable = attention_module._readable
+    readable = attention_module.last_dim_contiguous
 
     def spy(t):
         result = readable(t)
         copied.append(result is not t)
         return result
 
-    monkeypatch.setattr(attention_module, "_readable", spy)
+    monkeypatch.setattr(attention_module, "last_dim_contiguous", spy)
     o, y = block(attention, qkv)
     assert o.transpose(1, 2).is_contiguous()  # so the reshape above copied nothing
     y.backward(dy)
@@ -222,8 +221,8 @@ def test_packed_qkv_one_gradient_buffer(dtype, monkeypatch):
     qkv = torch.randn(B, T, 3 * C, device=DEVICE).to(dtype).requires_grad_()
     dy = torch.randn(B, T, C, device=DEVICE).to(dtype)
     copied = []
-    readable = attention_module._readable
-    monkeypatch.setattr(attention_module, "_readable", lambda t: copied.append(readable(t) is not t) or readable(t))
+    readable = attention_module.last_dim_contiguous
+    monkeypatch.setattr(attention_module, "last_dim_contiguous", lambda t: copied.append(readable(t) is not t) or readable(t))
     calls = []
     real_cat = torch.cat
     monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append("cat") or real_cat(*a, **k))
@@ -320,43 +319,6 @@ def test_empty_batch():
     assert o.shape == q.shape and torch.equal(q.grad, torch.zeros_like(q))
 
 
-def _x(*shape, dtype=torch.float32, device=DEVICE):
-    return torch.randn(shape, device=device).to(dtype)
-
-
-BAD_INPUTS = {
-    "mismatched_T": (lambda: attention(_x(1, 2, 8, 16), _x(1, 2, 9, 16), _x(1, 2, 8, 16)), "same (B, H, T, D) shape"),
-    "three_dims": (lambda: attention(*(_x(2, 8, 16),) * 3), "q must be a 4-D (B, H, T, D) tensor"),
-    "not_a_tensor": (lambda: attention(_x(1, 2, 8, 16), [0.0], _x(1, 2, 8, 16)), "k must be a 4-D"),
-    "head_dim_257": (lambda: attention(*(_x(1, 1, 4, 257),) * 3), "D = 257 is not supported; head dims run from 1 to 256"),
-    "head_dim_0": (lambda: attention(*(_x(1, 1, 4, 0),) * 3), "D = 0 is not supported"),
-    "mixed_dtypes": (
-        lambda: attention(_x(1, 2, 8, 16), _x(1, 2, 8, 16, dtype=torch.float16), _x(1, 2, 8, 16)),
-        "share one dtype, got q torch.float32, k torch.float16",
-    ),
-    "float64": (lambda: attention(*(_x(1, 2, 8, 16, dtype=torch.float64),) * 3), "float16, bfloat16 or float32"),
-    "mixed_devices": (
-        lambda: attention(_x(1, 2, 8, 16), _x(1, 2, 8, 16), _x(1, 2, 8, 16, device="meta")), "must be on one device"
-    ),
-    "nan_scale": (lambda: attention(*(_x(1, 2, 8, 16),) * 3, scale=float("nan")), "scale must be None"),
-    "out_dtype": (
-        lambda: attention_forward(*(_x(1, 2, 8, 16),) * 3, out=_x(1, 2, 8, 16, dtype=torch.float16)), "out must be"
-    ),
-    "lse_shape": (lambda: attention_forward(*(_x(1, 2, 8, 16),) * 3, lse=_x(1, 2, 9)), "lse must be a contiguous"),
-    "grad_shape": (
-        lambda: attention_backward(_x(1, 2, 8, 8), *(_x(1, 2, 8, 16),) * 4, _x(1, 2, 8)),
-        "dO (the output gradient) must be a torch.float32 tensor of shape (1, 2, 8, 16)",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_inputs_raise_value_error(case):
-    call, message = BAD_INPUTS[case]
-    with pytest.raises(ValueError, match=re.escape(message)):
-        call()
-
-
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a device where Triton cannot run beside one where it can")
 def test_cpu_tensors_rejected_on_gpu_build():
     x = torch.randn(1, 2, 8, 16)
@@ -406,111 +368,40 @@ def test_hopper_tiles(D, dtype, causal):
         assert_grads_close(grads, grads_ref, dtype, floor=1.0)
 
 
-# Compiles table entries for an H100 (sm_90a) without one, in a subprocess because this one decorated
-# the kernels for the interpreter: Triton's bundled ptxas and cuobjdump need no GPU. The interpreter
-# accepts code the compiler rejects, and the table's comment claims no register spills.
-HOPPER_CUBIN = r"""
-import json, os, re, subprocess, sys, tempfile
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import importlib
-am = importlib.import_module("gpt_kernels.attention")
-
-CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "CAUSAL", "DOT_PRECISION", "BLOCK_M", "BLOCK_N", "ATOMIC_DQ")
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-def arg_type(name, dtype):
-    if name in CONSTEXPRS:
-        return "constexpr"
-    if name in ("LSE", "DELTA", "DQ_ACC"):
-        return "*fp32"
-    if name.isupper() and name != "T_BUCKET":
-        return "*" + TYPES[dtype]
-    return "fp32" if name.endswith("scale") else "i32"
-
-def resources(fn, head_dim, dtype, causal, block_m, block_n, num_warps, num_stages, atomic_dq=False):
-    names = fn.arg_names
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=am.head_block(head_dim), CAUSAL=causal,
-                      DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
-                      ATOMIC_DQ=atomic_dq)
-    constexprs = {(names.index(k),): v for k, v in constexprs.items() if k in names}
-    # As the model's views are specialized at launch: 16-byte-aligned pointers and strides (without
-    # that, addressing alone makes dK/dV at head dim 128 spill), T no multiple of 16.
-    aligned = [n for n in names if arg_type(n, dtype).startswith("*") or n.startswith("stride")]
-    source = ASTSource(fn=fn, signature={n: arg_type(n, dtype) for n in names}, constexprs=constexprs,
-                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    cubin = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        dump = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
-    return {key: int(value) for key, value in re.findall(r"(REG|STACK):(\d+)", dump.stdout)}
-
-kernels = {"forward": am._attention_forward_kernel, "dkdv": am._attention_backward_dkdv_kernel,
-           "dq": am._attention_backward_dq_kernel}
-# Head dim 128 comes closest to the register limit (dK/dV ~250 of 255): every kernel of its causal
-# bf16 entry (tensor cores), and the dK/dV kernel of its other bf16 entry and of fp32 (FMA units).
-cases = [(name, 128, torch.bfloat16, True) for name in kernels]
-cases += [("dkdv", 128, torch.bfloat16, False), ("dkdv", 128, torch.float32, True)]
-# Head dim 256's half-height tiles, and head dims masked up to their block (96 on the 128 kernels).
-cases += [(name, 256, torch.bfloat16, True) for name in kernels] + [("dkdv", 256, torch.float32, True)]
-cases += [("forward", 64, torch.bfloat16, True), ("dkdv", 64, torch.bfloat16, True), ("dkdv", 64, torch.bfloat16, False)]
-cases += [(name, 96, torch.bfloat16, True) for name in kernels]
-report = {}
-for name, head_dim, dtype, causal in cases:
-    tile = getattr(am.HOPPER_CONFIGS[(am.head_block(head_dim), dtype, causal)], name)
-    report[f"{name} D{head_dim} {dtype} causal={causal} {tile}"] = resources(
-        kernels[name], head_dim, dtype, causal, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages)
-# The opt-in atomic-dQ backward's dK/dV kernel (one more GEMM and the atomics), on the same tiles.
-for head_dim in (64, 128):
-    tile = am.HOPPER_CONFIGS[(head_dim, torch.bfloat16, True)].dkdv
-    report[f"atomic dkdv D{head_dim} {tile}"] = resources(
-        kernels["dkdv"], head_dim, torch.bfloat16, True, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages,
-        atomic_dq=True)
-print(json.dumps(report))
-"""
-
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_table_compiles_for_hopper_without_spills():
-    report = run_compile_script(HOPPER_CUBIN)
-    for kernel, usage in report.items():
-        assert usage["STACK"] == 0, (kernel, usage)  # a stack frame here is spilled registers
-
-
-def test_opcheck():
-    q, k, v = (torch.randn(1, 2, 19, 16, device=DEVICE, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(torch.ops.gpt_triton.attention.default, (q, k, v, True, 0.25))
-    o, lse = attention_forward(q.detach(), k.detach(), v.detach(), True, 0.25)
-    do = torch.randn_like(q)
-    # The backward op has no autograd of its own (no double backward), so its inputs are detached.
-    torch.library.opcheck(
-        torch.ops.gpt_triton.attention_backward.default,
-        (do, q.detach(), k.detach(), v.detach(), o, lse, True, 0.25),
-    )
-
-
-def test_torch_compile_fullgraph():
-    # aot_eager on the CPU: it checks the op's fake and autograd registrations inside one graph
-    # without inductor's minutes of C++ compilation; the GPU compiles with inductor.
-    counter = CompileCounterWithBackend("inductor" if DEVICE == "cuda" else "aot_eager")
-    torch._dynamo.reset()
-
-    def loss(q, k, v):
-        return attention(q, k, v, causal=True).square().sum()
-
-    q, k, v = (torch.randn(1, 2, 24, 16, device=DEVICE) for _ in range(3))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    torch.compile(loss, fullgraph=True, backend=counter)(*leaves).backward()
-    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
-    assert counter.frame_count == 1 and "gpt_triton.attention" in called, called
-    eager = [t.clone().requires_grad_() for t in (q, k, v)]
-    loss(*eager).backward()
-    for name, compiled_leaf, eager_leaf in zip("qkv", leaves, eager):
-        assert_close(compiled_leaf.grad, eager_leaf.grad, torch.float32, f"compiled d{name}")
+    """Table entries build for an H100 (sm_90a) without spilling registers: the interpreter accepts
+    code the compiler rejects, and the table's comment claims no spills."""
+    kernels = {"forward": "_attention_forward_kernel", "dkdv": "_attention_backward_dkdv_kernel",
+               "dq": "_attention_backward_dq_kernel"}
+    types = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+    # Head dim 128 comes closest to the register limit (dK/dV ~250 of 255): every kernel of its causal
+    # bf16 entry (tensor cores), and the dK/dV kernel of its other bf16 entry and of fp32 (FMA units).
+    cases = [(name, 128, torch.bfloat16, True) for name in kernels]
+    cases += [("dkdv", 128, torch.bfloat16, False), ("dkdv", 128, torch.float32, True)]
+    # Head dim 256's half-height tiles, and head dims masked up to their block (96 on the 128 kernels).
+    cases += [(name, 256, torch.bfloat16, True) for name in kernels] + [("dkdv", 256, torch.float32, True)]
+    cases += [("forward", 64, torch.bfloat16, True), ("dkdv", 64, torch.bfloat16, True), ("dkdv", 64, torch.bfloat16, False)]
+    cases += [(name, 96, torch.bfloat16, True) for name in kernels]
+    # The opt-in atomic-dQ backward's dK/dV kernel (one more GEMM and the atomics), on the same tiles.
+    cases += [("dkdv", head_dim, torch.bfloat16, True, True) for head_dim in (64, 128)]
+    builds = {}
+    for name, head_dim, dtype, causal, *atomic in cases:
+        tile = getattr(HOPPER_CONFIGS[(head_block(head_dim), dtype, causal)], name)
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), CAUSAL=causal,
+                          DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                          BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
+        if name == "dkdv":
+            constexprs["ATOMIC_DQ"] = bool(atomic)
+        # As the model's views are specialized at launch: 16-byte-aligned pointers and strides (without
+        # that, addressing alone makes dK/dV at head dim 128 spill), T no multiple of 16.
+        label = f"{'atomic ' if atomic else ''}{name} D{head_dim} {dtype} causal={causal} {tile}"
+        builds[label] = Build(
+            "gpt_kernels.attention", kernels[name], constexprs,
+            {"LSE|DELTA|DQ_ACC": "*fp32", "T_BUCKET": "i32", "[A-Z][A-Z_]*": types[dtype], ".*scale": "fp32"},
+            ["(?!T_BUCKET)[A-Z][A-Z_]*", "stride.*"], dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+    for kernel, result in compile_for_hopper(builds).items():
+        assert result["stack_frame"] == result["spill_stores"] == 0, (kernel, result["registers"])
 
 
 def test_gpt_model_compiles_in_one_graph():
@@ -533,11 +424,6 @@ def test_registered_as_the_triton_attention():
     assert registry.resolve("attention", DEVICE) is attention
     with registry.use_kernels("none"):
         assert registry.resolve("attention", DEVICE) is attention_reference
-
-
-@pytest.mark.gpu_smoke
-def test_gpt_model_parity():
-    assert_model_parity("attention")
 
 
 def test_gpt_model_parity_head_dim_12():
@@ -570,11 +456,3 @@ def test_under_bf16_autocast():
     assert y.dtype == torch.bfloat16
     assert_close(y, explicit_attention(q, k, v, True)[0], torch.bfloat16, "y")
 
-
-def test_bench_quick_rows():
-    rows = run_bench(BenchContext(device="cpu", quick=True))
-    impls = {row["impl"] for row in rows}
-    assert "sdpa" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
-    assert {row["pass"] for row in rows} == set(PASSES)
-    for row in rows:
-        assert row["op"] == "attention" and row["median_ms"] > 0 and row["tflop_per_s"] > 0

@@ -24,7 +24,7 @@ from gpt.data import HEADER_INTS, SHARD_MAGIC, write_shard
 from gpt.generate import generate
 from gpt.model import GPT
 from gpt_kernels import registry
-from numerics import assert_close
+from compare import assert_close
 
 # A device that is not the tensors' own: on a CPU-only machine the meta device stands in for it.
 OTHER_DEVICE = "cpu" if DEVICE == "cuda" else "meta"
@@ -53,7 +53,7 @@ def _layernorm_cases():
     return [
         ("int x", lambda f: f(torch.ones(4, C, dtype=torch.int32, device=DEVICE), w, b), "float32, float16 or bfloat16"),
         ("float64 x", lambda f: f(rand(4, C, dtype=torch.float64), w, b), "float32, float16 or bfloat16"),
-        ("not a tensor", lambda f: f([1.0] * C, w, b), "x must be a tensor"),
+        ("not a tensor", lambda f: f([1.0] * C, w, b), "x must be a float32, float16 or bfloat16 tensor, got list"),
         ("weight shape", lambda f: f(rand(4, C), rand(C + 1), b), r"weight must be 1-D with x's last dimension"),
         ("residual shape", lambda f: f(rand(4, C), w, b, residual=rand(4, C - 1)), r"residual must have x's shape"),
         ("weight device", lambda f: f(rand(4, C), rand(C, device=OTHER_DEVICE), b), REFERENCE_DEVICE_MESSAGE),
@@ -79,10 +79,10 @@ def _attention_cases():
 def _gelu_cases():
     return [
         ("int x", lambda f: f(torch.ones(4, C, dtype=torch.int64, device=DEVICE)), "float32, float16 or bfloat16"),
-        ("not a tensor", lambda f: f(3.0), "x must be a tensor"),
+        ("not a tensor", lambda f: f(3.0), "x must be a float32, float16 or bfloat16 tensor, got float"),
         ("bias shape", lambda f: f(rand(4, C), rand(C - 1)), r"bias must be 1-D with x's last dimension"),
         ("bias dtype", lambda f: f(rand(4, C), torch.ones(C, dtype=torch.int32, device=DEVICE)),
-         "bias must be float32, float16 or bfloat16"),
+         "bias must be a float32, float16 or bfloat16 tensor or None, got torch.int32"),
         ("bias device", lambda f: f(rand(4, C), rand(C, device=OTHER_DEVICE)), REFERENCE_DEVICE_MESSAGE),
     ]
 
@@ -113,7 +113,7 @@ def _linear_cross_entropy_cases():
     return [
         ("C differs", lambda f: f(hidden, rand(V, 17), targets), "must share C"),
         ("dtypes differ", lambda f: f(hidden, weight.half(), targets), "must have one dtype outside autocast"),
-        ("1-D hidden", lambda f: f(rand(16), weight, targets), r"hidden must be a 2-D tensor"),
+        ("1-D hidden", lambda f: f(rand(16), weight, targets), r"hidden must be a 2-D \(N, C\) float32, float16 or bfloat16 tensor"),
         ("weight device", lambda f: f(hidden, rand(V, 16, device=OTHER_DEVICE), targets), REFERENCE_DEVICE_MESSAGE),
         ("target = V", lambda f: f(hidden, weight, _targets(1, V, 2)), rf"target {V} is outside \[0, {V}\)"),
         ("targets shape", lambda f: f(hidden, weight, _targets(1)), r"targets must have shape \(3,\)"),

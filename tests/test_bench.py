@@ -553,21 +553,30 @@ def test_attempt_turns_an_exception_into_a_failure_row_but_not_an_interrupt():
     assert len(rows) == 1
 
 
+def _fail_first_call(monkeypatch, bench, message: str, fails) -> None:
+    """Make the bench module's steps for which ``fails(case, pass_, fn)`` raise ``message`` at their first call."""
+    original_cases = bench.cases
+
+    def cases(ctx):
+        for case in original_cases(ctx):
+            def step(pass_, fn, case=case, original=case.step):
+                if fails(case, pass_, fn):
+                    def first_call_fails():
+                        raise RuntimeError(message)
+                    return first_call_fails
+                return original(pass_, fn)
+            yield dataclasses.replace(case, step=step)
+
+    monkeypatch.setattr(bench, "cases", cases)
+
+
 def test_a_failing_implementation_costs_its_row_not_the_op(monkeypatch):
     """As torch.compile failing on one case on the GPU: the quick GELU run with eager's backward on the
     bias case raising at its first call. That row records the error; every other row is measured, with
     its first call's time, and the triton row beside it has no eager baseline to compare with."""
     bench = _bench_module("gelu")
-    measure_pass = bench._pass_fn
-
-    def pass_fn(pass_, fn, x, bias, dy):
-        if pass_ == "backward" and fn is bench.eager_gelu and bias is not None:
-            def first_call_fails():
-                raise RuntimeError("inductor: lowering failed")
-            return first_call_fails
-        return measure_pass(pass_, fn, x, bias, dy)
-
-    monkeypatch.setattr(bench, "_pass_fn", pass_fn)
+    _fail_first_call(monkeypatch, bench, "inductor: lowering failed",
+                     lambda case, pass_, fn: pass_ == "backward" and fn is bench.eager_gelu and "+bias" in case.name)
     rows, status = runner.run_module(BenchContext(device="cpu", quick=True), "gelu", "bench.bench_gelu")
     impls = 2 if registry.triton_runs_on("cpu") else 1  # eager, and triton where it runs on the CPU
     assert status["status"] == "ok" and status["rows"] == len(rows) == 2 * 3 * impls  # cases x passes x impls
@@ -593,14 +602,5 @@ def test_only_our_own_kernel_failing_fails_the_run(monkeypatch, tmp_path, failin
         pytest.skip("Triton does not run on the CPU here (no interpreter), so the quick run has no triton row")
     bench = _bench_module("gelu")
     failing_fn = bench.eager_gelu if failing_impl == "eager" else bench.gelu
-    measure_pass = bench._pass_fn
-
-    def pass_fn(pass_, fn, x, bias, dy):
-        if fn is failing_fn and pass_ == "forward":
-            def first_call_fails():
-                raise RuntimeError("kernel failed")
-            return first_call_fails
-        return measure_pass(pass_, fn, x, bias, dy)
-
-    monkeypatch.setattr(bench, "_pass_fn", pass_fn)
+    _fail_first_call(monkeypatch, bench, "kernel failed", lambda case, pass_, fn: fn is failing_fn and pass_ == "forward")
     assert main(["--quick", "--ops", "gelu", "--ablation", "none", "--out", str(tmp_path)]) == exit_code

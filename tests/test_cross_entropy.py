@@ -14,17 +14,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._dynamo.testing import CompileCounterWithBackend
 
-from bench.bench_cross_entropy import run as run_bench
-from bench.common import BenchContext
 from conftest import DEVICE
-from hopper import run_compile_script
-from gpt_kernels import registry
+from hopper import ASYNC_VECTOR_COPY, VECTOR_LOAD, VECTOR_STORE, Build, compile_for_hopper, count
 from gpt_kernels.cross_entropy import cross_entropy, cross_entropy_forward, cross_entropy_reference
-from model_parity import assert_model_parity, gpt2_width_losses_and_peaks
+from model_parity import gpt2_width_losses_and_peaks
 from gpt_kernels.tolerances import LOSS_FACTOR
-from numerics import FLOAT_DTYPES, assert_close, poisoned_like
+from compare import FLOAT_DTYPES, assert_close, poisoned_like
 
 # The module, not the function of the same name that gpt_kernels/__init__ exports (which
 # `import gpt_kernels.cross_entropy as ...` would give).
@@ -327,69 +323,6 @@ def test_unchecked_bad_target_gives_nan_not_a_crash():
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
 
 
-def test_bad_inputs_raise_value_error():
-    logits = torch.randn(4, 10, device=DEVICE)
-    targets = torch.tensor([0, 9, -100, 3], device=DEVICE)
-    cases = [
-        (lambda: cross_entropy(logits, torch.tensor([0, 10, 1, 2], device=DEVICE)),
-         "target 10 is outside [0, 10) and is not ignore_index (-100)"),
-        (lambda: cross_entropy(logits, torch.tensor([0, -1, 1, 2], device=DEVICE)), "target -1 is outside [0, 10)"),
-        (lambda: cross_entropy_reference(logits, torch.tensor([0, 10, 1, 2], device=DEVICE)), "target 10 is outside"),
-        (lambda: cross_entropy(logits, targets[:3]), "targets must have shape (4,)"),
-        (lambda: cross_entropy(logits, targets.view(2, 2)), "targets must have shape (4,)"),
-        (lambda: cross_entropy(logits.view(2, 2, 10), targets), "logits must be a 2-D (N, V) tensor"),
-        (lambda: cross_entropy(logits.double(), targets), "logits must be float32, float16 or bfloat16, got torch.float64"),
-        (lambda: cross_entropy(logits, targets.float()), "targets must be an int64 or int32 tensor"),
-        (lambda: cross_entropy(logits, targets.to("meta")), "targets are on meta"),
-        (lambda: cross_entropy(torch.randn(4, 0, device=DEVICE), targets), "at least one class"),
-        (lambda: cross_entropy(logits, targets, reduction="avg"), "reduction must be one of 'mean', 'sum', 'none'"),
-        (lambda: cross_entropy(logits, targets, label_smoothing=1.5), "label_smoothing must be a float in [0, 1]"),
-        (lambda: cross_entropy(logits, targets, lse_square_scale=-1.0), "lse_square_scale (the z-loss weight)"),
-        (lambda: cross_entropy(logits, targets, softcap=0.0), "softcap must be None or a finite float > 0"),
-        (lambda: cross_entropy(logits, targets, ignore_index=1.5), "ignore_index must be an int"),
-        (lambda: cross_entropy_forward(logits, targets, grad_scale=torch.ones(1, device=DEVICE),
-                                       grad=torch.empty(4, 11, device=DEVICE)), "grad must be a float tensor of shape (4, 10)"),
-        (lambda: cross_entropy_forward(logits, targets, loss_rows=torch.empty(5, device=DEVICE)),
-         "loss_rows must be a contiguous torch.float32 tensor of shape (4,)"),
-    ]
-    for call, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            call()
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck(reduction):
-    logits, targets = make_inputs(6, 37, torch.float32)
-    x = logits.requires_grad_()
-    op = torch.ops.gpt_triton.cross_entropy.default
-    torch.library.opcheck(op, (x, targets, -100, reduction, 0.1, 1e-3, 4.0, True))
-    torch.library.opcheck(op, (x.detach(), targets, -100, reduction, 0.0, 0.0, None, False))
-
-
-def test_torch_compile_fullgraph():
-    # The CPU uses aot_eager (one graph holding the op, its fake and autograd registrations, the
-    # traced backward's out-of-place scaling) in a second, where inductor compiles C++ for a while.
-    counter = CompileCounterWithBackend("inductor" if DEVICE == "cuda" else "aot_eager")
-    torch._dynamo.reset()
-    logits, targets = make_inputs(6, 300, torch.float32)
-
-    def loss_fn(x, loss=cross_entropy):
-        return loss(x * 2, targets, reduction="none", label_smoothing=0.1).square().sum()
-
-    x = logits.clone().requires_grad_()
-    torch.compile(loss_fn, fullgraph=True, backend=counter)(x).backward()
-    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
-    assert counter.frame_count == 1 and "gpt_triton.cross_entropy" in called, called
-    x_ref = logits.clone().requires_grad_()
-    loss_fn(x_ref, cross_entropy_reference).backward()
-    assert_close(x.grad, x_ref.grad, torch.float32, "compiled grad", factor=10)
-
-
-@pytest.mark.gpu_smoke
-def test_gpt_model_parity():
-    assert_model_parity("cross_entropy")
-
-
 @pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPT-2-sized logits and peak memory need CUDA")
 def test_bf16_model_logits_loss_and_memory():
@@ -426,65 +359,37 @@ def test_gpt_model_peak_memory_lower_with_the_triton_loss():
     assert triton_peak < peak, (triton_peak / 2**20, peak / 2**20)
 
 
-# Compiles the kernels for an H100 (sm_90) without one, in a subprocess (this one decorated them for
-# the interpreter): every variant the GPU tests launch must build, and with 16-element-aligned rows
-# the logits are read and the gradient written with 16-byte vector accesses, which bandwidth needs,
-# also for GPT-2's 50257 columns (Triton sees no alignment in n_cols; only the tail block is masked).
-HOPPER_PTX = r"""
-import collections, importlib, json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-ce = importlib.import_module("gpt_kernels.cross_entropy")
-
-def accesses(fn, signature, constexprs, aligned, num_warps):
-    names = fn.arg_names
-    signature = {n: "constexpr" if n in constexprs else signature.get(n, "i32") for n in names}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                       attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
-    counts = collections.Counter(re.findall(r"(?:ld|st)\.global\.v4", ptx))
-    counts["cp.async 16 bytes"] = len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x10,", ptx))
-    return counts
-
-floats = {"grad_scale_ptr": "*fp32", "loss_ptr": "*fp32", "z_loss_ptr": "*fp32",
-          "label_smoothing": "fp32", "lse_square_scale": "fp32", "softcap": "fp32"}
-rows = ["logits_ptr", "grad_ptr", "stride_logits_row", "stride_grad_row"]
-options = dict(HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=False, COMPUTE_GRAD=True, BLOCK_V=ce.MAX_BLOCK_V,
-               NUM_STAGES=ce.PIPELINE_STAGES)
-everything = dict(options, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True)
-warps = ce._num_warps(ce.MAX_BLOCK_V)
-out = {}
-for name, dtype, targets, constexprs, aligned in (
-        ("bf16 every option", "*bf16", "*i32", everything, rows + ["n_cols"]),
-        ("bf16 50257 columns", "*bf16", "*i64", options, rows),
-        ("fp16 plain", "*fp16", "*i64", options, rows + ["n_cols"]),
-        ("fp32 loss only", "*fp32", "*i64", dict(options, COMPUTE_GRAD=False), rows)):
-    signature = dict(floats, logits_ptr=dtype, grad_ptr=dtype, targets_ptr=targets)
-    out[name] = accesses(ce._cross_entropy_kernel, signature, constexprs, aligned, warps)
-out["scale bf16"] = accesses(ce._scale_rows_kernel, {"x_ptr": "*bf16", "scale_ptr": "*fp32"},
-                             dict(BLOCK_M=4, BLOCK_N=ce.SCALE_MAX_BLOCK_N), ["x_ptr", "stride_x_row", "n_cols"], 16)
-print(json.dumps(out))
-"""
-
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_with_vector_accesses():
-    """16-byte accesses everywhere; the loss kernel's walks over a row are software-pipelined (its
-    whole blocks arrive by 16-byte cp.async copies, the masked last block peeled out of the loop)."""
-    counts = run_compile_script(HOPPER_PTX)
+    """Every variant the GPU tests launch builds for sm_90, and with 16-element-aligned rows the logits
+    are read and the gradient written with 16-byte vector accesses, which bandwidth needs, also for
+    GPT-2's 50257 columns (Triton sees no alignment in n_cols; only the tail block is masked). The
+    loss kernel's walks over a row are software-pipelined: its whole blocks arrive by 16-byte
+    cp.async copies, the masked last block peeled out of the loop."""
+    ce = importlib.import_module("gpt_kernels.cross_entropy")
+    floats = {r"grad_scale_ptr|loss_ptr|z_loss_ptr": "*fp32", r"label_smoothing|lse_square_scale|softcap": "fp32"}
+    rows = ["logits_ptr", "grad_ptr", "stride_logits_row", "stride_grad_row"]
+    options = dict(HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=False, COMPUTE_GRAD=True, BLOCK_V=ce.MAX_BLOCK_V,
+                   NUM_STAGES=ce.PIPELINE_STAGES)
+    everything = dict(options, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True)
+    warps = dict(num_warps=ce._num_warps(ce.MAX_BLOCK_V))
+    builds = {
+        name: Build("gpt_kernels.cross_entropy", "_cross_entropy_kernel", constexprs,
+                    {"logits_ptr|grad_ptr": dtype, "targets_ptr": targets, **floats}, aligned, warps)
+        for name, dtype, targets, constexprs, aligned in (
+            ("bf16 every option", "*bf16", "*i32", everything, rows + ["n_cols"]),
+            ("bf16 50257 columns", "*bf16", "*i64", options, rows),
+            ("fp16 plain", "*fp16", "*i64", options, rows + ["n_cols"]),
+            ("fp32 loss only", "*fp32", "*i64", dict(options, COMPUTE_GRAD=False), rows))
+    }
+    builds["scale bf16"] = Build("gpt_kernels.cross_entropy", "_scale_rows_kernel",
+                                 dict(BLOCK_M=4, BLOCK_N=ce.SCALE_MAX_BLOCK_N), {"x_ptr": "*bf16", "scale_ptr": "*fp32"},
+                                 ["x_ptr", "stride_x_row", "n_cols"], dict(num_warps=16))
+    ptx = {name: result["ptx"] for name, result in compile_for_hopper(builds).items()}
     for name in ("bf16 every option", "bf16 50257 columns", "fp16 plain", "fp32 loss only"):
-        assert counts[name]["cp.async 16 bytes"] > 0, (name, counts[name])
+        assert count(ASYNC_VECTOR_COPY, ptx[name]) > 0, name  # the logits' whole blocks
     for name in ("bf16 every option", "bf16 50257 columns", "fp16 plain"):
-        assert counts[name].get("st.global.v4", 0) > 0, (name, counts[name])
-    assert "st.global.v4" not in counts["fp32 loss only"], counts
-    assert counts["scale bf16"].get("ld.global.v4", 0) > 0 and counts["scale bf16"].get("st.global.v4", 0) > 0, counts
+        assert count(VECTOR_STORE, ptx[name]) > 0, name  # the gradient
+    assert count(VECTOR_STORE, ptx["fp32 loss only"]) == 0
+    assert count(VECTOR_LOAD, ptx["scale bf16"]) > 0 and count(VECTOR_STORE, ptx["scale bf16"]) > 0
 
-
-def test_bench_quick_rows():
-    rows = run_bench(BenchContext(device="cpu", quick=True))
-    impls = {row["impl"] for row in rows}
-    assert "eager" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
-    assert {row["op"] for row in rows} == {"cross_entropy"}
-    for row in rows:
-        assert row["median_ms"] > 0 and row["gb_per_s"] > 0

@@ -2,7 +2,7 @@
 supported range, random memory layouts (permuted storage, padding, every other element), random
 options and every dtype the device supports (fp32 and fp16 in the interpreter; bf16 too on a GPU).
 
-The reference runs in float64 on the same values; errors are relative (``numerics.RTOL``). Each op
+The reference runs in float64 on the same values; errors are relative (``compare.RTOL``). Each op
 gets 20 examples: on the CPU the same ones every run (derandomized, so CI is reproducible), as the
 interpreter is slow; on a GPU fresh ones every run, but no more, because there almost every example
 is a new specialization of the kernels (its strides and alignments) that Triton compiles first
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from conftest import DEVICE
 from gpt_kernels import registry
-from numerics import FLOAT_DTYPES, RTOL
+from compare import FLOAT_DTYPES, RTOL
 
 ON_GPU = DEVICE == "cuda"
 FUZZ = settings(

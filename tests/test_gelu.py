@@ -13,16 +13,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._dynamo.testing import CompileCounterWithBackend
 
-from bench.bench_gelu import PASSES, run as run_bench
-from bench.common import BenchContext
 from conftest import DEVICE
-from hopper import run_compile_script
-from gpt_kernels import registry
+from hopper import ASYNC_VECTOR_COPY, VECTOR_LOAD, VECTOR_STORE, Build, compile_for_hopper, count
 from gpt_kernels.gelu import gelu, gelu_backward, gelu_forward, gelu_reference
-from model_parity import assert_model_parity
-from numerics import assert_close, poisoned_like
+from compare import NON_CONTIGUOUS, assert_close, fresh_buffers_poisoned, needs_cuda_autocast
 
 # The module, not the function of the same name that gpt_kernels/__init__ exports (which
 # `import gpt_kernels.gelu as ...` would give).
@@ -61,13 +56,18 @@ def expected_forward_backward(x, bias, dy):
     return y.detach(), x64.grad, (bias64.grad if bias is not None else None)
 
 
+def launch(x, bias, dy):
+    """Both launchers, every buffer they allocate NaN-poisoned: ``(y, dx, dbias)``."""
+    with fresh_buffers_poisoned():
+        return gelu_forward(x, bias), *gelu_backward(dy, x, bias)
+
+
 @pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_and_backward_match_float64(shape, dtype, with_bias):
     x, bias, dy = make_inputs(shape, dtype, with_bias)
-    y = gelu_forward(x, bias, out=poisoned_like(x))
-    dx, dbias = gelu_backward(dy, x, bias, dx=poisoned_like(x))
+    y, dx, dbias = launch(x, bias, dy)
     y_ref, dx_ref, dbias_ref = expected_forward_backward(x, bias, dy)
 
     assert_close(y, y_ref, dtype, "y")
@@ -86,7 +86,8 @@ def test_backward_row_strips(monkeypatch):
     monkeypatch.setattr(gelu_module, "MIN_PROGRAMS", 1)
     assert gelu_module._tiles_per_strip(row_tiles=19, col_blocks=1) == gelu_module.MAX_TILES_PER_STRIP
     x, bias, dy = make_inputs((300, 130), torch.float32, True)  # 19 tiles of 16 rows: strips of 8, 8, 3
-    dx, dbias = gelu_backward(dy, x, bias, dx=poisoned_like(x))
+    with fresh_buffers_poisoned():
+        dx, dbias = gelu_backward(dy, x, bias)
     _, dx_ref, dbias_ref = expected_forward_backward(x, bias, dy)
     assert_close(dx, dx_ref, torch.float32, "dx")
     assert_close(dbias, dbias_ref, torch.float32, "dbias")
@@ -101,7 +102,7 @@ def test_large_magnitudes(dtype, with_bias):
     x = (torch.rand(67, 301, device=DEVICE) * 2 - 1).mul(limit).to(dtype)
     bias = torch.randn(301, device=DEVICE).to(dtype) if with_bias else None
     dy = torch.randn_like(x)
-    y, (dx, dbias) = gelu_forward(x, bias, out=poisoned_like(x)), gelu_backward(dy, x, bias, dx=poisoned_like(x))
+    y, dx, dbias = launch(x, bias, dy)
     y_ref, dx_ref, dbias_ref = expected_forward_backward(x, bias, dy)
     assert_close(y, y_ref, dtype, "y")
     assert_close(dx, dx_ref, dtype, "dx")
@@ -116,7 +117,7 @@ def test_extreme_values_saturate_without_nan(dtype):
     biggest = torch.finfo(dtype).max
     x = torch.tensor([biggest, -biggest, 1e4, -1e4, 100.0, -100.0, 30.0, -30.0], device=DEVICE).to(dtype)
     dy = torch.rand_like(x) + 0.5
-    y, (dx, _) = gelu_forward(x, out=poisoned_like(x)), gelu_backward(dy, x, dx=poisoned_like(x))
+    y, dx, _ = launch(x, None, dy)
     assert torch.equal(y, torch.where(x > 0, x, torch.zeros_like(x)))
     assert torch.equal(dx, torch.where(x > 0, dy, torch.zeros_like(dy)))
 
@@ -149,16 +150,9 @@ def _spread(*shape):
     return torch.randn(shape, device=DEVICE) * 3
 
 
-NON_CONTIGUOUS = {
-    "transposed": lambda: _spread(130, 45).t(),
-    "column_slice": lambda: _spread(45, 135)[:, :130],  # read in place through the row stride
-    "every_other_row": lambda: _spread(4, 90, 130)[:, ::2],
-}
-
-
 @pytest.mark.parametrize("layout", NON_CONTIGUOUS)
 def test_non_contiguous_inputs(layout):
-    x = NON_CONTIGUOUS[layout]()
+    x = NON_CONTIGUOUS[layout](_spread)
     assert not x.is_contiguous()
     bias = torch.randn(x.shape[-1], device=DEVICE)
     dy = torch.randn(x.shape, device=DEVICE).transpose(0, 1).contiguous().transpose(0, 1)  # strided too
@@ -183,8 +177,7 @@ def test_strided_bias(layout):
     x, _, dy = make_inputs((9, 70), torch.float32, False)
     bias = BIAS_LAYOUTS[layout](70)
     assert not bias.is_contiguous()
-    y = gelu_forward(x, bias, out=poisoned_like(x))
-    dx, dbias = gelu_backward(dy, x, bias, dx=poisoned_like(x))
+    y, dx, dbias = launch(x, bias, dy)
     y_ref, dx_ref, dbias_ref = expected_forward_backward(x, bias, dy)
     assert_close(y, y_ref, torch.float32, "y")
     assert_close(dx, dx_ref, torch.float32, "dx")
@@ -217,38 +210,6 @@ def test_broadcast_gradient_and_empty_input():
     assert y.shape == (0, 70) and torch.equal(bg.grad, torch.zeros_like(bias))
 
 
-def test_bad_inputs_raise_value_error():
-    x = torch.randn(4, 8, device=DEVICE)
-    cases = [
-        (lambda: gelu(x, torch.randn(7, device=DEVICE)), "bias must be 1-D with x's last dimension"),
-        (lambda: gelu(x, torch.randn(1, 8, device=DEVICE)), "bias must be 1-D"),
-        (lambda: gelu(torch.randn((), device=DEVICE), torch.randn(1, device=DEVICE)), "bias must be 1-D"),
-        (lambda: gelu(x.double()), "x must be float32, float16 or bfloat16, got torch.float64"),
-        (lambda: gelu(torch.ones(4, 8, dtype=torch.int32, device=DEVICE)), "x must be float32"),
-        (lambda: gelu(x, torch.ones(8, dtype=torch.int64, device=DEVICE)), "bias must be float32"),
-        (lambda: gelu(x, torch.randn(8, device="meta")), "same device"),
-        (lambda: gelu(x, [0.0] * 8), "bias must be a tensor"),
-        (lambda: gelu_forward(x, out=torch.empty(4, 9, device=DEVICE)),
-         "out must be a contiguous torch.float32 tensor of shape (4, 8)"),
-        (lambda: gelu_forward(x, out=torch.empty(8, 4, device=DEVICE).t()), "non-contiguous"),
-        (lambda: gelu_backward(torch.randn(4, 9, device=DEVICE), x), "dy must be a float tensor shaped like x"),
-    ]
-    for call, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            call()
-
-
-@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
-def test_opcheck(with_bias):
-    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
-    bias = torch.randn(40, device=DEVICE, requires_grad=True) if with_bias else None
-    torch.library.opcheck(torch.ops.gpt_triton.gelu.default, (x, bias))
-    dy = torch.randn(6, 40, device=DEVICE)
-    # The backward op has no autograd of its own (no double backward), so its inputs are detached.
-    detached_bias = bias.detach() if with_bias else None
-    torch.library.opcheck(torch.ops.gpt_triton.gelu_backward.default, (dy, x.detach(), detached_bias))
-
-
 class TinyMLP(nn.Module):
     """GPT-2's MLP as the model writes it: the first linear without its bias, fused into the GELU."""
 
@@ -261,33 +222,8 @@ class TinyMLP(nn.Module):
         return self.c_proj(activation(F.linear(x, self.c_fc.weight), self.c_fc.bias))
 
 
-def test_torch_compile_fullgraph():
-    # The CPU uses aot_eager: it checks what matters for the op (one graph holding it, its fake and
-    # autograd registrations) in well under a second, where inductor spends ~15 s compiling C++ for
-    # the surrounding matmuls on a 2-core machine. The GPU compiles with inductor.
-    counter = CompileCounterWithBackend("inductor" if DEVICE == "cuda" else "aot_eager")
-    torch._dynamo.reset()
-    mlp = TinyMLP(16).to(DEVICE)
-    compiled = torch.compile(mlp, fullgraph=True, backend=counter)
-    x = torch.randn(2, 5, 16, device=DEVICE)
-    compiled(x).square().sum().backward()
-    grads = [p.grad.clone() for p in mlp.parameters()]
-    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
-    assert counter.frame_count == 1 and "gpt_triton.gelu" in called, called
-    mlp.zero_grad()
-    mlp(x, activation=gelu_reference).square().sum().backward()
-    for grad, param in zip(grads, mlp.parameters()):
-        assert_close(grad, param.grad, torch.float32, "compiled grad", factor=10)
-
-
 @pytest.mark.gpu_smoke
-def test_gpt_model_parity():
-    assert_model_parity("gelu")
-
-
-@pytest.mark.gpu_smoke
-@pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 matmuls need CUDA; the CPU covers the dtypes in "
-                    "test_autograd_dtypes_match_reference")
+@needs_cuda_autocast
 def test_mlp_under_bf16_autocast():
     mlp = TinyMLP(64).to(DEVICE)
     x = torch.randn(4, 32, 64, device=DEVICE)
@@ -301,59 +237,27 @@ def test_mlp_under_bf16_autocast():
     assert mlp.c_fc.bias.grad.dtype == torch.float32
 
 
-# Compiles both kernels for an H100 (sm_90) at the issue's target shape without one: Triton's bundled
-# ptxas needs no GPU. In a subprocess, because this one decorated the kernels for the interpreter.
-HOPPER_PTX = r"""
-import importlib, json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-gelu_module = importlib.import_module("gpt_kernels.gelu")
-
-def vector_ops(fn, pointers, constexprs, num_stages):
-    names = fn.arg_names
-    aligned = [*pointers, *(n for n in names if n == "n_cols" or n.startswith("stride"))]
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                       attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    options = {"num_warps": gelu_module.NUM_WARPS, "num_stages": num_stages}
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-    ops = ("ld.global.v4", "st.global.v4", "ld.global.b16", "st.global.b16")
-    counts = {op: len(re.findall(re.escape(op), ptx)) for op in ops}
-    counts["cp.async 16 bytes"] = len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x10,", ptx))
-    return counts
-
-block_m, block_n = gelu_module._block_shape(16384, 3072)
-tile = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n)
-print(json.dumps({
-    "forward": vector_ops(gelu_module._gelu_forward_kernel, {"x_ptr": "*bf16", "bias_ptr": "*fp32", "y_ptr": "*bf16"},
-                          tile, 3),
-    "backward": vector_ops(gelu_module._gelu_backward_kernel,
-                           {"dy_ptr": "*bf16", "x_ptr": "*bf16", "bias_ptr": "*fp32", "dx_ptr": "*bf16",
-                            "dbias_partial_ptr": "*fp32"},
-                           dict(tile, TILES_PER_STRIP=gelu_module.MAX_TILES_PER_STRIP,
-                                NUM_STAGES=gelu_module.BACKWARD_STAGES), 2),
-}))
-"""
-
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_with_vector_loads():
     """The model's case (bf16 activation, fp32 bias, (16384, 3072)) as launched: the activation is
     moved in 16-byte vectors, never one bf16 element at a time. The backward's strip loop is
     software-pipelined: x and dy arrive by 16-byte cp.async copies (the next tile's while this one
     computes)."""
-    counts = run_compile_script(HOPPER_PTX)
-    assert counts["forward"]["ld.global.v4"] >= 1 and counts["forward"]["st.global.v4"] >= 1, counts
-    assert counts["backward"]["cp.async 16 bytes"] >= 2 and counts["backward"]["st.global.v4"] >= 1, counts
-    for kernel in counts.values():
-        assert kernel["ld.global.b16"] == kernel["st.global.b16"] == 0, counts
+    block_m, block_n = gelu_module._block_shape(16384, 3072)
+    tile = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n)
+    aligned = [r".*_ptr", "n_cols", r"stride.*"]
+    built = compile_for_hopper({
+        "forward": Build("gpt_kernels.gelu", "_gelu_forward_kernel", tile,
+                         {"x_ptr|y_ptr": "*bf16", "bias_ptr": "*fp32"}, aligned,
+                         dict(num_warps=gelu_module.NUM_WARPS, num_stages=3)),
+        "backward": Build("gpt_kernels.gelu", "_gelu_backward_kernel",
+                          dict(tile, TILES_PER_STRIP=gelu_module.MAX_TILES_PER_STRIP, NUM_STAGES=gelu_module.BACKWARD_STAGES),
+                          {"dy_ptr|x_ptr|dx_ptr": "*bf16", "bias_ptr|dbias_partial_ptr": "*fp32"}, aligned,
+                          dict(num_warps=gelu_module.NUM_WARPS, num_stages=2)),
+    })
+    forward, backward = built["forward"]["ptx"], built["backward"]["ptx"]
+    assert count(VECTOR_LOAD, forward) >= 1 and count(VECTOR_STORE, forward) >= 1
+    assert count(ASYNC_VECTOR_COPY, backward) >= 2 and count(VECTOR_STORE, backward) >= 1
+    for ptx in (forward, backward):  # never one bf16 element at a time
+        assert count(r"ld\.global\.b16", ptx) == count(r"st\.global\.b16", ptx) == 0
 
-
-def test_bench_quick_rows():
-    rows = run_bench(BenchContext(device="cpu", quick=True))
-    impls = {row["impl"] for row in rows}
-    assert "eager" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
-    assert {row["pass"] for row in rows} == set(PASSES)
-    for row in rows:
-        assert row["op"] == "gelu" and row["median_ms"] > 0 and row["gb_per_s"] > 0

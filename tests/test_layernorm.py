@@ -1,8 +1,7 @@
 """The Triton LayerNorm (optional fused residual add) against float64 PyTorch.
 
-Launchers are tested with NaN-poisoned output buffers, and every buffer they allocate themselves
-(statistics, partial sums, parameter gradients) comes NaN-filled too, so an element a kernel skips
-fails; the custom ops are tested through autograd, opcheck and torch.compile. bf16 runs in the
+Every buffer the launchers allocate (outputs, statistics, partial sums, parameter gradients) comes
+NaN-filled, so an element a kernel skips fails; the custom ops are tested through autograd, opcheck and torch.compile. bf16 runs in the
 interpreter too (only ``tl.dot`` on bf16 is broken there, and these kernels have none), on a
 smaller grid. On the CPU the kernels are also compiled for sm_90, to check what the interpreter
 cannot: that they compile, and fit in registers.
@@ -11,22 +10,19 @@ The CPU grid takes every width of the issue with two row counts (the interpreter
 the full cross product); the GPU runs the full cross product of rows, widths and dtypes.
 """
 
+import importlib
 import re
 
 import pytest
 import torch
 import torch.nn as nn
-from torch._dynamo.testing import CompileCounterWithBackend
 
-import gpt_kernels.layernorm as layernorm_module
-from bench.bench_layernorm import PASSES, run as run_bench
-from bench.common import BenchContext
 from conftest import DEVICE
-from hopper import run_compile_script
-from gpt_kernels import registry
-from gpt_kernels.layernorm import layer_norm, layer_norm_backward, layer_norm_forward, layer_norm_reference
-from model_parity import assert_model_parity
-from numerics import RTOL, assert_close, fresh_buffers_poisoned, poisoned_like
+from hopper import ASYNC_COPY, ASYNC_VECTOR_COPY, VECTOR_LOAD, Build, compile_for_hopper, count
+from gpt_kernels.layernorm import layernorm, layernorm_backward, layernorm_forward, layernorm_reference
+from compare import NON_CONTIGUOUS, RTOL, assert_close, fresh_buffers_poisoned, needs_cuda_autocast
+
+layernorm_module = importlib.import_module("gpt_kernels.layernorm")  # the module, not the function
 
 ROWS = [1, 3, 257, 1000]
 WIDTHS = [7, 64, 768, 771, 1024, 1280, 1600, 4096]
@@ -71,7 +67,7 @@ def expected(x, residual, weight, bias, dy, ds):
     stream = x64
     if residual is not None:
         stream = (x64 + residual64).to(layernorm_module.stream_dtype(x, residual)).double()
-    y = layer_norm_reference(stream, weight64, bias64, EPS)
+    y = layernorm_reference(stream, weight64, bias64, EPS)
     outputs, grads = [y], [dy.double()]
     if ds is not None:
         outputs.append(stream)
@@ -81,18 +77,11 @@ def expected(x, residual, weight, bias, dy, ds):
     return y.detach(), (stream.detach() if residual is not None else None), grads
 
 
-def poisoned(shape, dtype):
-    """A contiguous NaN-filled buffer (``poisoned_like`` would copy a strided input's layout)."""
-    return poisoned_like(torch.empty(shape, dtype=dtype, device=DEVICE))
-
-
 def check_launchers(x, residual, weight, bias, dy, ds, tolerance_dtype, factor=1.0):
-    """Forward and backward launchers into poisoned buffers, against float64."""
+    """Forward and backward launchers, every buffer they allocate poisoned, against float64."""
     y_ref, stream_ref, (dx_ref, dres_ref, dw_ref, db_ref) = expected(x, residual, weight, bias, dy, ds)
-    stream_out = poisoned(x.shape, dy.dtype) if residual is not None else None
     with fresh_buffers_poisoned():
-        y, stream, mean, rstd = layer_norm_forward(x, weight, bias, EPS, residual, out=poisoned(x.shape, dy.dtype),
-                                                   stream_out=stream_out)
+        y, stream, mean, rstd = layernorm_forward(x, weight, bias, EPS, residual, out_dtype=dy.dtype)
     assert y.dtype == dy.dtype
     assert_close(y, y_ref, tolerance_dtype, "y", factor)
     if residual is not None:
@@ -109,11 +98,9 @@ def check_launchers(x, residual, weight, bias, dy, ds, tolerance_dtype, factor=1
     assert_close(rstd, (var_ref + EPS).rsqrt(), torch.float32, "rstd", factor)
 
     residual_dtype = residual.dtype if residual is not None else None
-    dresidual_out = poisoned(x.shape, residual_dtype) if residual is not None else None
     with fresh_buffers_poisoned():
-        dx, dres, dw, db = layer_norm_backward(
+        dx, dres, dw, db = layernorm_backward(
             dy, stream if residual is not None else x, weight, bias, mean, rstd, ds, x.dtype, residual_dtype,
-            dx=poisoned(x.shape, x.dtype), dresidual=dresidual_out,
         )
     assert_close(dx, dx_ref, tolerance_dtype, "dx", factor)
     if residual is not None:
@@ -210,7 +197,7 @@ def test_autograd_dtypes_match_reference(x_dtype, residual_dtype, param_dtype):
     stream_dtype = dy.dtype
     tolerance_dtype = x_dtype  # the least precise input bounds the error
     y_ref, stream_ref, grads_ref = expected(*inputs)
-    for name, fn in (("triton", layer_norm), ("reference", layer_norm_reference)):
+    for name, fn in (("triton", layernorm), ("reference", layernorm_reference)):
         leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, residual, weight, bias)]
         xg, rg, wg, bg = leaves
         out = fn(xg, wg, bg, EPS, residual=rg)
@@ -243,7 +230,7 @@ def test_autocast_writes_y_in_the_autocast_dtype_and_takes_a_half_dy(with_residu
                                                    with_residual, True, True, torch.float32, torch.float32)
     dy = (torch.randn(x.shape, device=DEVICE)).to(HALF)
     y_ref, stream_ref, grads_ref = expected(x, residual, weight, bias, dy, ds)
-    for name, fn in (("triton", layer_norm), ("reference", layer_norm_reference)):
+    for name, fn in (("triton", layernorm), ("reference", layernorm_reference)):
         leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, residual, weight, bias)]
         with torch.autocast(DEVICE, dtype=HALF):
             out = fn(leaves[0], leaves[2], leaves[3], EPS, residual=leaves[1])
@@ -266,14 +253,14 @@ def test_only_one_output_used():
     # use the stream alone (then y's gradient is None and the stream's passes straight through).
     x, residual, weight, bias, dy, ds = make_inputs((9, 33), torch.float32, True, True, True)
     leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
-    y, _ = layer_norm(leaves[0], leaves[2], leaves[3], EPS, residual=leaves[1])
+    y, _ = layernorm(leaves[0], leaves[2], leaves[3], EPS, residual=leaves[1])
     y.backward(dy)
     _, _, grads_ref = expected(x, residual, weight, bias, dy, None)
     for leaf, grad_ref, label in zip(leaves, grads_ref, ("dx", "dresidual", "dweight", "dbias")):
         assert_close(leaf.grad, grad_ref, torch.float32, label)
 
     leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
-    _, stream = layer_norm(leaves[0], leaves[2], leaves[3], EPS, residual=leaves[1])
+    _, stream = layernorm(leaves[0], leaves[2], leaves[3], EPS, residual=leaves[1])
     stream.backward(ds)
     assert torch.equal(leaves[0].grad, ds) and torch.equal(leaves[1].grad, ds)
     assert leaves[2].grad is None and leaves[3].grad is None
@@ -283,16 +270,9 @@ def _spread(*shape):
     return torch.randn(shape, device=DEVICE) * 2 + 0.5
 
 
-NON_CONTIGUOUS = {
-    "transposed": lambda: _spread(130, 45).t(),
-    "column_slice": lambda: _spread(45, 135)[:, :130],  # read in place through the row stride
-    "every_other_row": lambda: _spread(4, 90, 130)[:, ::2],
-}
-
-
 @pytest.mark.parametrize("layout", NON_CONTIGUOUS)
 def test_non_contiguous_inputs(layout):
-    x, residual = NON_CONTIGUOUS[layout](), NON_CONTIGUOUS[layout]()
+    x, residual = NON_CONTIGUOUS[layout](_spread), NON_CONTIGUOUS[layout](_spread)
     assert not x.is_contiguous()
     width = x.shape[-1]
     weight, bias = torch.randn(2, width, device=DEVICE)  # rows of one tensor: contiguous 1-D views
@@ -301,7 +281,7 @@ def test_non_contiguous_inputs(layout):
     check_launchers(x, residual, weight, bias, dy, ds, torch.float32)
 
     leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
-    y, stream = layer_norm(leaves[0], leaves[2], leaves[3], EPS, residual=leaves[1])
+    y, stream = layernorm(leaves[0], leaves[2], leaves[3], EPS, residual=leaves[1])
     torch.autograd.backward([y, stream], [dy, ds])
     y_ref, stream_ref, grads_ref = expected(x, residual, weight, bias, dy, ds)
     assert_close(y, y_ref, torch.float32, "y")
@@ -316,7 +296,7 @@ def test_strided_weight_and_bias():
     check_launchers(x, residual, matrix[:, 1], torch.tensor([0.25], device=DEVICE).expand(50), dy, ds, torch.float32)
 
     matrix.requires_grad_()
-    y, stream = layer_norm(x, matrix[:, 1], None, EPS, residual=residual)
+    y, stream = layernorm(x, matrix[:, 1], None, EPS, residual=residual)
     torch.autograd.backward([y, stream], [dy, ds])
     _, _, (_, _, dweight_ref, _) = expected(x, residual, matrix[:, 1].detach(), None, dy, ds)
     assert_close(matrix.grad[:, 1], dweight_ref, torch.float32, "dweight")
@@ -327,85 +307,23 @@ def test_broadcast_gradient_empty_input_and_determinism():
     # .sum() hands the backward an expanded dy with stride 0.
     x, _, weight, bias, _, _ = make_inputs((33, 70), torch.float32, False, True, True)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    layer_norm(leaves[0], leaves[1], leaves[2]).sum().backward()
+    layernorm(leaves[0], leaves[1], leaves[2]).sum().backward()
     _, _, grads_ref = expected(x, None, weight, bias, torch.ones_like(x), None)
     for leaf, grad_ref, label in zip(leaves, [grads_ref[0], *grads_ref[2:]], ("dx", "dweight", "dbias")):
         assert_close(leaf.grad, grad_ref, torch.float32, label)
 
     # No atomics: the same inputs give bit-identical gradients.
     x, residual, weight, bias, dy, ds = make_inputs((300, 40), torch.float32, True, True, True)
-    y, stream, mean, rstd = layer_norm_forward(x, weight, bias, EPS, residual)
-    first, second = (layer_norm_backward(dy, stream, weight, bias, mean, rstd, ds) for _ in range(2))
+    y, stream, mean, rstd = layernorm_forward(x, weight, bias, EPS, residual)
+    first, second = (layernorm_backward(dy, stream, weight, bias, mean, rstd, ds) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second) if a is not None)
 
     empty = torch.randn(0, 70, device=DEVICE, requires_grad=True)
     wg, bg = weight.new_ones(70).requires_grad_(), bias.new_zeros(70).requires_grad_()
-    y, stream = layer_norm(empty, wg, bg, residual=torch.randn(0, 70, device=DEVICE))
+    y, stream = layernorm(empty, wg, bg, residual=torch.randn(0, 70, device=DEVICE))
     (y.sum() + stream.sum()).backward()
     assert y.shape == stream.shape == (0, 70)
     assert torch.equal(wg.grad, torch.zeros(70, device=DEVICE)) and torch.equal(bg.grad, torch.zeros(70, device=DEVICE))
-
-
-def test_bad_inputs_raise_value_error():
-    x = torch.randn(4, 8, device=DEVICE)
-    w = torch.randn(8, device=DEVICE)
-    y, _, mean, rstd = layer_norm_forward(x, w, w)
-    cases = [
-        (lambda: layer_norm(x, torch.randn(7, device=DEVICE), None),
-         "weight must be 1-D with x's last dimension, i.e. shape (8,)"),
-        (lambda: layer_norm(x, w, torch.randn(9, device=DEVICE)), "bias must be 1-D with x's last dimension"),
-        (lambda: layer_norm(x, torch.randn(1, 8, device=DEVICE), None), "weight must be 1-D"),
-        (lambda: layer_norm(torch.randn(4, 0, device=DEVICE), None, None),
-         "last dimension (the one normalized) of 1 to"),
-        (lambda: layer_norm(torch.randn((), device=DEVICE), None, None), "last dimension"),
-        (lambda: layer_norm(torch.randn(2, 65537, device=DEVICE), None, None), "of 1 to 65536 elements"),
-        (lambda: layer_norm(x.double(), None, None), "x must be float32, float16 or bfloat16, got torch.float64"),
-        (lambda: layer_norm(torch.ones(4, 8, dtype=torch.int32, device=DEVICE), None, None), "x must be float32"),
-        (lambda: layer_norm(x, w.half(), None), "weight must be torch.float32 (the normalized stream's dtype"),
-        (lambda: layer_norm(x.half(), w.bfloat16(), None), "weight must be torch.float16 or torch.float32"),
-        (lambda: layer_norm(x, w, w.long()), "bias must be torch.float32"),
-        (lambda: layer_norm(x, torch.randn(8, device="meta"), None), "weight is on meta but x is on"),
-        (lambda: layer_norm(x, w, torch.randn(8, device="meta")), "same device"),
-        (lambda: layer_norm(x, [1.0] * 8, None), "weight must be a tensor or None"),
-        (lambda: layer_norm(x, w, w, residual=torch.randn(4, 8, device="meta")), "residual is on meta"),
-        (lambda: layer_norm(x, w, w, residual=torch.randn(8, device=DEVICE)), "residual must have x's shape (4, 8)"),
-        (lambda: layer_norm(x, w, w, residual=x.long()), "residual must be a float32, float16 or bfloat16 tensor"),
-        (lambda: layer_norm(x.half(), w.half(), None, residual=x), "weight must be torch.float32"),
-        (lambda: layer_norm(x, w, w, eps=-1.0), "eps must be a non-negative number"),
-        (lambda: layer_norm_forward(x, w, w, out=torch.empty(4, 9, device=DEVICE)),
-         "out must be a contiguous torch.float32 tensor of shape (4, 8)"),
-        (lambda: layer_norm_forward(x, w, w, out=torch.empty(8, 4, device=DEVICE).t()), "non-contiguous"),
-        (lambda: layer_norm_forward(x.half(), w, w, residual=x, stream_out=torch.empty_like(x.half())),
-         "stream_out must be a contiguous torch.float32 tensor"),
-        (lambda: layer_norm_backward(torch.randn(4, 9, device=DEVICE), x, w, w, mean, rstd),
-         "dy must be a float tensor shaped like the stream (4, 8)"),
-        (lambda: layer_norm_backward(y, x, w, w, mean, rstd, dstream=y[:2]), "dstream must be a float tensor"),
-        (lambda: layer_norm_backward(y, x, w, w, mean.double(), rstd),
-         "mean must be a contiguous float32 tensor of shape (4,)"),
-        (lambda: layer_norm_backward(y, x, w, w, mean, rstd[:2]), "rstd must be"),
-        (lambda: layer_norm_backward(y, x, w, w, mean, rstd, x_dtype=torch.int8), "x_dtype must be float32"),
-    ]
-    for call, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            call()
-
-
-@pytest.mark.parametrize("variant", VARIANTS, ids=str)
-def test_opcheck(variant):
-    with_residual, with_weight, with_bias = VARIANTS[variant]
-    x, residual, weight, bias, dy, ds = make_inputs((6, 40), torch.float32, with_residual, with_weight, with_bias)
-    x, residual, weight, bias = (t.requires_grad_() if t is not None else None for t in (x, residual, weight, bias))
-    if with_residual:
-        torch.library.opcheck(torch.ops.gpt_triton.layer_norm_residual.default, (x, residual, weight, bias, EPS))
-        _, stream, mean, rstd = layer_norm_forward(x.detach(), weight, bias, EPS, residual.detach())
-        args = (dy, ds, stream, weight, bias, mean, rstd, torch.float16, torch.float32)
-    else:
-        torch.library.opcheck(torch.ops.gpt_triton.layer_norm.default, (x, weight, bias, EPS))
-        _, _, mean, rstd = layer_norm_forward(x.detach(), weight, bias, EPS)
-        args = (dy, None, x, weight, bias, mean, rstd, torch.float32, None)
-    # The backward op has no autograd of its own (no double backward), so its inputs are detached.
-    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(torch.ops.gpt_triton.layer_norm_backward.default, args)
 
 
 class TinyBlockTail(nn.Module):
@@ -416,107 +334,34 @@ class TinyBlockTail(nn.Module):
         self.proj = nn.Linear(width, width)
         self.ln = nn.LayerNorm(width)
 
-    def forward(self, x, norm=layer_norm):
+    def forward(self, x, norm=layernorm):
         h, x = norm(self.proj(x), self.ln.weight, self.ln.bias, EPS, residual=x)
         return h, norm(x, self.ln.weight, self.ln.bias, EPS)
 
 
-def test_torch_compile_fullgraph():
-    # The CPU uses aot_eager: it checks what matters for the op (one graph holding it, its fake and
-    # autograd registrations) in about a second, where inductor spends many seconds compiling C++
-    # for the surrounding linear on a 2-core machine. The GPU compiles with inductor.
-    counter = CompileCounterWithBackend("inductor" if DEVICE == "cuda" else "aot_eager")
-    torch._dynamo.reset()
-    module = TinyBlockTail(24).to(DEVICE)
-    compiled = torch.compile(module, fullgraph=True, backend=counter)
-    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
-    h, y = compiled(x)
-    (h.square().sum() + (y * torch.linspace(-1, 1, 24, device=DEVICE)).sum()).backward()
-    grads = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
-    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
-    assert counter.frame_count == 1, counter.frame_count
-    assert "gpt_triton.layer_norm_residual" in called and "gpt_triton.layer_norm" in called, called
-
-    x.grad = None
-    module.zero_grad()
-    h, y = module(x, norm=layer_norm_reference)
-    (h.square().sum() + (y * torch.linspace(-1, 1, 24, device=DEVICE)).sum()).backward()
-    for grad, grad_ref in zip(grads, [x.grad] + [p.grad for p in module.parameters()]):
-        assert_close(grad, grad_ref, torch.float32, "compiled grad", factor=10)
+def _hopper_build(kernel: str, width: int, pointers: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """A LayerNorm kernel as a launch at ``width`` specializes it: pointers (fp32 unless named) are
+    16-byte aligned, and so are the width and the row strides when the width is a multiple of 16."""
+    aligned = [r".*_ptr"] + (["n_cols", r"stride.*"] if width % 16 == 0 else [])
+    return Build("gpt_kernels.layernorm", kernel, constexprs, {**pointers, r".*_ptr": "*fp32", "eps": "fp32"},
+                 aligned, dict(num_warps=num_warps, num_stages=num_stages))
 
 
-@pytest.mark.gpu_smoke
-def test_gpt_model_parity():
-    assert_model_parity("layernorm")
-
-
-# Compiles the kernels for an H100 (sm_90) without one, at the launchers' own tile configurations, and
-# reads ptxas's register report (Triton's bundled ptxas needs no GPU). In a subprocess, because this
-# one decorated the kernels for the interpreter.
-HOPPER_BUILD = r"""
-import json, re, subprocess, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import gpt_kernels.layernorm as ln
-
-def build(fn, pointers, constexprs, num_warps, num_stages, n_cols):
-    # As a launch specializes them: pointers, and the width and row strides when divisible by 16.
-    names, signature, attrs = fn.arg_names, {}, {}
-    for i, name in enumerate(names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + pointers.get(name, "fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "fp32" if name == "eps" else "i32"
-            if n_cols % 16 == 0 and (name == "n_cols" or name.startswith("stride")):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    options = dict(num_warps=num_warps, num_stages=num_stages)
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        report = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
-                                capture_output=True, text=True, check=True).stderr
-    return dict(registers=int(re.search(r"Used (\d+) registers", report)[1]),
-                spilled=int(re.search(r"(\d+) bytes spill stores", report)[1]),
-                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
-                async_copies=len(re.findall(r"cp\.async\.\w+\.shared\.global", ptx)),
-                async_vector_copies=len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*, 0x10,", ptx)))
-
-def forward(width, x, stream, param, residual=True, weight=True, bias=True):
+def _hopper_forward(width, x, stream, param, residual=True, weight=True, bias=True):
+    ln = layernorm_module
     block_m, block_n, warps = ln._tile(16384, width, ln.FORWARD_TILE_ELEMENTS, ln.FORWARD_WARP_ELEMENTS)
-    pointers = dict(x_ptr=x, residual_ptr=stream, weight_ptr=param, bias_ptr=param, y_ptr=stream, stream_ptr=stream)
+    pointers = {"x_ptr": "*" + x, "residual_ptr|y_ptr|stream_ptr": "*" + stream, "weight_ptr|bias_ptr": "*" + param}
     flags = dict(HAS_RESIDUAL=residual, HAS_WEIGHT=weight, HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_N=block_n)
-    return build(ln._layer_norm_forward_kernel, pointers, flags, warps, 3, width)
+    return _hopper_build("_layer_norm_forward_kernel", width, pointers, flags, warps, 3)
 
-def backward(width, x, stream, param, dstream=True, weight=True, bias=True):
+
+def _hopper_backward(width, x, stream, param, dstream=True, weight=True, bias=True):
+    ln = layernorm_module
     block_m, block_n, warps = ln._tile(16384, width, ln.BACKWARD_TILE_ELEMENTS, ln.BACKWARD_WARP_ELEMENTS)
-    pointers = dict(dy_ptr=stream, dstream_ptr=stream, stream_ptr=stream, weight_ptr=param, dx_ptr=x,
-                    dresidual_ptr=stream)
+    pointers = {"dy_ptr|dstream_ptr|stream_ptr|dresidual_ptr": "*" + stream, "weight_ptr": "*" + param, "dx_ptr": "*" + x}
     flags = dict(HAS_DSTREAM=dstream, WRITE_DRESIDUAL=x != stream, HAS_WEIGHT=weight, HAS_BIAS=bias,
-                 BLOCK_M=block_m, BLOCK_N=block_n)
-    flags["NUM_STAGES"] = ln.backward_stages(warps)
-    return build(ln._layer_norm_backward_kernel, pointers, flags, warps, 2, width)
-
-results = {}
-for width in (768, 1600, 8192):
-    # bf16, fp32, and the model under autocast (not at 8192, where that backward spills 12 bytes).
-    for dtypes in [("bf16",) * 3, ("fp32",) * 3] + ([("bf16", "fp32", "fp32")] if width < 8192 else []):
-        results[f"forward {width} {dtypes}"] = forward(width, *dtypes)
-        results[f"backward {width} {dtypes}"] = backward(width, *dtypes)
-# An odd width, with the flags the launchers also set: no residual, no parameters, a bias alone.
-results["forward 771 plain"] = forward(771, "fp16", "fp16", "fp32", residual=False, weight=False, bias=False)
-results["backward 771 plain"] = backward(771, "fp16", "fp16", "fp32", dstream=False, weight=False, bias=False)
-results["backward 771 bias only"] = backward(771, "fp16", "fp32", "fp32", dstream=False, weight=False)
-sums = dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_P=ln.SUM_BLOCK_P, BLOCK_N=ln.SUM_BLOCK_N)
-results["sum partials"] = build(ln._sum_partials_kernel, dict(dweight_ptr="bf16"), sums, 4, 3, 768)
-print(json.dumps(results))
-"""
+                 BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=ln.backward_stages(warps))
+    return _hopper_build("_layer_norm_backward_kernel", width, pointers, flags, warps, 2)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
@@ -526,23 +371,35 @@ def test_kernels_compile_for_hopper_without_spills():
     loads, or 16-byte async copies). The backward's row loop is software-pipelined: its loads are
     cp.async copies into shared memory (but at 8192, where 32 warps leave 64 registers a thread),
     with registers for at least 2 resident programs of 8 warps per SM (<= 128)."""
-    results = run_compile_script(HOPPER_BUILD)
-    for name, result in results.items():
-        assert result["spilled"] == 0, (name, result)
+    builds = {}
+    for width in (768, 1600, 8192):
+        # bf16, fp32, and the model under autocast (not at 8192, where that backward spills 12 bytes).
+        for dtypes in [("bf16",) * 3, ("fp32",) * 3] + ([("bf16", "fp32", "fp32")] if width < 8192 else []):
+            builds[f"forward {width} {dtypes}"] = _hopper_forward(width, *dtypes)
+            builds[f"backward {width} {dtypes}"] = _hopper_backward(width, *dtypes)
+    # An odd width, with the flags the launchers also set: no residual, no parameters, a bias alone.
+    builds["forward 771 plain"] = _hopper_forward(771, "fp16", "fp16", "fp32", residual=False, weight=False, bias=False)
+    builds["backward 771 plain"] = _hopper_backward(771, "fp16", "fp16", "fp32", dstream=False, weight=False, bias=False)
+    builds["backward 771 bias only"] = _hopper_backward(771, "fp16", "fp32", "fp32", dstream=False, weight=False)
+    sums = dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_P=layernorm_module.SUM_BLOCK_P,
+                BLOCK_N=layernorm_module.SUM_BLOCK_N)
+    builds["sum partials"] = _hopper_build("_sum_partials_kernel", 768, {"dweight_ptr": "*bf16"}, sums, 4, 3)
+    for name, result in compile_for_hopper(builds).items():
+        ptx, usage = result.pop("ptx"), result
+        assert usage["spill_stores"] == 0, (name, usage)
         if " 771 " not in name:
-            assert result["vector_loads"] + result["async_vector_copies"] > 0, (name, result)
+            assert count(VECTOR_LOAD, ptx) + count(ASYNC_VECTOR_COPY, ptx) > 0, name
         if name.startswith("backward") and " 8192 " not in name:
-            assert result["async_copies"] > 0 and result["registers"] <= 128, (name, result)
+            assert count(ASYNC_COPY, ptx) > 0 and usage["registers"] <= 128, (name, usage)
 
 
 @pytest.mark.gpu_smoke
-@pytest.mark.skipif(DEVICE != "cuda", reason="autocast bf16 linears need CUDA; the CPU covers the dtypes in "
-                    "test_autograd_dtypes_match_reference")
+@needs_cuda_autocast
 def test_block_tail_under_bf16_autocast():
     module = TinyBlockTail(768).to(DEVICE)
     x = torch.randn(4, 64, 768, device=DEVICE)
     outputs = {}
-    for name, norm in (("triton", layer_norm), ("reference", layer_norm_reference)):
+    for name, norm in (("triton", layernorm), ("reference", layernorm_reference)):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outputs[name] = module(x, norm=norm)
     (h, y), (h_ref, y_ref) = outputs["triton"], outputs["reference"]
@@ -550,12 +407,3 @@ def test_block_tail_under_bf16_autocast():
     assert_close(h, h_ref, torch.bfloat16, "h")
     assert_close(y, y_ref, torch.bfloat16, "y")
 
-
-def test_bench_quick_rows():
-    rows = run_bench(BenchContext(device="cpu", quick=True))
-    impls = {row["impl"] for row in rows}
-    assert "eager" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
-    assert {row["pass"] for row in rows} == set(PASSES)
-    assert {row["case"].endswith("+residual") for row in rows} == {True, False}
-    for row in rows:
-        assert row["op"] == "layernorm" and row["median_ms"] > 0 and row["gb_per_s"] > 0

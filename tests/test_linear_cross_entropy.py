@@ -6,23 +6,19 @@ bf16 autocast (on the CPU too: the matmuls are PyTorch's, the kernel has no ``tl
 inputs, opcheck, torch.compile and the GPT model. The GPU adds GPT-2 sizes and peak memory.
 """
 
-import re
 
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._dynamo.testing import CompileCounterWithBackend
 
-from bench.bench_linear_cross_entropy import run as run_bench
-from bench.common import BenchContext
 from conftest import DEVICE
 from gpt_kernels import registry
 from gpt_kernels.linear_cross_entropy import choose_chunk_rows, linear_cross_entropy, linear_cross_entropy_reference
-from model_parity import assert_model_parity, gpt2_width_losses_and_peaks
+from model_parity import gpt2_width_losses_and_peaks
 from gpt_kernels.tolerances import LONG_SUM_FACTOR as LONG_SUM, LOSS_FACTOR
-from numerics import FLOAT_DTYPES, assert_close
+from compare import FLOAT_DTYPES, assert_close
 
 # The module, not the function of the same name that gpt_kernels/__init__ exports (which
 # `import gpt_kernels.linear_cross_entropy as ...` would give).
@@ -209,69 +205,6 @@ def test_chunk_count_follows_the_budget(monkeypatch):
     assert_all_close(run_ours(hidden, weight, targets), expected(hidden, weight, targets), torch.float32)
 
 
-def test_bad_inputs_raise_value_error():
-    hidden, weight, targets = make_inputs(4, 8, 10, torch.float32)
-    cases = [
-        (lambda: linear_cross_entropy(hidden, weight, torch.tensor([0, 10, 1, 2], device=DEVICE)),
-         "target 10 is outside [0, 10) and is not ignore_index (-100)"),
-        (lambda: linear_cross_entropy(hidden, weight[:, :7], targets), "hidden (N, C) and weight (V, C) must share C"),
-        (lambda: linear_cross_entropy(hidden, weight, targets[:3]), "targets must have shape (4,)"),
-        (lambda: linear_cross_entropy(hidden[0], weight, targets), "hidden must be a 2-D tensor"),
-        (lambda: linear_cross_entropy(hidden, weight.half(), targets), "must have one dtype outside autocast"),
-        (lambda: linear_cross_entropy(hidden.double(), weight.double(), targets), "hidden must be float32, float16"),
-        (lambda: linear_cross_entropy(hidden, weight.to("meta"), targets), "weight is on meta"),
-        (lambda: linear_cross_entropy(hidden, weight, targets.float()), "targets must be an int64 or int32 tensor"),
-        (lambda: linear_cross_entropy(hidden, weight[:0], targets), "at least one class"),
-        (lambda: linear_cross_entropy(hidden, weight, targets, reduction="avg"), "reduction must be one of"),
-        (lambda: linear_cross_entropy(hidden, weight, targets, chunk_size=0), "chunk_size must be None"),
-        (lambda: linear_cross_entropy(hidden, weight, targets, softcap=-1.0), "softcap must be None or a finite float > 0"),
-    ]
-    for call, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            call()
-
-
-def test_opcheck():
-    hidden, weight, targets = make_inputs(6, 8, 37, torch.float32)
-    h, w = hidden.requires_grad_(), weight.requires_grad_()
-    op = torch.ops.gpt_triton.linear_cross_entropy.default
-    for reduction in ("mean", "none"):
-        torch.library.opcheck(op, (h, w, targets, -100, reduction, 0.1, 1e-3, 4.0, torch.float32, True, True, 4))
-    torch.library.opcheck(op, (h.detach(), w, targets, -100, "sum", 0.0, 0.0, None, torch.float32, False, True, 0))
-    torch.library.opcheck(
-        torch.ops.gpt_triton.linear_cross_entropy_backward.default,
-        (torch.rand(6, device=DEVICE), h.detach(), w.detach(), targets, -100, 0.0, 0.0, None, torch.float32, True, True, 4),
-    )
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_compile_fullgraph(reduction):
-    # aot_eager on the CPU (see test_cross_entropy), inductor on the GPU; autocast is read in the graph.
-    counter = CompileCounterWithBackend("inductor" if DEVICE == "cuda" else "aot_eager")
-    torch._dynamo.reset()
-    hidden, weight, targets = make_inputs(6, 16, 200, torch.float32)
-
-    def loss_fn(h, w, loss=linear_cross_entropy):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            return (loss(h * 2, w, targets, reduction=reduction) * 3).sum()
-
-    grads = {}
-    for name, fn in (("compiled", torch.compile(loss_fn, fullgraph=True, backend=counter)),
-                     ("reference", lambda h, w: loss_fn(h, w, linear_cross_entropy_reference))):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        fn(h, w).backward()
-        grads[name] = (h.grad, w.grad)
-    called = [str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
-    assert counter.frame_count == 1 and "gpt_triton.linear_cross_entropy" in called, called
-    for ours, ref in zip(grads["compiled"], grads["reference"]):
-        assert_close(ours, ref, torch.bfloat16, "compiled grad")
-
-
-@pytest.mark.gpu_smoke
-def test_gpt_model_parity():
-    assert_model_parity("linear_cross_entropy")
-
-
 @pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPT-2-sized logits and peak memory need CUDA")
 def test_gpt2_loss_stage_memory_and_values():
@@ -312,12 +245,3 @@ def test_registered_as_the_triton_op():
     with registry.use_kernels("none"):
         assert registry.resolve("linear_cross_entropy", DEVICE) is linear_cross_entropy_reference
 
-
-def test_bench_quick_rows():
-    rows = run_bench(BenchContext(device="cpu", quick=True))
-    impls = {row["impl"] for row in rows}
-    assert "eager" in impls and ("triton" in impls) == registry.triton_runs_on("cpu")
-    assert {row["op"] for row in rows} == {"linear_cross_entropy"}
-    assert {row["pass"] for row in rows} == {"forward", "forward+backward"}
-    for row in rows:
-        assert row["median_ms"] > 0 and row["tflop_per_s"] > 0

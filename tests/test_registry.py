@@ -13,11 +13,17 @@ def test_every_op_registered_and_exported():
     assert registry.OPS == (
         "layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention"
     )
-    for op, function in registry.OP_FUNCTIONS.items():
-        assert op in registry._entries
-        assert hasattr(gpt_kernels, f"{function}_reference")
-        if registry._entries[op].triton is not None:
-            assert getattr(gpt_kernels, function) is registry._entries[op].triton
+    # One name per op: the spec's, ops.<name>, gpt_kernels.<name> and <name>_reference.
+    for name, (reference, triton) in registry.entry_points().items():
+        assert getattr(gpt_kernels, f"{name}_reference") is reference
+        assert getattr(gpt_kernels, name) is (triton or reference)
+        assert callable(getattr(registry.ops, name)) and name in gpt_kernels.__all__
+    assert set(registry.entry_points()) == set(registry.OPS) | {"attention_qkv"}
+
+
+def test_ops_names_an_unknown_op():
+    with pytest.raises(AttributeError, match="no op 'layer_norm'"):
+        registry.ops.layer_norm
 
 
 @pytest.mark.parametrize(
@@ -58,7 +64,7 @@ def test_switched_off_op_runs_reference():
         assert registry.implementation("layernorm", x.device) == ("torch", "switched off")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # switching off is no fallback: nothing to warn about
-            out = registry.ops.layer_norm(x, None, None)
+            out = registry.ops.layernorm(x, None, None)
     torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (8,)))
 
 
@@ -102,6 +108,6 @@ def test_interpreter_names_the_numpy_that_breaks_it(monkeypatch):
 
 def test_optimizer_device_from_any_param_group_layout():
     param = torch.nn.Parameter(torch.ones(2))
-    assert registry._params_device([{"params": []}, {"params": param}]).type == "cpu"
+    assert registry.params_device(([{"params": []}, {"params": param}],), {}).type == "cpu"
     with pytest.raises(ValueError, match="empty parameter list"):
-        registry._params_device([{"params": []}])
+        registry.params_device(([{"params": []}],), {})
