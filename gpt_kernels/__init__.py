@@ -12,6 +12,9 @@ from gpt_kernels.decode_attention import decode_attention, decode_attention_refe
 from gpt_kernels.gelu import gelu, gelu_reference
 from gpt_kernels.layernorm import layer_norm, layer_norm_reference
 from gpt_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from gpt_kernels.rmsnorm import rmsnorm, rmsnorm_reference
+from gpt_kernels.rope import rope, rope_reference, rope_table
+from gpt_kernels.swiglu import swiglu, swiglu_reference
 from gpt_kernels.registry import ops, report, set_kernels, use_kernels
 
 __all__ = [
@@ -23,4 +26,7 @@ __all__ = [
     "linear_cross_entropy", "linear_cross_entropy_reference",
     "AdamW", "AdamW_reference",
     "decode_attention", "decode_attention_reference",
+    "rmsnorm", "rmsnorm_reference",
+    "rope", "rope_reference", "rope_table",
+    "swiglu", "swiglu_reference",
 ]

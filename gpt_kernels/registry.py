@@ -36,6 +36,9 @@ OP_FUNCTIONS = {
     "linear_cross_entropy": "linear_cross_entropy",
     "adamw": "AdamW",
     "decode_attention": "decode_attention",
+    "rmsnorm": "rmsnorm",
+    "rope": "rope",
+    "swiglu": "swiglu",
 }
 OPS = tuple(OP_FUNCTIONS)
 
@@ -222,6 +225,11 @@ def implementation(op: str, device: torch.device | str) -> tuple[str, str]:
     return "triton", "Triton kernel"
 
 
+def has_triton(op: str) -> bool:
+    """Whether ``op`` has a Triton kernel at all (the Llama ops hold only their references for now)."""
+    return _entries[op].triton is not None
+
+
 def is_triton(op: str, device: torch.device | str) -> bool:
     """Whether ``op`` runs its Triton kernel on ``device`` now (e.g. to pick the fused-loss path)."""
     return implementation(op, device)[0] == "triton"
@@ -291,6 +299,15 @@ class _Ops:
 
     def decode_attention(self, *args, **kwargs):
         return resolve("decode_attention", _first_device(args, kwargs))(*args, **kwargs)
+
+    def rmsnorm(self, *args, **kwargs):
+        return resolve("rmsnorm", _first_device(args, kwargs))(*args, **kwargs)
+
+    def rope(self, *args, **kwargs):
+        return resolve("rope", _first_device(args, kwargs))(*args, **kwargs)
+
+    def swiglu(self, *args, **kwargs):
+        return resolve("swiglu", _first_device(args, kwargs))(*args, **kwargs)
 
     def AdamW(self, params, *args, **kwargs):
         params = list(params)
