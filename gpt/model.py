@@ -32,7 +32,7 @@ from gpt.llama import LlamaBlock, RMSNorm, is_hf_llama, load_hf_llama
 from gpt_kernels.registry import is_triton, ops
 from gpt_kernels.rope import compute_rope_table
 
-__all__ = ["GPT", "GPTConfig", "KVCache"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "ops_called"]
 
 LAYER_NORM_EPS = 1e-5
 
@@ -301,15 +301,22 @@ class GPT(nn.Module):
         return model
 
 
+def ops_called(config: GPTConfig) -> tuple[str, ...]:
+    """The registry ops a model of ``config`` calls (training, the optimizer, generation)."""
+    block_ops = ("rmsnorm", "rope", "swiglu") if config.arch == "llama" else ("layernorm", "gelu")
+    return block_ops + ("attention", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention")
+
+
 class KVCache:
     """The keys and values of every layer for a batch of B sequences being generated.
 
-    Row ``b`` holds ``lengths[b]`` positions. Each layer's buffers, (B, H, max_len, D), are allocated
+    Row ``b`` holds ``lengths[b]`` positions. Each layer's buffers, (B, H, max_len, D) with H the key/value
+    heads (fewer than the query heads under grouped-query attention; keys stored already rotated by RoPE), are allocated
     once, at the prefill, in the dtype of that layer's keys (bf16 under autocast); slots past a row's
     length (the prefill's padding, or zeros) take no part in attention, and are overwritten as the
     row grows. ``longest`` is max(lengths), kept on the host so that no step waits on the device to know
-    how much of the cache to read. Positions are absolute (GPT-2's learned position embedding), so a
-    full cache cannot slide: ``max_len`` is at most the block size.
+    how much of the cache to read. Positions are absolute (GPT-2's learned position embedding, RoPE's
+    table of ``block_size`` rows), so a full cache cannot slide: ``max_len`` is at most the block size.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str):
