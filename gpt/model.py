@@ -418,5 +418,5 @@ def _gpt2_tensors(raw: dict[str, torch.Tensor], path: Path) -> dict[str, torch.T
             continue  # lm_head is tied to wte; the others are causal-mask buffers, not weights
         state[key] = value.float()
     if "wte.weight" not in state or "wpe.weight" not in state:
-        raise ValueError(f"{path}: neither a GPT-2 checkpoint (no wte/wpe embeddings) nor a Llama one")
+        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte/wpe embeddings) nor a Llama one (no model.embed_tokens)")
     return state

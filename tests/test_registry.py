@@ -11,7 +11,8 @@ from gpt_kernels import registry
 
 def test_every_op_registered_and_exported():
     assert registry.OPS == (
-        "layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention"
+        "layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention",
+        "rmsnorm", "rope", "swiglu",
     )
     for op, function in registry.OP_FUNCTIONS.items():
         assert op in registry._entries
