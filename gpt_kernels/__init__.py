@@ -12,7 +12,8 @@ from gpt_kernels import registry
 from gpt_kernels.registry import ops, report, set_kernels, use_kernels
 
 # The op modules, in the order of every table (the kernel report, the spec's "all", the benchmarks).
-OP_MODULES = ("layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention")
+OP_MODULES = ("layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention",
+              "rmsnorm", "rope", "swiglu")
 
 for _module in OP_MODULES:
     importlib.import_module(f"gpt_kernels.{_module}")

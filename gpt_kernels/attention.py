@@ -754,7 +754,16 @@ def attention(
 
 
 def attention_reference(q, k, v, causal=True, scale=None):
-    """PyTorch reference: ``F.scaled_dot_product_attention``, whose best backend is the eager baseline."""
+    """PyTorch reference: ``F.scaled_dot_product_attention``, whose best backend is the eager baseline.
+
+    Grouped-query attention: k and v may have fewer heads than q, (B, Hkv, T, D) with Hkv dividing
+    Hq; query head ``h`` reads key/value head ``h // (Hq // Hkv)``. SDPA's ``enable_gqa`` takes them
+    without repeating K/V in memory where its backend can (the flash backend on CUDA)."""
+    grouped = k.dim() == 4 and q.dim() == 4 and k.shape[1] != q.shape[1]
+    if grouped and q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: k/v heads ({k.shape[1]}) must divide the query heads ({q.shape[1]})")
+    if grouped:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 

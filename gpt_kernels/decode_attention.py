@@ -308,10 +308,23 @@ def decode_attention_reference(q, k_cache, v_cache, cache_lengths, scale=None):
     ``cache_lengths[b]`` valid positions (the new token's key and value included). A row of length 0
     gives zeros (SDPA's answer for a fully masked row differs across PyTorch versions). Unlike the
     kernel, which never reads past a row's length, SDPA multiplies the masked-out slots by zero:
-    they must hold finite values (0 · NaN is NaN)."""
+    they must hold finite values (0 · NaN is NaN).
+
+    Grouped-query attention: the caches may have fewer heads than q, (B, Hkv, T_max, D) with Hkv
+    dividing H; query head ``h`` reads cache head ``h // (H // Hkv)``, with no copy of the caches."""
     positions = torch.arange(k_cache.shape[2], device=q.device)
     valid = positions[None, :] < cache_lengths[:, None]  # (B, T_max)
-    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid[:, None, None, :], scale=scale)
+    B, H, _, D = q.shape
+    Hkv = k_cache.shape[1]
+    if H != Hkv:
+        if H % Hkv:
+            raise ValueError(f"decode_attention: cache heads ({Hkv}) must divide the query heads ({H})")
+        # The group's query heads become G query rows of their cache head: (B, Hkv, G, D).
+        out = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k_cache, v_cache,
+                                             attn_mask=valid[:, None, None, :], scale=scale)
+        out = out.reshape(B, H, 1, D)
+    else:
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid[:, None, None, :], scale=scale)
     return out.masked_fill((cache_lengths <= 0)[:, None, None, None], 0.0)
 
 

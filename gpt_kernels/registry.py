@@ -262,6 +262,11 @@ def implementation(op: str, device: torch.device | str) -> tuple[str, str]:
     return "triton", "Triton kernel"
 
 
+def has_triton(op: str) -> bool:
+    """Whether ``op`` has a Triton kernel at all."""
+    return _entries[op].triton is not None
+
+
 def is_triton(op: str, device: torch.device | str) -> bool:
     """Whether ``op`` runs its Triton kernel on ``device`` now (e.g. to pick the fused-loss path)."""
     return implementation(op, device)[0] == "triton"
