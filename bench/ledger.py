@@ -28,8 +28,10 @@ with leaf weights cast once per forward as CUDA's cast cache does; its fp32 ops 
 
 The micro-step is a steady-state one of gradient accumulation (every ``.grad`` already holds the
 earlier micro-steps' sum, so autograd accumulates into it), with ``model(..., loss_scale=1/grad_accum)``
-and ``loss.backward()`` as ``train_gpt2.py`` does. The optimizer step (``clip_grad_norm_``, ``step``, ``zero_grad``) is
-counted separately by formula: the fused AdamW kernels cannot run on fake tensors.
+and ``loss.backward()`` as ``train_gpt2.py`` does; the fused loss's backward, whose GPU kernel exits
+on an upstream gradient of exactly 1, is told so (fake tensors hold no value to test). The
+optimizer step (``clip_grad_norm_``, ``step``, ``zero_grad``) is counted separately by formula: the
+fused AdamW kernels cannot run on fake tensors. ``--host-overhead`` also times the host's side.
 
 The **ideal** (:func:`ideal_ops`) is what the step must move at least with this model's numerics
 (fp32 residual stream and master weights, bf16 activations under autocast): every fused op reads its

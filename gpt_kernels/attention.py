@@ -15,8 +15,11 @@ Backward (FlashAttention-2): a preprocessing kernel computes ``delta = rowsum(dO
 one kernel owns a block of BLOCK_N keys and walks the query blocks to accumulate its ``dK`` and
 ``dV``, and a second owns a block of BLOCK_M queries and walks the key blocks to accumulate its
 ``dQ``. Every gradient element is summed by exactly one program in a fixed order, with no atomics,
-so the backward is deterministic: two runs give bit-identical gradients (no separate
-deterministic mode is needed). The price is computing ``P = exp2(S - lse)`` twice, once per pass.
+so the backward is deterministic: two runs give bit-identical gradients. The price is computing
+``P = exp2(S - lse)`` twice, once per pass. ``GPT_ATTENTION_BACKWARD=atomic`` opts into the
+other FlashAttention-2 backward: the dK/dV pass also adds each key block's share of dQ into an fp32
+buffer with atomics (5 GEMMs instead of 7, no second pass), at the price of run-to-run differences
+in dQ's last bits. The deterministic one stays the default until a GPU measures the difference.
 
 Layouts: q, k and v may be any strided views whose last dimension is contiguous (the model's
 views of the fused ``c_attn`` output, strides (T·3C, D, 3C, 1), are read in place); anything else
@@ -67,6 +70,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_HEAD_DIM = SUPPORTED_HEAD_DIMS[-1]
 AUTOTUNE = os.environ.get("GPT_ATTENTION_AUTOTUNE", "0") == "1"
+# The backward: "deterministic" (the default: dQ in its own pass, no atomics, bit-reproducible) or
+# "atomic" (opt-in: dQ accumulated with fp32 atomics in the dK/dV pass, 5 GEMMs instead of 7; the
+# order of the additions, hence the last bits of dQ, varies from run to run).
+BACKWARDS = ("deterministic", "atomic")
+BACKWARD = os.environ.get("GPT_ATTENTION_BACKWARD", "deterministic")
+if BACKWARD not in BACKWARDS:
+    raise ValueError(f"GPT_ATTENTION_BACKWARD must be one of {', '.join(BACKWARDS)}, got {BACKWARD!r}")
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2(e))
 PREPROCESS_BLOCK_M = 64
@@ -109,24 +119,27 @@ class AttentionConfig:
 # every kernel compiled for sm_90a (16-byte-aligned strides, as the model's views have) and put
 # through ptxas -v, keeping tiles with no register spills and, where the choice was free, the larger
 # tile (fewer re-reads of the streamed operand). Registers per thread (causal) and shared memory at
-# 3 stages, fp16/bf16:
-#   forward 128×64, 8 warps: D16 108, D32 126, D64 120, D128 176 regs; 16-131 KB. With 4 warps
-#     D128 spills; 128×128 tiles need ~210 regs at D64 (one program per SM).
-#   dK/dV 32 queries × 128 keys, 8 warps: 122, 118, 178, 245 regs; 15-115 KB. 4 warps spill at D64+.
+# 3 stages, fp16/bf16, causal (triton 3.6's ptxas):
+#   forward: the Triton tutorial's autotune filter (`keep`) drops tiles under 128×128 scores with 8
+#     warps on Hopper, so 128×128 with 8 warps: D16 150, D32 156, D64 206 regs; D128 at 2 stages
+#     (3 would take 224 KB of shared memory) 253. 128×64 with 4 warps spills at D128.
+#   dK/dV: 64 queries × 64 keys, 4 warps at D16-64 (160, 168, 222 regs: 2 programs per SM, and the
+#     QKᵀ and dO·Vᵀ products are N=64 warpgroup MMAs where 32 queries made them N=32); at D128 the
+#     64-query tiles spill, so 32 × 128 with 8 warps (252 regs).
 #   dQ 128 queries × 64 keys, 8 warps: 122, 119, 128 regs (D16-64); at D128 128×32: 146 regs, 115 KB
 #     (128×64 takes 254 regs and 164 KB).
-#   D256 (half-height tiles, 2 stages): forward 64×32 184 regs, dK/dV 16×32 176 (16×64 spills),
-#     dQ 64×32 239. Head dims masked up to a block (96 on the D128 tiles) take about the block's.
+#   D256 (half-height tiles, 2 stages): forward 64×32 with 4 warps 255 regs (64×64 spills), dK/dV
+#     16×32 176 (16×64 spills), dQ 64×32 239. Head dims masked up to a block (96 on the D128 tiles) take about the block's.
 # fp32 runs IEEE matmuls on FMA units, whose layouts cost far more registers: its spill-free tiles
 # are much smaller (forward D128 fits only 32×16). Head dims between two entries run on the larger
 # one's kernels, masked along D.
 _HALF_TILES = {
-    16: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
-    32: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
-    64: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 64, 8, 3)),
-    128: AttentionConfig(forward=Tile(128, 64, 8, 3), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
+    16: AttentionConfig(forward=Tile(128, 128, 8, 3), dkdv=Tile(64, 64, 4, 3), dq=Tile(128, 64, 8, 3)),
+    32: AttentionConfig(forward=Tile(128, 128, 8, 3), dkdv=Tile(64, 64, 4, 3), dq=Tile(128, 64, 8, 3)),
+    64: AttentionConfig(forward=Tile(128, 128, 8, 3), dkdv=Tile(64, 64, 4, 3), dq=Tile(128, 64, 8, 3)),
+    128: AttentionConfig(forward=Tile(128, 128, 8, 2), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
     # D256 (and 129-255 masked up to it): fp32 accumulators of 256 columns need half-height tiles.
-    256: AttentionConfig(forward=Tile(64, 32, 8, 2), dkdv=Tile(16, 32, 8, 2), dq=Tile(64, 32, 8, 2)),
+    256: AttentionConfig(forward=Tile(64, 32, 4, 2), dkdv=Tile(16, 32, 8, 2), dq=Tile(64, 32, 8, 2)),
 }
 _FP32_TILES = {
     16: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
@@ -305,9 +318,10 @@ def _backward_preprocess_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale, lo, hi,
+    dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqt,
+    qk_scale, lo, hi,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """Accumulate one key block's dK and dV over query blocks [lo, hi), in transposed form
     (keys along rows), so the key block's K and V stay in registers."""
@@ -337,18 +351,22 @@ def _dkdv_inner(
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:  # this key block's share of the query block's dQ (unscaled), added in fp32
+            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PRECISION)
+            dq_ptrs = dq_head + offs_m[:, None] * stride_dqt + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["n_heads", "T_BUCKET"])
 def _attention_backward_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, stride_dqab, stride_dqah, stride_dqat,
     n_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     # Under causal masking the first key blocks are seen by the most queries; the natural order
     # already launches the longest programs first.
@@ -358,6 +376,7 @@ def _attention_backward_dkdv_kernel(
     do_head = DO + _head_offset(bh, n_heads, stride_dob, stride_doh)
     lse_row = LSE + bh.to(tl.int64) * seq_len
     delta_row = DELTA + bh.to(tl.int64) * seq_len
+    dq_head = DQ_ACC + _head_offset(bh, n_heads, stride_dqab, stride_dqah)
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -380,16 +399,19 @@ def _attention_backward_dkdv_kernel(
         diag = start_n * BLOCK_N
         below = diag + BLOCK_N
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
-            diag, tl.minimum(below, seq_len), HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION,
+            dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqat,
+            qk_scale,
+            diag, tl.minimum(below, seq_len), HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
         )
     dk, dv = _dkdv_inner(
-        dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
-        below, full, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION,
+        dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqat,
+            qk_scale,
+        below, full, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
     )
     dk, dv = _dkdv_inner(
-        dk, dv, k, v, q_head, do_head, lse_row, delta_row, offs_n, seq_len, stride_qt, stride_dot, qk_scale,
-        tl.maximum(full, below), seq_len, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION,
+        dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqat,
+            qk_scale,
+        tl.maximum(full, below), seq_len, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
     )
 
     dk *= sm_scale  # S = scale · QKᵀ, so dK = scale · dSᵀ Q
@@ -499,15 +521,16 @@ def _configs(*candidates):
 _TUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
 _forward_autotuned = triton.autotune(
     _configs(
-        (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3),
-        (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3),
+        # No 8-warp tile under 128×128 scores (the Triton tutorial's `keep` rule for Hopper).
+        (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3),
+        (128, 64, 4, 4), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
     ),
     key=_TUNE_KEY, cache_results=True,
 )(_attention_forward_kernel)
 _dkdv_autotuned = triton.autotune(
     _configs(
         (32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 4, 3), (64, 128, 8, 3),
-        (16, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3),
+        (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3),
     ),
     key=_TUNE_KEY, cache_results=True,
 )(_attention_backward_dkdv_kernel)
@@ -626,10 +649,15 @@ def attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     causal: bool = True, scale: Optional[float] = None,
     dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None,
-    config: Optional[AttentionConfig] = None,
+    config: Optional[AttentionConfig] = None, backward: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels: ``(dq, dk, dv)`` from dO and the forward's inputs, O and lse,
-    into the given buffers if any. Deterministic (no atomics)."""
+    into the given buffers if any. ``backward`` (default ``BACKWARD``, set by GPT_ATTENTION_BACKWARD):
+    "deterministic" (no atomics: dQ in a pass of its own) or "atomic" (dQ accumulated with fp32
+    atomics in the dK/dV pass: 5 GEMMs instead of 7, its last bits varying from run to run)."""
+    backward = backward or BACKWARD
+    if backward not in BACKWARDS:
+        raise ValueError(f"attention backward: backward must be one of {', '.join(BACKWARDS)}, got {backward!r}")
     _check_inputs(q, k, v, scale)
     B, H, T, D = q.shape
     for name, t in (("dO (the output gradient)", do), ("o", o)):
@@ -658,11 +686,19 @@ def attention_backward(
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     tail = (H, T, next_power_of_2(T), sm_scale, sm_scale * LOG2E)
+    atomic = backward == "atomic"
+    if atomic and config is None:  # autotuning would rerun the atomic additions: the table's tiles
+        config = select_config(D, q.dtype, causal, q.device)
+    dq_acc = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device) if atomic else delta
     _launch(
         _attention_backward_dkdv_kernel, _dkdv_autotuned, config and config.dkdv,
         _grid(B * H, T, "BLOCK_N"),
-        (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), *tail), constexprs,
+        (q, k, v, do, lse, delta, dk, dv, dq_acc, *common, *_strides(dk), *_strides(dv), *_strides(dq_acc), *tail),
+        dict(constexprs, ATOMIC_DQ=atomic),
     )
+    if atomic:
+        dq.copy_(dq_acc.mul_(sm_scale))  # S = scale · QKᵀ, so dQ = scale · dS K
+        return dq, dk, dv
     _launch(
         _attention_backward_dq_kernel, _dq_autotuned, config and config.dq,
         _grid(B * H, T, "BLOCK_M"),
@@ -882,5 +918,12 @@ def attention_qkv_reference(qkv, n_heads, causal=True, scale=None):
     return y.transpose(1, 2).reshape(B, T, -1)
 
 
+def backward_note() -> str:
+    """The backward in use, for the registry's report."""
+    if BACKWARD == "atomic":
+        return "backward: atomic dQ (5 GEMMs, not bit-reproducible; GPT_ATTENTION_BACKWARD=atomic)"
+    return "backward: deterministic (GPT_ATTENTION_BACKWARD=atomic for the atomic-dQ one)"
+
+
 registry.register("attention", reference=attention_reference, triton=attention,
-                  variants={"attention_qkv": (attention_qkv_reference, attention_qkv)})
+                  variants={"attention_qkv": (attention_qkv_reference, attention_qkv)}, note=backward_note)

@@ -87,6 +87,8 @@ REDUCTIONS = ("mean", "sum", "none")
 # program, 16 fp32 registers per thread at 16 warps, and 7 steps for GPT-2's 50257. Starting points
 # for Hopper; the GPU session tunes them with bench/bench_cross_entropy.py.
 MAX_BLOCK_V = 8192
+# Software-pipeline depth of the walks over a row (cp.async on sm_90): two stages, one block in flight.
+PIPELINE_STAGES = 2
 # The in-place scaling of the backward: (BLOCK_M, BLOCK_N) tiles of SCALE_TILE_ELEMENTS.
 SCALE_MAX_BLOCK_N = 2048
 SCALE_TILE_ELEMENTS = 8192
@@ -109,6 +111,37 @@ def _softcap(x, cap):
 
 
 @triton.jit
+def _online_lse(z, mask, running_max, running_sum, sum_z_minus_target, z_target, softcap,
+                HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """One block of walk 1: the running max and sum of exp (rescaled whenever the max grows), and
+    the smoothing sum of z - z_target (so that large logits of one sign do not swamp it)."""
+    if HAS_SOFTCAP:
+        z = tl.where(mask, _softcap(z, softcap), float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(z, axis=0))
+    # Shift by 0 while every logit so far is -inf (masked columns): exp(-inf - -inf) is NaN.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
+    if HAS_SMOOTHING:
+        sum_z_minus_target += tl.sum(tl.where(mask, z - z_target, 0.0), axis=0)
+    return new_max, running_sum, sum_z_minus_target
+
+
+@triton.jit
+def _gradient(z, offs, target, running_max, softmax_factor, target_weight, uniform, softcap,
+              HAS_SOFTCAP: tl.constexpr):
+    """One block of walk 2: softmax = exp(z - max) / sum, whose exponent is exact where exp(z - lse)
+    would carry lse's rounding, minus the target's (smoothed) one-hot, through the soft cap."""
+    if HAS_SOFTCAP:
+        z = _softcap(z, softcap)
+    grad = tl.exp(z - running_max) * softmax_factor - tl.where(offs == target, target_weight, 0.0) - uniform
+    if HAS_SOFTCAP:
+        # d/dx [c·tanh(x/c)] = 1 - tanh² = 1 - (z/c)²
+        z_over_cap = z / softcap
+        grad = grad * (1.0 - z_over_cap * z_over_cap)
+    return grad
+
+
+@triton.jit
 def _cross_entropy_kernel(
     logits_ptr, stride_logits_row,
     targets_ptr, stride_targets,
@@ -118,7 +151,7 @@ def _cross_entropy_kernel(
     n_cols, ignore_index,
     label_smoothing, lse_square_scale, softcap,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     row = tl.program_id(0)
     row64 = row.to(tl.int64)  # row·stride passes 2^31 beyond ~43k rows of 50304
@@ -143,28 +176,25 @@ def _cross_entropy_kernel(
     if HAS_SOFTCAP:
         z_target = _softcap(z_target, softcap)
 
-    # Walk 1: online log-sum-exp, rescaling the running sum whenever the running max grows. The
-    # smoothing sum is of z - z_target, so that large logits of one sign do not swamp it.
+    # Walk 1: online log-sum-exp over the whole blocks, unmasked (a mask on n_cols, 50257 for GPT-2,
+    # would rule out vector loads) and software-pipelined (cp.async on sm_90: the next block loads
+    # while this one is reduced); then the masked last block, peeled out of the loop, whose mask
+    # would otherwise stop the pipeliner.
     running_max = float("-inf")
     running_sum = 0.0
     sum_z_minus_target = 0.0
-    for start in range(0, n_cols, BLOCK_V):
+    full_end = (n_cols // BLOCK_V) * BLOCK_V
+    for start in tl.range(0, full_end, BLOCK_V, num_stages=NUM_STAGES):
         offs = start + cols
+        z = tl.load(logits_row + offs).to(tl.float32)
+        running_max, running_sum, sum_z_minus_target = _online_lse(
+            z, offs < n_cols, running_max, running_sum, sum_z_minus_target, z_target, softcap, HAS_SMOOTHING, HAS_SOFTCAP)
+    if full_end < n_cols:
+        offs = full_end + cols
         mask = offs < n_cols
-        full_block = start + BLOCK_V <= n_cols
-        if full_block:  # unmasked: a mask on n_cols (50257 for GPT-2) would rule out vector loads
-            z = tl.load(logits_row + offs).to(tl.float32)
-        else:
-            z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = tl.where(mask, _softcap(z, softcap), float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        # Shift by 0 while every logit so far is -inf (masked columns): exp(-inf - -inf) is NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
-        running_max = new_max
-        if HAS_SMOOTHING:
-            sum_z_minus_target += tl.sum(tl.where(mask, z - z_target, 0.0), axis=0)
+        z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        running_max, running_sum, sum_z_minus_target = _online_lse(
+            z, mask, running_max, running_sum, sum_z_minus_target, z_target, softcap, HAS_SMOOTHING, HAS_SOFTCAP)
     log_sum = tl.log(running_sum)
     lse = running_max + log_sum
 
@@ -192,25 +222,19 @@ def _cross_entropy_kernel(
         if HAS_SMOOTHING:
             target_weight = scale * (1.0 - label_smoothing)
             uniform = scale * label_smoothing / n_cols
-        for start in range(0, n_cols, BLOCK_V):
+        # The same split as walk 1. The gradient may overwrite the logits in place: each block is read
+        # before it is written, and the pipeline reads ahead only into blocks not yet written.
+        for start in tl.range(0, full_end, BLOCK_V, num_stages=NUM_STAGES):
             offs = start + cols
+            z = tl.load(logits_row + offs).to(tl.float32)
+            grad = _gradient(z, offs, target, running_max, softmax_factor, target_weight, uniform, softcap, HAS_SOFTCAP)
+            tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty))
+        if full_end < n_cols:
+            offs = full_end + cols
             mask = offs < n_cols
-            full_block = start + BLOCK_V <= n_cols
-            if full_block:
-                z = tl.load(logits_row + offs).to(tl.float32)
-            else:
-                z = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                z = _softcap(z, softcap)
-            grad = tl.exp(z - running_max) * softmax_factor - tl.where(offs == target, target_weight, 0.0) - uniform
-            if HAS_SOFTCAP:
-                # d/dx [c·tanh(x/c)] = 1 - tanh² = 1 - (z/c)²
-                z_over_cap = z / softcap
-                grad = grad * (1.0 - z_over_cap * z_over_cap)
-            if full_block:
-                tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty))
-            else:
-                tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+            z = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
+            grad = _gradient(z, offs, target, running_max, softmax_factor, target_weight, uniform, softcap, HAS_SOFTCAP)
+            tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -355,7 +379,7 @@ def cross_entropy_forward(
         n_cols, ignore_index,
         float(label_smoothing), float(lse_square_scale), float(softcap or 1.0),
         HAS_SMOOTHING=label_smoothing > 0.0, HAS_Z_LOSS=lse_square_scale > 0.0, HAS_SOFTCAP=softcap is not None,
-        COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, NUM_STAGES=PIPELINE_STAGES, num_warps=_num_warps(block_v),
     )
     return loss_rows, z_loss_rows, grad
 

@@ -81,6 +81,8 @@ class _Entry:
     device_of: Callable = first_tensor_device  # (args, kwargs) -> the device this call runs on
     # Other entry points of the same op, switched with it: name -> (reference, triton).
     variants: dict[str, tuple[Callable, Callable | None]] = field(default_factory=dict)
+    # A choice inside the Triton version worth naming in the report (e.g. attention's backward).
+    note: Callable[[], str] | None = None
 
 
 _entries: dict[str, _Entry] = {}  # in registration order: the order of every table
@@ -97,16 +99,17 @@ _costs: dict[str, Callable] = {}
 
 def register(op: str, *, reference: Callable, triton: Callable | None = None,
              device_of: Callable = first_tensor_device,
-             variants: dict[str, tuple[Callable, Callable | None]] | None = None) -> None:
+             variants: dict[str, tuple[Callable, Callable | None]] | None = None,
+             note: Callable[[], str] | None = None) -> None:
     """Called once by each op module, at its end: the op's name (the spec's, ``ops.<name>``'s and the
     public function's), its reference, its Triton version where one exists, and ``device_of(args,
     kwargs)``, the device a call runs on. ``variants`` are other entry points of the op (attention
     over packed q/k/v), each a (reference, triton) pair reached as ``ops.<variant>`` that follows the
-    op's switch."""
+    op's switch; ``note()`` names a choice inside the Triton version, shown by :func:`report`."""
     global OPS, _requested
     if op in _entries:
         raise ValueError(f"op {op!r} is registered twice")
-    _entries[op] = _Entry(reference, triton, device_of, dict(variants or {}))
+    _entries[op] = _Entry(reference, triton, device_of, dict(variants or {}), note)
     _entry_points[op] = (op, None)
     _entry_points.update({variant: (op, variant) for variant in variants or {}})
     OPS = tuple(_entries)
@@ -288,7 +291,10 @@ def resolve(op: str, device: torch.device | str, variant: str | None = None) -> 
 def report(device: torch.device | str) -> str:
     """A table of which implementation each op uses on ``device``, for the start of a run."""
     rows = [("op", "implementation", "why")]
-    rows += [(op, *implementation(op, device)) for op in OPS]
+    for op in OPS:
+        impl, why = implementation(op, device)
+        note = _entries[op].note if op in _entries else None
+        rows.append((op, impl, f"{why}; {note()}" if impl == "triton" and note else why))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

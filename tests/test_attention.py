@@ -192,14 +192,14 @@ def test_model_layout_strided_views(monkeypatch):
         return y, y.transpose(1, 2).reshape(B, T, C)
 
     copied = []
-    readable = attention_module._readable
+    readable = attention_module.last_dim_contiguous
 
     def spy(t):
         result = readable(t)
         copied.append(result is not t)
         return result
 
-    monkeypatch.setattr(attention_module, "_readable", spy)
+    monkeypatch.setattr(attention_module, "last_dim_contiguous", spy)
     o, y = block(attention, qkv)
     assert o.transpose(1, 2).is_contiguous()  # so the reshape above copied nothing
     y.backward(dy)
@@ -220,8 +220,9 @@ def test_packed_qkv_one_gradient_buffer(dtype, monkeypatch):
     qkv = torch.randn(B, T, 3 * C, device=DEVICE).to(dtype).requires_grad_()
     dy = torch.randn(B, T, C, device=DEVICE).to(dtype)
     copied = []
-    readable = attention_module._readable
-    monkeypatch.setattr(attention_module, "_readable", lambda t: copied.append(readable(t) is not t) or readable(t))
+    readable = attention_module.last_dim_contiguous
+    monkeypatch.setattr(attention_module, "last_dim_contiguous",
+                        lambda t: copied.append(readable(t) is not t) or readable(t))
     calls = []
     real_cat = torch.cat
     monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append("cat") or real_cat(*a, **k))
@@ -261,6 +262,27 @@ def test_any_head_dim_masked_to_its_block(head_dim, dtype):
     assert_close(o, o_ref, dtype, "o")
     grads = attention_backward(do, q, k, v, o, lse, True, dq=poisoned_like(q), dk=poisoned_like(q), dv=poisoned_like(q))
     assert_grads_close(grads, grads_ref, dtype, floor=1.0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_atomic_dq_backward(head_dim, causal, dtype):
+    """The opt-in backward (dQ added with fp32 atomics in the dK/dV pass) matches float64 as the
+    deterministic one does, whatever the mask, at a masked head dim too."""
+    q, k, v, do = make_inputs(2, 2, 37, head_dim, dtype)
+    o_ref, lse_ref, *grads_ref = expected(q, k, v, do, causal)
+    o, lse = attention_forward(q, k, v, causal)
+    grads = attention_backward(do, q, k, v, o, lse, causal, dq=poisoned_like(q), backward="atomic")
+    assert_grads_close(grads, grads_ref, dtype, floor=1.0)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        attention_backward(do, q, k, v, o, lse, causal, backward="fast")
+
+
+def test_report_names_the_backward():
+    line = next(line for line in registry.report(DEVICE).splitlines() if line.startswith("attention"))
+    if registry.is_triton("attention", DEVICE):
+        assert "backward: deterministic" in line, line
 
 
 def test_non_unit_last_stride_and_broadcast_gradient():
@@ -310,6 +332,11 @@ def test_config_rules():
     for config in HOPPER_CONFIGS.values():  # __post_init__ has checked nesting; the table is complete
         assert isinstance(config, AttentionConfig)
     assert len(HOPPER_CONFIGS) == len(SUPPORTED_HEAD_DIMS) * 3 * 2
+    for (_, dtype, _), config in HOPPER_CONFIGS.items():
+        # The Triton tutorial's `keep` rule for Hopper: no 8-warp forward tile under 128×128 scores.
+        tile = config.forward
+        if dtype != torch.float32:
+            assert not (tile.block_m * tile.block_n < 128 * 128 and tile.num_warps == 8), (dtype, config)
     with pytest.raises(ValueError, match="nest"):
         AttentionConfig(forward=Tile(32, 64), dkdv=Tile(16, 32), dq=Tile(32, 16))
     with pytest.raises(ValueError, match="nest"):
@@ -352,23 +379,24 @@ from triton.compiler import ASTSource
 import importlib
 am = importlib.import_module("gpt_kernels.attention")
 
-CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "CAUSAL", "DOT_PRECISION", "BLOCK_M", "BLOCK_N")
+CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "CAUSAL", "DOT_PRECISION", "BLOCK_M", "BLOCK_N", "ATOMIC_DQ")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 def arg_type(name, dtype):
     if name in CONSTEXPRS:
         return "constexpr"
-    if name in ("LSE", "DELTA"):
+    if name in ("LSE", "DELTA", "DQ_ACC"):
         return "*fp32"
     if name.isupper() and name != "T_BUCKET":
         return "*" + TYPES[dtype]
     return "fp32" if name.endswith("scale") else "i32"
 
-def resources(fn, head_dim, dtype, causal, block_m, block_n, num_warps, num_stages):
+def resources(fn, head_dim, dtype, causal, block_m, block_n, num_warps, num_stages, atomic_dq=False):
     names = fn.arg_names
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=am.head_block(head_dim), CAUSAL=causal,
-                      DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+                      DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
+                      ATOMIC_DQ=atomic_dq)
     constexprs = {(names.index(k),): v for k, v in constexprs.items() if k in names}
     # As the model's views are specialized at launch: 16-byte-aligned pointers and strides (without
     # that, addressing alone makes dK/dV at head dim 128 spill), T no multiple of 16.
@@ -391,12 +419,19 @@ cases = [(name, 128, torch.bfloat16, True) for name in kernels]
 cases += [("dkdv", 128, torch.bfloat16, False), ("dkdv", 128, torch.float32, True)]
 # Head dim 256's half-height tiles, and head dims masked up to their block (96 on the 128 kernels).
 cases += [(name, 256, torch.bfloat16, True) for name in kernels] + [("dkdv", 256, torch.float32, True)]
+cases += [("forward", 64, torch.bfloat16, True), ("dkdv", 64, torch.bfloat16, True), ("dkdv", 64, torch.bfloat16, False)]
 cases += [(name, 96, torch.bfloat16, True) for name in kernels]
 report = {}
 for name, head_dim, dtype, causal in cases:
     tile = getattr(am.HOPPER_CONFIGS[(am.head_block(head_dim), dtype, causal)], name)
     report[f"{name} D{head_dim} {dtype} causal={causal} {tile}"] = resources(
         kernels[name], head_dim, dtype, causal, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages)
+# The opt-in atomic-dQ backward's dK/dV kernel (one more GEMM and the atomics), on the same tiles.
+for head_dim in (64, 128):
+    tile = am.HOPPER_CONFIGS[(head_dim, torch.bfloat16, True)].dkdv
+    report[f"atomic dkdv D{head_dim} {tile}"] = resources(
+        kernels["dkdv"], head_dim, torch.bfloat16, True, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages,
+        atomic_dq=True)
 print(json.dumps(report))
 """
 
