@@ -1,7 +1,7 @@
 """Scaled dot-product attention on (B, H, T, D) tensors, causal or not: FlashAttention-2 in Triton.
 
 ``attention(q, k, v, causal=True, scale=None)`` takes the layout of ``F.scaled_dot_product_attention``
-and returns ``softmax(scale · q kᵀ + mask) v`` as (B, H, T, D); ``scale`` defaults to ``1/sqrt(D)``.
+(with ``enable_gqa``: k and v may have fewer heads, see below) and returns ``softmax(scale · q kᵀ + mask) v`` as (B, H, T, D); ``scale`` defaults to ``1/sqrt(D)``.
 
 Forward (one program per block of BLOCK_M query rows of one head): the query block stays in
 registers while key/value blocks stream past; an online softmax keeps the running row maximum
@@ -20,6 +20,12 @@ so the backward is deterministic: two runs give bit-identical gradients. The pri
 other FlashAttention-2 backward: the dK/dV pass also adds each key block's share of dQ into an fp32
 buffer with atomics (5 GEMMs instead of 7, no second pass), at the price of run-to-run differences
 in dQ's last bits. The deterministic one stays the default until a GPU measures the difference.
+
+Grouped-query attention: k and v may have fewer heads than q, (B, Hkv, T, D) with Hkv dividing H;
+query head ``h`` reads K/V head ``h // (H / Hkv)`` through its strides (K/V are never repeated in
+memory). The dK/dV program of a K/V head walks the query heads of its group one after the other and
+sums their shares in registers, so dK and dV stay atomic-free and deterministic; dQ (either backward)
+reads the shared K/V in place.
 
 Layouts: q, k and v may be any strided views whose last dimension is contiguous (the model's
 views of the fused ``c_attn`` output, strides (T·3C, D, 3C, 1), are read in place); anything else
@@ -179,6 +185,13 @@ def _head_offset(bh, n_heads, stride_b, stride_h):
 
 
 @triton.jit
+def _kv_head_offset(bh, n_heads, group, stride_b, stride_h):
+    """The offset of the K/V head that query head ``bh`` (batch · n_heads + head) reads: grouped-query
+    attention shares K/V head ``h // group`` among ``group`` consecutive query heads, read in place."""
+    return (bh // n_heads).to(tl.int64) * stride_b + ((bh % n_heads) // group).to(tl.int64) * stride_h
+
+
+@triton.jit
 def _load(ptrs, mask, d_mask, MASKED: tl.constexpr, PAD_D: tl.constexpr):
     """A block load, masked by ``mask`` (rows or keys past the end) when MASKED and by ``d_mask`` (the
     head dimension padded up to its block) when PAD_D: at the supported head dims an unmasked block
@@ -238,12 +251,12 @@ def _forward_inner(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["n_heads", "T_BUCKET"])
+@triton.jit(do_not_specialize=["n_heads", "group", "T_BUCKET"])
 def _attention_forward_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    n_heads, seq_len, T_BUCKET, qk_scale,  # T_BUCKET only keys the autotuner
+    n_heads, group, seq_len, T_BUCKET, qk_scale,  # T_BUCKET only keys the autotuner
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -254,8 +267,8 @@ def _attention_forward_kernel(
     else:
         start_m = tl.program_id(1)
     q_head = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
-    k_head = K + _head_offset(bh, n_heads, stride_kb, stride_kh)
-    v_head = V + _head_offset(bh, n_heads, stride_vb, stride_vh)
+    k_head = K + _kv_head_offset(bh, n_heads, group, stride_kb, stride_kh)
+    v_head = V + _kv_head_offset(bh, n_heads, group, stride_vb, stride_vh)
     o_head = O + _head_offset(bh, n_heads, stride_ob, stride_oh)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -358,33 +371,30 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["n_heads", "T_BUCKET"])
+@triton.jit(do_not_specialize=["n_kv_heads", "group", "T_BUCKET"])
 def _attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, stride_dqab, stride_dqah, stride_dqat,
-    n_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
+    n_kv_heads, group, seq_len, T_BUCKET, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    # Under causal masking the first key blocks are seen by the most queries; the natural order
-    # already launches the longest programs first.
-    bh = tl.program_id(0)
+    # One program per block of keys of one K/V head. Under grouped-query attention it walks the
+    # `group` query heads that share the K/V head one after the other, accumulating their dK and dV
+    # in the same registers: every dK/dV element is summed by one program, in a fixed order, and
+    # written once (no atomics). Under causal masking the first key blocks are seen by the most
+    # queries; the natural order already launches the longest programs first.
+    bkv = tl.program_id(0)
     start_n = tl.program_id(1)
-    q_head = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
-    do_head = DO + _head_offset(bh, n_heads, stride_dob, stride_doh)
-    lse_row = LSE + bh.to(tl.int64) * seq_len
-    delta_row = DELTA + bh.to(tl.int64) * seq_len
-    dq_head = DQ_ACC + _head_offset(bh, n_heads, stride_dqab, stride_dqah)
-
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     key_ok = offs_n[:, None] < seq_len
-    k_ptrs = K + _head_offset(bh, n_heads, stride_kb, stride_kh) + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + _head_offset(bh, n_heads, stride_vb, stride_vh) + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_ptrs = K + _head_offset(bkv, n_kv_heads, stride_kb, stride_kh) + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + _head_offset(bkv, n_kv_heads, stride_vb, stride_vh) + offs_n[:, None] * stride_vt + offs_d[None, :]
     k = _load(k_ptrs, key_ok, d_ok[None, :], True, PAD_D)
     v = _load(v_ptrs, key_ok, d_ok[None, :], True, PAD_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -396,27 +406,36 @@ def _attention_backward_dkdv_kernel(
     full = (seq_len // BLOCK_M) * BLOCK_M
     below = 0
     if CAUSAL:
-        diag = start_n * BLOCK_N
-        below = diag + BLOCK_N
+        below = start_n * BLOCK_N + BLOCK_N
+    n_heads = n_kv_heads * group
+    first_bh = (bkv // n_kv_heads) * n_heads + (bkv % n_kv_heads) * group
+    for g in range(0, group):
+        bh = first_bh + g
+        q_head = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
+        do_head = DO + _head_offset(bh, n_heads, stride_dob, stride_doh)
+        lse_row = LSE + bh.to(tl.int64) * seq_len
+        delta_row = DELTA + bh.to(tl.int64) * seq_len
+        dq_head = DQ_ACC + _head_offset(bh, n_heads, stride_dqab, stride_dqah)
+        if CAUSAL:
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot,
+                stride_dqat, qk_scale, start_n * BLOCK_N, tl.minimum(below, seq_len),
+                HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
+            )
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqat,
-            qk_scale,
-            diag, tl.minimum(below, seq_len), HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
+            dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot,
+            stride_dqat, qk_scale, below, full,
+            HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
         )
-    dk, dv = _dkdv_inner(
-        dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqat,
-            qk_scale,
-        below, full, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
-    )
-    dk, dv = _dkdv_inner(
-        dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqat,
-            qk_scale,
-        tl.maximum(full, below), seq_len, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
-    )
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot,
+            stride_dqat, qk_scale, tl.maximum(full, below), seq_len,
+            HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
+        )
 
     dk *= sm_scale  # S = scale · QKᵀ, so dK = scale · dSᵀ Q
-    dk_ptrs = DK + _head_offset(bh, n_heads, stride_dkb, stride_dkh) + offs_n[:, None] * stride_dkt + offs_d[None, :]
-    dv_ptrs = DV + _head_offset(bh, n_heads, stride_dvb, stride_dvh) + offs_n[:, None] * stride_dvt + offs_d[None, :]
+    dk_ptrs = DK + _head_offset(bkv, n_kv_heads, stride_dkb, stride_dkh) + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + _head_offset(bkv, n_kv_heads, stride_dvb, stride_dvh) + offs_n[:, None] * stride_dvt + offs_d[None, :]
     _store(dk_ptrs, dk.to(DK.dtype.element_ty), key_ok, d_ok[None, :], PAD_D)
     _store(dv_ptrs, dv.to(DV.dtype.element_ty), key_ok, d_ok[None, :], PAD_D)
 
@@ -450,12 +469,12 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["n_heads", "T_BUCKET"])
+@triton.jit(do_not_specialize=["n_heads", "group", "T_BUCKET"])
 def _attention_backward_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
-    n_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
+    n_heads, group, seq_len, T_BUCKET, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -464,8 +483,8 @@ def _attention_backward_dq_kernel(
         start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(1)
     else:
         start_m = tl.program_id(1)
-    k_head = K + _head_offset(bh, n_heads, stride_kb, stride_kh)
-    v_head = V + _head_offset(bh, n_heads, stride_vb, stride_vh)
+    k_head = K + _kv_head_offset(bh, n_heads, group, stride_kb, stride_kh)
+    v_head = V + _kv_head_offset(bh, n_heads, group, stride_vb, stride_vh)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -551,10 +570,15 @@ def _check_inputs(q, k, v, scale) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-D (B, H, T, D) tensor, got {describe(t)}")
-    if not (q.shape == k.shape == v.shape):
+    if k.shape != v.shape or (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
         raise ValueError(
-            f"attention: q, k and v must have the same (B, H, T, D) shape, got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"attention: q (B, H, T, D) and k, v (B, Hkv, T, D) must have the same (B, H, T, D) shape but for "
+            f"fewer k/v heads, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[1] == 0 and q.shape[1] or k.shape[1] and q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"attention: the k/v heads ({k.shape[1]}) must divide the query heads ({q.shape[1]}): grouped-query "
+            f"attention shares each k/v head among H / Hkv query heads"
         )
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"attention: q, k, v must be float16, bfloat16 or float32, got {q.dtype}")
@@ -639,7 +663,7 @@ def attention_forward(
         _attention_forward_kernel, _forward_autotuned, config and config.forward,
         _grid(B * H, T, "BLOCK_M"),
         (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-         H, T, next_power_of_2(T), sm_scale * LOG2E),
+         H, H // k.shape[1], T, next_power_of_2(T), sm_scale * LOG2E),
         _constexprs(q, causal),
     )
     return out, lse
@@ -668,10 +692,11 @@ def attention_backward(
             )
     output_buffer("attention", "lse", lse, (B, H, T), torch.float32, q.device)
     grads = []
-    for name, buffer in (("dq", dq), ("dk", dk), ("dv", dv)):
-        buffer = _bthd_empty(q) if buffer is None else buffer
-        grads.append(output_buffer("attention", name, buffer, q.shape, q.dtype, q.device, contiguous=False))
+    for name, buffer, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        buffer = _bthd_empty(like) if buffer is None else buffer
+        grads.append(output_buffer("attention", name, buffer, like.shape, q.dtype, q.device, contiguous=False))
     dq, dk, dv = grads
+    H_kv = k.shape[1]
     if q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     q, k, v, o, do = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), last_dim_contiguous(o), last_dim_contiguous(do)
@@ -685,15 +710,15 @@ def attention_backward(
         num_warps=4,
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    tail = (H, T, next_power_of_2(T), sm_scale, sm_scale * LOG2E)
+    tail = (H // H_kv, T, next_power_of_2(T), sm_scale, sm_scale * LOG2E)  # group: query heads per k/v head
     atomic = backward == "atomic"
     if atomic and config is None:  # autotuning would rerun the atomic additions: the table's tiles
         config = select_config(D, q.dtype, causal, q.device)
     dq_acc = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device) if atomic else delta
     _launch(
         _attention_backward_dkdv_kernel, _dkdv_autotuned, config and config.dkdv,
-        _grid(B * H, T, "BLOCK_N"),
-        (q, k, v, do, lse, delta, dk, dv, dq_acc, *common, *_strides(dk), *_strides(dv), *_strides(dq_acc), *tail),
+        _grid(B * H_kv, T, "BLOCK_N"),
+        (q, k, v, do, lse, delta, dk, dv, dq_acc, *common, *_strides(dk), *_strides(dv), *_strides(dq_acc), H_kv, *tail),
         dict(constexprs, ATOMIC_DQ=atomic),
     )
     if atomic:
@@ -702,7 +727,7 @@ def attention_backward(
     _launch(
         _attention_backward_dq_kernel, _dq_autotuned, config and config.dq,
         _grid(B * H, T, "BLOCK_M"),
-        (q, k, v, do, lse, delta, dq, *common, *_strides(dq), *tail), constexprs,
+        (q, k, v, do, lse, delta, dq, *common, *_strides(dq), H, *tail), constexprs,
     )
     return dq, dk, dv
 
@@ -733,7 +758,7 @@ def _attention_backward_op(
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(do, q, k, v, o, lse, causal, scale):
-    return _bthd_empty(q), _bthd_empty(q), _bthd_empty(q)
+    return _bthd_empty(q), _bthd_empty(k), _bthd_empty(v)
 
 
 def attention_flops(heads: int, t_q: int, t_k: int, head_dim: int, causal: bool, backward: bool = False) -> int:
@@ -783,7 +808,8 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: Optional[float] = None
 ) -> torch.Tensor:
     """Triton FlashAttention-2: ``softmax(scale · q kᵀ (+ causal mask)) v`` for (B, H, T, D) inputs,
-    differentiable in q, k and v. See the module doc for layouts, dtypes and determinism. Bad inputs
+    differentiable in q, k and v; k and v may have fewer heads (B, Hkv, T, D), Hkv dividing H
+    (grouped-query attention). See the module doc for layouts, dtypes and determinism. Bad inputs
     raise ValueError before anything is launched."""
     _check_inputs(q, k, v, scale)
     return torch.ops.gpt_triton.attention(q, k, v, bool(causal), default_scale(q, scale))[0]
