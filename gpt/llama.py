@@ -8,52 +8,21 @@ optimizer's decay groups, checkpoints) treats both architectures alike. Every op
 
 * The projections are fused: ``c_attn`` writes [q | k | v] (Hq + 2·Hkv heads), ``c_fc`` writes
   [gate | up]; loading Hugging Face weights concatenates their rows in that order.
-* The Triton attention and decode kernels take no grouped K/V heads yet: a layer with
-  ``n_kv_head < n_head`` runs those two ops' PyTorch references (which read K/V without repeating
-  them), and says so once, even with the kernels on.
+* Grouped-query attention: k and v keep their ``n_kv_head`` heads; the attention and decode ops
+  (Triton kernels and PyTorch references alike) read each shared K/V head in place, never repeated.
 * Hugging Face's ``LlamaForCausalLM`` weights load through :func:`load_hf_llama`
   (``GPT.from_pretrained`` picks it for a Llama-layout folder).
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from gpt.config import GPTConfig
-from gpt_kernels.attention import attention_reference
-from gpt_kernels.decode_attention import decode_attention_reference
-from gpt_kernels.registry import is_triton, ops
-
-_warned_grouped: set[str] = set()
-
-
-def _grouped_falls_back(op: str, q: torch.Tensor, k: torch.Tensor) -> bool:
-    """True where ``op`` would run its Triton kernel on grouped K/V heads, which it cannot take yet."""
-    if k.shape[1] == q.shape[1] or not is_triton(op, q.device):
-        return False
-    if op not in _warned_grouped:
-        _warned_grouped.add(op)
-        warnings.warn(f"kernel {op!r} takes no grouped K/V heads yet: grouped-query layers run its PyTorch "
-                      f"reference", stacklevel=3)
-    return True
-
-
-def grouped_attention(q, k, v):
-    """Causal attention, q (B, Hq, T, D) and k, v (B, Hkv, T, D)."""
-    if _grouped_falls_back("attention", q, k):
-        return attention_reference(q, k, v, causal=True)
-    return ops.attention(q, k, v, causal=True)
-
-
-def grouped_decode_attention(q, keys, values, lengths):
-    """One query row per sequence against its cached (B, Hkv, L, D) keys and values."""
-    if _grouped_falls_back("decode_attention", q, keys):
-        return decode_attention_reference(q, keys, values, lengths)
-    return ops.decode_attention(q, keys, values, lengths)
+from gpt_kernels.registry import ops
 
 
 class RMSNorm(nn.Module):
@@ -90,13 +59,13 @@ class LlamaAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if kv_cache is None:
-            y = grouped_attention(q, k, v)
+            y = ops.attention(q, k, v, causal=True)
         elif kv_cache.prefilling:
             kv_cache.write(layer, k, v)
-            y = grouped_attention(q, k, v)
+            y = ops.attention(q, k, v, causal=True)
         else:  # one new token per row, already rotated to its own position
             keys, values = kv_cache.write(layer, k, v)
-            y = grouped_decode_attention(q, keys, values, kv_cache.step_lengths)
+            y = ops.decode_attention(q, keys, values, kv_cache.step_lengths)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
