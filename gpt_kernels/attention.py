@@ -331,17 +331,31 @@ def _backward_preprocess_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqt,
-    qk_scale, lo, hi,
+    dk, dv, k, v, q_group, do_group, lse_group, delta_group, dq_group, offs_n, seq_len,
+    stride_qh, stride_qt, stride_doh, stride_dot, stride_dqh, stride_dqt, qk_scale, lo, hi,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Accumulate one key block's dK and dV over query blocks [lo, hi), in transposed form
-    (keys along rows), so the key block's K and V stay in registers."""
+    """Accumulate one key block's dK and dV over query blocks [lo, hi) of each of the GROUP query
+    heads that share it (``*_group`` point at the first), in transposed form (keys along rows), so
+    the key block's K and V stay in registers. The heads' blocks run as one flat loop, not a loop
+    nest: nesting the pipelined loop in a loop over heads made ptxas spill (sm_90a, D64 and D128)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    for start_m in range(lo, hi, BLOCK_M):
+    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+    for step in range(0, n_blocks * GROUP):
+        if GROUP == 1:
+            start_m = lo + step * BLOCK_M
+            q_head, do_head, lse_row, delta_row, dq_head = q_group, do_group, lse_group, delta_group, dq_group
+        else:
+            g = step // n_blocks  # query heads are consecutive: head g of the group is g heads on
+            start_m = lo + (step - g * n_blocks) * BLOCK_M
+            q_head = q_group + g.to(tl.int64) * stride_qh
+            do_head = do_group + g.to(tl.int64) * stride_doh
+            lse_row = lse_group + g.to(tl.int64) * seq_len
+            delta_row = delta_group + g.to(tl.int64) * seq_len
+            dq_head = dq_group + g.to(tl.int64) * stride_dqh
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qt_ptrs = q_head + offs_m[None, :] * stride_qt + offs_d[:, None]  # Qᵀ block (D, BLOCK_M)
         do_ptrs = do_head + offs_m[:, None] * stride_dot + offs_d[None, :]
@@ -371,21 +385,22 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["n_kv_heads", "group", "T_BUCKET"])
+@triton.jit(do_not_specialize=["n_kv_heads", "T_BUCKET"])
 def _attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, stride_dqab, stride_dqah, stride_dqat,
-    n_kv_heads, group, seq_len, T_BUCKET, sm_scale, qk_scale,
+    n_kv_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, GROUP: tl.constexpr,
 ):
     # One program per block of keys of one K/V head. Under grouped-query attention it walks the
-    # `group` query heads that share the K/V head one after the other, accumulating their dK and dV
-    # in the same registers: every dK/dV element is summed by one program, in a fixed order, and
-    # written once (no atomics). Under causal masking the first key blocks are seen by the most
-    # queries; the natural order already launches the longest programs first.
+    # GROUP query heads that share the K/V head (see _dkdv_inner), accumulating their dK and dV in
+    # the same registers: every dK/dV element is summed by one program, in a fixed order, and
+    # written once (no atomics). GROUP is a compile-time constant: GROUP = 1 is the MHA kernel.
+    # Under causal masking the first key blocks are seen by the most queries; the natural order
+    # already launches the longest programs first.
     bkv = tl.program_id(0)
     start_n = tl.program_id(1)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -407,31 +422,30 @@ def _attention_backward_dkdv_kernel(
     below = 0
     if CAUSAL:
         below = start_n * BLOCK_N + BLOCK_N
-    n_heads = n_kv_heads * group
-    first_bh = (bkv // n_kv_heads) * n_heads + (bkv % n_kv_heads) * group
-    for g in range(0, group):
-        bh = first_bh + g
-        q_head = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
-        do_head = DO + _head_offset(bh, n_heads, stride_dob, stride_doh)
-        lse_row = LSE + bh.to(tl.int64) * seq_len
-        delta_row = DELTA + bh.to(tl.int64) * seq_len
-        dq_head = DQ_ACC + _head_offset(bh, n_heads, stride_dqab, stride_dqah)
-        if CAUSAL:
-            dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot,
-                stride_dqat, qk_scale, start_n * BLOCK_N, tl.minimum(below, seq_len),
-                HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
-            )
+    n_heads = n_kv_heads * GROUP
+    bh = (bkv // n_kv_heads) * n_heads + (bkv % n_kv_heads) * GROUP  # the group's first query head
+    q_group = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
+    do_group = DO + _head_offset(bh, n_heads, stride_dob, stride_doh)
+    lse_group = LSE + bh.to(tl.int64) * seq_len
+    delta_group = DELTA + bh.to(tl.int64) * seq_len
+    dq_group = DQ_ACC + _head_offset(bh, n_heads, stride_dqab, stride_dqah)
+    if CAUSAL:
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot,
-            stride_dqat, qk_scale, below, full,
-            HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
+            dk, dv, k, v, q_group, do_group, lse_group, delta_group, dq_group, offs_n, seq_len,
+            stride_qh, stride_qt, stride_doh, stride_dot, stride_dqah, stride_dqat, qk_scale,
+            start_n * BLOCK_N, tl.minimum(below, seq_len),
+            HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ, GROUP,
         )
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot,
-            stride_dqat, qk_scale, tl.maximum(full, below), seq_len,
-            HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
-        )
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, q_group, do_group, lse_group, delta_group, dq_group, offs_n, seq_len,
+        stride_qh, stride_qt, stride_doh, stride_dot, stride_dqah, stride_dqat, qk_scale, below, full,
+        HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION, ATOMIC_DQ, GROUP,
+    )
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, q_group, do_group, lse_group, delta_group, dq_group, offs_n, seq_len,
+        stride_qh, stride_qt, stride_doh, stride_dot, stride_dqah, stride_dqat, qk_scale, tl.maximum(full, below), seq_len,
+        HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ, GROUP,
+    )
 
     dk *= sm_scale  # S = scale · QKᵀ, so dK = scale · dSᵀ Q
     dk_ptrs = DK + _head_offset(bkv, n_kv_heads, stride_dkb, stride_dkh) + offs_n[:, None] * stride_dkt + offs_d[None, :]
@@ -551,7 +565,7 @@ _dkdv_autotuned = triton.autotune(
         (32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 4, 3), (64, 128, 8, 3),
         (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3),
     ),
-    key=_TUNE_KEY, cache_results=True,
+    key=_TUNE_KEY + ["GROUP"], cache_results=True,
 )(_attention_backward_dkdv_kernel)
 _dq_autotuned = triton.autotune(
     _configs(
@@ -710,7 +724,7 @@ def attention_backward(
         num_warps=4,
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    tail = (H // H_kv, T, next_power_of_2(T), sm_scale, sm_scale * LOG2E)  # group: query heads per k/v head
+    tail = (T, next_power_of_2(T), sm_scale, sm_scale * LOG2E)
     atomic = backward == "atomic"
     if atomic and config is None:  # autotuning would rerun the atomic additions: the table's tiles
         config = select_config(D, q.dtype, causal, q.device)
@@ -719,7 +733,7 @@ def attention_backward(
         _attention_backward_dkdv_kernel, _dkdv_autotuned, config and config.dkdv,
         _grid(B * H_kv, T, "BLOCK_N"),
         (q, k, v, do, lse, delta, dk, dv, dq_acc, *common, *_strides(dk), *_strides(dv), *_strides(dq_acc), H_kv, *tail),
-        dict(constexprs, ATOMIC_DQ=atomic),
+        dict(constexprs, ATOMIC_DQ=atomic, GROUP=H // H_kv),
     )
     if atomic:
         dq.copy_(dq_acc.mul_(sm_scale))  # S = scale · QKᵀ, so dQ = scale · dS K
@@ -727,7 +741,7 @@ def attention_backward(
     _launch(
         _attention_backward_dq_kernel, _dq_autotuned, config and config.dq,
         _grid(B * H, T, "BLOCK_M"),
-        (q, k, v, do, lse, delta, dq, *common, *_strides(dq), H, *tail), constexprs,
+        (q, k, v, do, lse, delta, dq, *common, *_strides(dq), H, H // H_kv, *tail), constexprs,
     )
     return dq, dk, dv
 

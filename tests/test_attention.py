@@ -442,7 +442,7 @@ from triton.compiler import ASTSource
 import importlib
 am = importlib.import_module("gpt_kernels.attention")
 
-CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "CAUSAL", "DOT_PRECISION", "BLOCK_M", "BLOCK_N", "ATOMIC_DQ")
+CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "CAUSAL", "DOT_PRECISION", "BLOCK_M", "BLOCK_N", "ATOMIC_DQ", "GROUP")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -455,11 +455,11 @@ def arg_type(name, dtype):
         return "*" + TYPES[dtype]
     return "fp32" if name.endswith("scale") else "i32"
 
-def resources(fn, head_dim, dtype, causal, block_m, block_n, num_warps, num_stages, atomic_dq=False):
+def resources(fn, head_dim, dtype, causal, block_m, block_n, num_warps, num_stages, atomic_dq=False, group=1):
     names = fn.arg_names
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=am.head_block(head_dim), CAUSAL=causal,
                       DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
-                      ATOMIC_DQ=atomic_dq)
+                      ATOMIC_DQ=atomic_dq, GROUP=group)
     constexprs = {(names.index(k),): v for k, v in constexprs.items() if k in names}
     # As the model's views are specialized at launch: 16-byte-aligned pointers and strides (without
     # that, addressing alone makes dK/dV at head dim 128 spill), T no multiple of 16.
@@ -495,6 +495,12 @@ for head_dim in (64, 128):
     report[f"atomic dkdv D{head_dim} {tile}"] = resources(
         kernels["dkdv"], head_dim, torch.bfloat16, True, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages,
         atomic_dq=True)
+# Grouped-query dK/dV (the group's query heads unrolled): llama-124m's 12/4 heads at D64, and D128.
+for head_dim, atomic_dq in ((64, False), (128, False), (128, True)):
+    tile = am.HOPPER_CONFIGS[(head_dim, torch.bfloat16, True)].dkdv
+    report[f"grouped dkdv D{head_dim} atomic={atomic_dq} {tile}"] = resources(
+        kernels["dkdv"], head_dim, torch.bfloat16, True, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages,
+        atomic_dq=atomic_dq, group=3)
 print(json.dumps(report))
 """
 

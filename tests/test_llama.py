@@ -274,10 +274,11 @@ def test_prefill_and_decode_logits_match_full_forward(model):
             torch.testing.assert_close(logits, full[torch.arange(3), positions])
 
 
-@pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_kernels_on_match_the_references(n_kv_head):
-    """With every kernel asked for, the Triton attention and loss run (MHA), or a GQA layer's
-    attention falls back to its reference; the loss and gradients match the references' either way."""
+    """With every kernel asked for, the Triton attention (grouped K/V heads included) and loss run;
+    the loss and gradients match the references'."""
+    assert registry.is_triton("attention", DEVICE)
     torch.manual_seed(0)
     config = GPTConfig(arch="llama", block_size=16, vocab_size=100, n_layer=1, n_head=4, n_kv_head=n_kv_head,
                        n_embd=32, mlp_hidden=48)
@@ -292,6 +293,19 @@ def test_kernels_on_match_the_references(n_kv_head):
         results.append((loss.detach(), model.transformer.h[0].attn.c_attn.weight.grad.clone()))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
+
+
+def test_generation_with_every_kernel_on(model):
+    """Grouped-query prefill (Triton attention) and decode steps (Triton decode attention) give the
+    references' tokens, with the KV cache and without it."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, TINY.vocab_size, (n,), generator=g).tolist() for n in (3, 8, 5)]
+    with use_kernels("none"):
+        reference = generate_tokens(model, prompts, 4, temperature=0.0, use_kv_cache=True)
+    with use_kernels("all"):
+        assert registry.is_triton("decode_attention", DEVICE) and TINY.kv_heads < TINY.n_head
+        assert generate_tokens(model, prompts, 4, temperature=0.0, use_kv_cache=True) == reference
+        assert generate_tokens(model, prompts, 4, temperature=0.0, use_kv_cache=False) == reference
 
 
 # ----------------------------------------------------------------------------------------------------
