@@ -131,7 +131,9 @@ class AttentionConfig:
 #     (3 would take 224 KB of shared memory) 253. 128×64 with 4 warps spills at D128.
 #   dK/dV: 64 queries × 64 keys, 4 warps at D16-64 (160, 168, 222 regs: 2 programs per SM, and the
 #     QKᵀ and dO·Vᵀ products are N=64 warpgroup MMAs where 32 queries made them N=32); at D128 the
-#     64-query tiles spill, so 32 × 128 with 8 warps (252 regs).
+#     64-query tiles spill, so 32 × 128 with 8 warps (252 regs). Since the grouped-query loop
+#     (_dkdv_inner) the MHA kernels take D64 226 and D128 247 regs; with 3 query heads per K/V head
+#     D64 254 and D128 248 (the atomic-dQ variant 255 and 248), all without spills.
 #   dQ 128 queries × 64 keys, 8 warps: 122, 119, 128 regs (D16-64); at D128 128×32: 146 regs, 115 KB
 #     (128×64 takes 254 regs and 164 KB).
 #   D256 (half-height tiles, 2 stages): forward 64×32 with 4 warps 255 regs (64×64 spills), dK/dV

@@ -496,7 +496,7 @@ for head_dim in (64, 128):
         kernels["dkdv"], head_dim, torch.bfloat16, True, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages,
         atomic_dq=True)
 # Grouped-query dK/dV (the group's query heads unrolled): llama-124m's 12/4 heads at D64, and D128.
-for head_dim, atomic_dq in ((64, False), (128, False), (128, True)):
+for head_dim, atomic_dq in ((64, False), (128, False)):
     tile = am.HOPPER_CONFIGS[(head_dim, torch.bfloat16, True)].dkdv
     report[f"grouped dkdv D{head_dim} atomic={atomic_dq} {tile}"] = resources(
         kernels["dkdv"], head_dim, torch.bfloat16, True, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages,
