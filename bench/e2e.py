@@ -31,19 +31,22 @@ import torch
 from bench.common import UNFINISHED, UNFINISHED_ERROR
 from bench.runner import error_details
 from gpt.config import GPTConfig, preset
-from gpt.model import GPT
+from gpt.model import GPT, ops_called
 from gpt.training import TrainingStep, datasheet_peak_flops, make_optimizer
 from gpt_kernels import registry
 from gpt_kernels.registry import OPS, use_kernels
 
 # decode_attention only runs in generation (one query against a KV cache): no training step calls it.
-TRAINING_OPS = tuple(op for op in OPS if op != "decode_attention")
+# Ops without a Triton kernel yet (the Llama block's) have nothing to switch.
+TRAINING_OPS = tuple(op for op in OPS if op != "decode_attention" and registry.has_triton(op))
 FLOPS_FORMULA = (
-    "6·N + 6·L·T·C per token (N: parameters in matmuls, i.e. all but the position embedding; "
+    "6·N + 6·L·T·C per token (N: parameters in matmuls, i.e. all but the position embedding and an untied "
+    "token embedding; "
     "the second term is causal attention's QKᵀ and AV, forward + backward)"
 )
 # --quick: whatever the preset, a toy model the interpreter runs in well under a second a step.
 QUICK_OVERRIDES = dict(block_size=32, n_layer=1, n_head=2, n_embd=64, vocab_size=512)
+QUICK_LLAMA_OVERRIDES = dict(QUICK_OVERRIDES, n_kv_head=1, mlp_hidden=128)  # grouped heads and SwiGLU kept
 # The headline target (one H100): GPT-2 124M, B=16, T=1024, bf16.
 TARGET = dict(preset="gpt2", batch_size=16, seq_len=1024, dtype="bfloat16", tokens_per_s=560_000,
               speedup_vs_compile=1.3)
@@ -116,11 +119,15 @@ def ablation(kernel_ops: tuple[str, ...], which: str = "full") -> list[Configura
 
 
 def model_config(settings: E2ESettings, quick: bool) -> GPTConfig:
-    config = preset(settings.preset, **(QUICK_OVERRIDES if quick else {}))
+    config = preset(settings.preset, **(quick_overrides(settings.preset) if quick else {}))
     if settings.seq_len > config.block_size:
         raise ValueError(f"--seq-len {settings.seq_len} exceeds the {settings.preset} model's block size "
                          f"{config.block_size}" + (" (its --quick toy size)" if quick else ""))
     return config
+
+
+def quick_overrides(preset_name: str) -> dict:
+    return QUICK_LLAMA_OVERRIDES if preset(preset_name).arch == "llama" else QUICK_OVERRIDES
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> int:
@@ -246,7 +253,9 @@ def check_settings(settings: E2ESettings, device: str, quick: bool) -> tuple[GPT
         raise ValueError("--steps, --warmup-steps, --grad-accum and --batch-size must each be at least 1")
     if settings.seq_len < 1:
         raise ValueError(f"--seq-len must be at least 1, got {settings.seq_len}")
-    return model_config(settings, quick), ablation(kernel_set(settings.kernels), settings.ablation)
+    config = model_config(settings, quick)
+    kernel_ops = tuple(op for op in kernel_set(settings.kernels) if op in ops_called(config))
+    return config, ablation(kernel_ops, settings.ablation)
 
 
 def run_e2e(settings: E2ESettings, device: str, quick: bool, matmul_tflops: dict[str, float],
@@ -271,7 +280,7 @@ def run_e2e(settings: E2ESettings, device: str, quick: bool, matmul_tflops: dict
 
     section = {
         "settings": asdict(settings),
-        "model": {"preset": settings.preset, "toy_overrides": QUICK_OVERRIDES if quick else None,
+        "model": {"preset": settings.preset, "toy_overrides": quick_overrides(settings.preset) if quick else None,
                   "config": gpt_config.to_dict(), "parameters": parameters},
         "tokens_per_step": tokens_per_step,
         "flops_per_token": per_token,

@@ -412,7 +412,7 @@ def ideal_ops(config: GPTConfig, batch_size: int, seq_len: int, dtype: torch.dty
 
 def configurations(spec: str) -> list[tuple[str, str]]:
     """(label, kernel spec) pairs: 'all' (the default) is all off, all on, and each op on alone."""
-    model_ops = [op for op in registry.OPS if op not in ("adamw", "decode_attention")]
+    model_ops = [op for op in registry.OPS if op not in ("adamw", "decode_attention") and registry.has_triton(op)]
     every = [("all off", "none"), ("all on", "all")] + [(f"{op} only", op) for op in model_ops]
     if spec in ("", "all"):
         return every

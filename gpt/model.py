@@ -1,4 +1,4 @@
-"""GPT-2, written to be read top to bottom (after nanoGPT's model.py).
+"""GPT-2, written to be read top to bottom (after nanoGPT's model.py), and the Llama variant.
 
 Every op that has a Triton kernel (LayerNorm, attention, GELU, the loss) is called through
 ``gpt_kernels.registry.ops``, so switching a kernel on or off never touches this file.
@@ -8,6 +8,9 @@ Two things differ from a textbook GPT-2, both for speed and neither for the math
   returned logits cover only the 50257 real tokens;
 * each LayerNorm also adds the residual branch that precedes it (``ln(x + branch)`` and the new
   stream in one op), so a block passes its last branch on instead of adding it itself.
+
+``GPTConfig(arch="llama")`` swaps in the blocks of gpt/llama.py (RMSNorm, RoPE, SwiGLU, grouped-query
+attention) and drops the learned position embedding; everything else here serves both.
 
 For generation (gpt/generate.py) ``forward`` also takes a :class:`KVCache`: the prompt is run once
 (prefill, through the causal ``ops.attention``) and each later token is one row of queries against
@@ -25,9 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import GPTConfig
+from gpt.llama import LlamaBlock, RMSNorm, is_hf_llama, load_hf_llama
 from gpt_kernels.registry import ops
+from gpt_kernels.rope import compute_rope_table
 
-__all__ = ["GPT", "GPTConfig", "KVCache"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "ops_called"]
 
 LAYER_NORM_EPS = 1e-5
 
@@ -35,13 +40,14 @@ LAYER_NORM_EPS = 1e-5
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias; ``forward(x, residual)`` returns ``(ln(x + residual), x + residual)``."""
 
-    def __init__(self, ndim: int, bias: bool):
+    def __init__(self, ndim: int, bias: bool, eps: float = LAYER_NORM_EPS):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.eps = eps
 
     def forward(self, x, residual=None):
-        return ops.layernorm(x, self.weight, self.bias, LAYER_NORM_EPS, residual=residual)
+        return ops.layernorm(x, self.weight, self.bias, self.eps, residual=residual)
 
 
 class CausalSelfAttention(nn.Module):
@@ -76,8 +82,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -92,16 +98,17 @@ class Block(nn.Module):
 
     Each residual add is done by the LayerNorm that follows it, so the block takes the stream
     ``x`` with the previous block's last branch still to be added, and returns the same pair.
+    ``rope`` is the Llama block's; GPT-2 adds its positions below the first block instead.
     """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, branch, kv_cache=None, layer=0):
+    def forward(self, x, branch, kv_cache=None, layer=0, rope=None):
         if branch is None:
             h = self.ln_1(x)
         else:
@@ -114,17 +121,22 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        llama = config.arch == "llama"
+        block = LlamaBlock if llama else Block
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd)))
+        if llama:  # RoPE's cos/sin tables, (block_size, head_dim/2) fp32, computed once (not saved)
+            cos, sin = compute_rope_table(config.block_size, config.head_dim, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer.drop = nn.Dropout(config.dropout)
+        self.transformer.h = nn.ModuleList([block(config) for _ in range(config.n_layer)])
+        norm = RMSNorm(config.n_embd, config.norm_eps) if llama else LayerNorm(config.n_embd, config.bias, config.norm_eps)
+        self.transformer.ln_f = norm
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -141,18 +153,23 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_parameters(self) -> int:
-        """All parameters, the tied embedding counted once."""
+        """All parameters, a tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6·N + 6·L·T·C.
 
         N counts the parameters that take part in a matmul (all but the position embedding, which
-        is only added): each costs 2 FLOPs forward and 4 backward. Causal attention adds
+        is only added, and an untied token embedding, which is only looked up): each costs 2 FLOPs
+        forward and 4 backward. Causal attention adds
         QKᵀ and AV, 2·2·T·C FLOPs per token per layer forward, halved by the causal mask, times 3
         for forward + backward: 6·L·T·C.
         """
-        n = self.num_parameters() - self.transformer.wpe.weight.numel()
+        n = self.num_parameters()
+        if "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        if not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
         return 6 * n + 6 * self.config.n_layer * seq_len * self.config.n_embd
 
     def forward(self, idx, targets=None, ignore_index=-100, kv_cache=None, prompt_lengths=None, check_inputs=True,
@@ -199,10 +216,16 @@ class GPT(nn.Module):
             pos = torch.arange(T, device=idx.device)
         else:
             pos = kv_cache.start_step(idx, prompt_lengths)  # (T,) for a prefill, (B, 1) for a decode step
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.arch == "llama":
+            rope = (self.rope_cos, self.rope_sin, pos)  # each block rotates its q and k at these positions
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         branch = None
         for layer, block in enumerate(self.transformer.h):
-            x, branch = block(x, branch, kv_cache, layer)
+            x, branch = block(x, branch, kv_cache, layer, rope)
         h, _ = self.transformer.ln_f(branch, residual=x)
 
         V = self.config.vocab_size
@@ -228,9 +251,14 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "GPT":
-        """GPT-2 weights in the HuggingFace layout, from a local ``.safetensors``/``.bin`` file or a folder
-        holding one (and optionally its ``config.json``). Nothing is downloaded."""
-        state, hf_config = _read_hf_checkpoint(Path(path))
+        """GPT-2 or Llama weights in the HuggingFace layout (``GPT2LMHeadModel``, ``LlamaForCausalLM``),
+        from a local ``.safetensors``/``.bin`` file or a folder holding one and its ``config.json``
+        (optional for GPT-2, needed for Llama). Nothing is downloaded."""
+        path = Path(path)
+        raw, hf_config = _read_hf_files(path)
+        if is_hf_llama(raw, hf_config):
+            return load_hf_llama(cls, {k: v.float() for k, v in raw.items()}, hf_config, path, **overrides)
+        state = _gpt2_tensors(raw, path)
         wte = state["wte.weight"]
         n_layer = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("h."))
         n_embd = wte.shape[1]
@@ -275,15 +303,22 @@ class GPT(nn.Module):
         return model
 
 
+def ops_called(config: GPTConfig) -> tuple[str, ...]:
+    """The registry ops a model of ``config`` calls (training, the optimizer, generation)."""
+    block_ops = ("rmsnorm", "rope", "swiglu") if config.arch == "llama" else ("layernorm", "gelu")
+    return block_ops + ("attention", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention")
+
+
 class KVCache:
     """The keys and values of every layer for a batch of B sequences being generated.
 
-    Row ``b`` holds ``lengths[b]`` positions. Each layer's buffers, (B, H, max_len, D), are allocated
+    Row ``b`` holds ``lengths[b]`` positions. Each layer's buffers, (B, H, max_len, D) with H the key/value
+    heads (fewer than the query heads under grouped-query attention; keys stored already rotated by RoPE), are allocated
     once, at the prefill, in the dtype of that layer's keys (bf16 under autocast); slots past a row's
     length (the prefill's padding, or zeros) take no part in attention, and are overwritten as the
     row grows. ``longest`` is max(lengths), kept on the host so that no step waits on the device to know
-    how much of the cache to read. Positions are absolute (GPT-2's learned position embedding), so a
-    full cache cannot slide: ``max_len`` is at most the block size.
+    how much of the cache to read. Positions are absolute (GPT-2's learned position embedding, RoPE's
+    table of ``block_size`` rows), so a full cache cannot slide: ``max_len`` is at most the block size.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str):
@@ -353,8 +388,8 @@ class KVCache:
 _GPT2_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
 
 
-def _read_hf_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors keyed without the ``transformer.`` prefix, lm_head and attention-mask buffers dropped."""
+def _read_hf_files(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a weights file (or of the one in a folder) and the folder's config.json, if any."""
     hf_config = {}
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -373,6 +408,11 @@ def _read_hf_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raw = load_file(str(path))
     else:
         raw = torch.load(path, map_location="cpu", weights_only=True)
+    return raw, hf_config
+
+
+def _gpt2_tensors(raw: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Tensors keyed without the ``transformer.`` prefix, lm_head and attention-mask buffers dropped."""
     state = {}
     for key, value in raw.items():
         key = key.removeprefix("transformer.")
@@ -380,5 +420,5 @@ def _read_hf_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             continue  # lm_head is tied to wte; the others are causal-mask buffers, not weights
         state[key] = value.float()
     if "wte.weight" not in state or "wpe.weight" not in state:
-        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte/wpe embeddings)")
-    return state, hf_config
+        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte/wpe embeddings) nor a Llama one (no model.embed_tokens)")
+    return state

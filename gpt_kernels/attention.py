@@ -1,7 +1,7 @@
 """Scaled dot-product attention on (B, H, T, D) tensors, causal or not: FlashAttention-2 in Triton.
 
 ``attention(q, k, v, causal=True, scale=None)`` takes the layout of ``F.scaled_dot_product_attention``
-and returns ``softmax(scale · q kᵀ + mask) v`` as (B, H, T, D); ``scale`` defaults to ``1/sqrt(D)``.
+(with ``enable_gqa``: k and v may have fewer heads, see below) and returns ``softmax(scale · q kᵀ + mask) v`` as (B, H, T, D); ``scale`` defaults to ``1/sqrt(D)``.
 
 Forward (one program per block of BLOCK_M query rows of one head): the query block stays in
 registers while key/value blocks stream past; an online softmax keeps the running row maximum
@@ -20,6 +20,12 @@ so the backward is deterministic: two runs give bit-identical gradients. The pri
 other FlashAttention-2 backward: the dK/dV pass also adds each key block's share of dQ into an fp32
 buffer with atomics (5 GEMMs instead of 7, no second pass), at the price of run-to-run differences
 in dQ's last bits. The deterministic one stays the default until a GPU measures the difference.
+
+Grouped-query attention: k and v may have fewer heads than q, (B, Hkv, T, D) with Hkv dividing H;
+query head ``h`` reads K/V head ``h // (H / Hkv)`` through its strides (K/V are never repeated in
+memory). The dK/dV program of a K/V head walks the query heads of its group one after the other and
+sums their shares in registers, so dK and dV stay atomic-free and deterministic; dQ (either backward)
+reads the shared K/V in place.
 
 Layouts: q, k and v may be any strided views whose last dimension is contiguous (the model's
 views of the fused ``c_attn`` output, strides (T·3C, D, 3C, 1), are read in place); anything else
@@ -124,7 +130,9 @@ class AttentionConfig:
 #     (3 would take 224 KB of shared memory) 253. 128×64 with 4 warps spills at D128.
 #   dK/dV: 64 queries × 64 keys, 4 warps at D16-64 (160, 168, 222 regs: 2 programs per SM, and the
 #     QKᵀ and dO·Vᵀ products are N=64 warpgroup MMAs where 32 queries made them N=32); at D128 the
-#     64-query tiles spill, so 32 × 128 with 8 warps (252 regs).
+#     64-query tiles spill, so 32 × 128 with 8 warps (252 regs). Since the grouped-query loop
+#     (_dkdv_inner) the MHA kernels take D64 226 and D128 247 regs; with 3 query heads per K/V head
+#     D64 254 and D128 248 (the atomic-dQ variant 255 and 248), all without spills.
 #   dQ 128 queries × 64 keys, 8 warps: 122, 119, 128 regs (D16-64); at D128 128×32: 146 regs, 115 KB
 #     (128×64 takes 254 regs and 164 KB).
 #   D256 (half-height tiles, 2 stages): forward 64×32 with 4 warps 255 regs (64×64 spills), dK/dV
@@ -175,6 +183,13 @@ def select_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch
 def _head_offset(bh, n_heads, stride_b, stride_h):
     # int64: batch · stride passes 2^31 elements for long sequences of wide models.
     return (bh // n_heads).to(tl.int64) * stride_b + (bh % n_heads).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _kv_head_offset(bh, n_heads, group, stride_b, stride_h):
+    """The offset of the K/V head that query head ``bh`` (batch · n_heads + head) reads: grouped-query
+    attention shares K/V head ``h // group`` among ``group`` consecutive query heads, read in place."""
+    return (bh // n_heads).to(tl.int64) * stride_b + ((bh % n_heads) // group).to(tl.int64) * stride_h
 
 
 @triton.jit
@@ -237,12 +252,12 @@ def _forward_inner(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["n_heads", "T_BUCKET"])
+@triton.jit(do_not_specialize=["n_heads", "group", "T_BUCKET"])
 def _attention_forward_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    n_heads, seq_len, T_BUCKET, qk_scale,  # T_BUCKET only keys the autotuner
+    n_heads, group, seq_len, T_BUCKET, qk_scale,  # T_BUCKET only keys the autotuner
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -253,8 +268,8 @@ def _attention_forward_kernel(
     else:
         start_m = tl.program_id(1)
     q_head = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
-    k_head = K + _head_offset(bh, n_heads, stride_kb, stride_kh)
-    v_head = V + _head_offset(bh, n_heads, stride_vb, stride_vh)
+    k_head = K + _kv_head_offset(bh, n_heads, group, stride_kb, stride_kh)
+    v_head = V + _kv_head_offset(bh, n_heads, group, stride_vb, stride_vh)
     o_head = O + _head_offset(bh, n_heads, stride_ob, stride_oh)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -317,17 +332,31 @@ def _backward_preprocess_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqt,
-    qk_scale, lo, hi,
+    dk, dv, k, v, q_group, do_group, lse_group, delta_group, dq_group, offs_n, seq_len,
+    stride_qh, stride_qt, stride_doh, stride_dot, stride_dqh, stride_dqt, qk_scale, lo, hi,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Accumulate one key block's dK and dV over query blocks [lo, hi), in transposed form
-    (keys along rows), so the key block's K and V stay in registers."""
+    """Accumulate one key block's dK and dV over query blocks [lo, hi) of each of the GROUP query
+    heads that share it (``*_group`` point at the first), in transposed form (keys along rows), so
+    the key block's K and V stay in registers. The heads' blocks run as one flat loop, not a loop
+    nest: nesting the pipelined loop in a loop over heads made ptxas spill (sm_90a, D64 and D128)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    for start_m in range(lo, hi, BLOCK_M):
+    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+    for step in range(0, n_blocks * GROUP):
+        if GROUP == 1:
+            start_m = lo + step * BLOCK_M
+            q_head, do_head, lse_row, delta_row, dq_head = q_group, do_group, lse_group, delta_group, dq_group
+        else:
+            g = step // n_blocks  # query heads are consecutive: head g of the group is g heads on
+            start_m = lo + (step - g * n_blocks) * BLOCK_M
+            q_head = q_group + g.to(tl.int64) * stride_qh
+            do_head = do_group + g.to(tl.int64) * stride_doh
+            lse_row = lse_group + g.to(tl.int64) * seq_len
+            delta_row = delta_group + g.to(tl.int64) * seq_len
+            dq_head = dq_group + g.to(tl.int64) * stride_dqh
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qt_ptrs = q_head + offs_m[None, :] * stride_qt + offs_d[:, None]  # Qᵀ block (D, BLOCK_M)
         do_ptrs = do_head + offs_m[:, None] * stride_dot + offs_d[None, :]
@@ -357,33 +386,31 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["n_heads", "T_BUCKET"])
+@triton.jit(do_not_specialize=["n_kv_heads", "T_BUCKET"])
 def _attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, stride_dqab, stride_dqah, stride_dqat,
-    n_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
+    n_kv_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, GROUP: tl.constexpr,
 ):
+    # One program per block of keys of one K/V head. Under grouped-query attention it walks the
+    # GROUP query heads that share the K/V head (see _dkdv_inner), accumulating their dK and dV in
+    # the same registers: every dK/dV element is summed by one program, in a fixed order, and
+    # written once (no atomics). GROUP is a compile-time constant: GROUP = 1 is the MHA kernel.
     # Under causal masking the first key blocks are seen by the most queries; the natural order
     # already launches the longest programs first.
-    bh = tl.program_id(0)
+    bkv = tl.program_id(0)
     start_n = tl.program_id(1)
-    q_head = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
-    do_head = DO + _head_offset(bh, n_heads, stride_dob, stride_doh)
-    lse_row = LSE + bh.to(tl.int64) * seq_len
-    delta_row = DELTA + bh.to(tl.int64) * seq_len
-    dq_head = DQ_ACC + _head_offset(bh, n_heads, stride_dqab, stride_dqah)
-
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     key_ok = offs_n[:, None] < seq_len
-    k_ptrs = K + _head_offset(bh, n_heads, stride_kb, stride_kh) + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + _head_offset(bh, n_heads, stride_vb, stride_vh) + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_ptrs = K + _head_offset(bkv, n_kv_heads, stride_kb, stride_kh) + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + _head_offset(bkv, n_kv_heads, stride_vb, stride_vh) + offs_n[:, None] * stride_vt + offs_d[None, :]
     k = _load(k_ptrs, key_ok, d_ok[None, :], True, PAD_D)
     v = _load(v_ptrs, key_ok, d_ok[None, :], True, PAD_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -395,27 +422,35 @@ def _attention_backward_dkdv_kernel(
     full = (seq_len // BLOCK_M) * BLOCK_M
     below = 0
     if CAUSAL:
-        diag = start_n * BLOCK_N
-        below = diag + BLOCK_N
+        below = start_n * BLOCK_N + BLOCK_N
+    n_heads = n_kv_heads * GROUP
+    bh = (bkv // n_kv_heads) * n_heads + (bkv % n_kv_heads) * GROUP  # the group's first query head
+    q_group = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
+    do_group = DO + _head_offset(bh, n_heads, stride_dob, stride_doh)
+    lse_group = LSE + bh.to(tl.int64) * seq_len
+    delta_group = DELTA + bh.to(tl.int64) * seq_len
+    dq_group = DQ_ACC + _head_offset(bh, n_heads, stride_dqab, stride_dqah)
+    if CAUSAL:
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqat,
-            qk_scale,
-            diag, tl.minimum(below, seq_len), HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
+            dk, dv, k, v, q_group, do_group, lse_group, delta_group, dq_group, offs_n, seq_len,
+            stride_qh, stride_qt, stride_doh, stride_dot, stride_dqah, stride_dqat, qk_scale,
+            start_n * BLOCK_N, tl.minimum(below, seq_len),
+            HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ, GROUP,
         )
     dk, dv = _dkdv_inner(
-        dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqat,
-            qk_scale,
-        below, full, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
+        dk, dv, k, v, q_group, do_group, lse_group, delta_group, dq_group, offs_n, seq_len,
+        stride_qh, stride_qt, stride_doh, stride_dot, stride_dqah, stride_dqat, qk_scale, below, full,
+        HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DOT_PRECISION, ATOMIC_DQ, GROUP,
     )
     dk, dv = _dkdv_inner(
-        dk, dv, k, v, q_head, do_head, lse_row, delta_row, dq_head, offs_n, seq_len, stride_qt, stride_dot, stride_dqat,
-            qk_scale,
-        tl.maximum(full, below), seq_len, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ,
+        dk, dv, k, v, q_group, do_group, lse_group, delta_group, dq_group, offs_n, seq_len,
+        stride_qh, stride_qt, stride_doh, stride_dot, stride_dqah, stride_dqat, qk_scale, tl.maximum(full, below), seq_len,
+        HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, ATOMIC_DQ, GROUP,
     )
 
     dk *= sm_scale  # S = scale · QKᵀ, so dK = scale · dSᵀ Q
-    dk_ptrs = DK + _head_offset(bh, n_heads, stride_dkb, stride_dkh) + offs_n[:, None] * stride_dkt + offs_d[None, :]
-    dv_ptrs = DV + _head_offset(bh, n_heads, stride_dvb, stride_dvh) + offs_n[:, None] * stride_dvt + offs_d[None, :]
+    dk_ptrs = DK + _head_offset(bkv, n_kv_heads, stride_dkb, stride_dkh) + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + _head_offset(bkv, n_kv_heads, stride_dvb, stride_dvh) + offs_n[:, None] * stride_dvt + offs_d[None, :]
     _store(dk_ptrs, dk.to(DK.dtype.element_ty), key_ok, d_ok[None, :], PAD_D)
     _store(dv_ptrs, dv.to(DV.dtype.element_ty), key_ok, d_ok[None, :], PAD_D)
 
@@ -449,12 +484,12 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["n_heads", "T_BUCKET"])
+@triton.jit(do_not_specialize=["n_heads", "group", "T_BUCKET"])
 def _attention_backward_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
-    n_heads, seq_len, T_BUCKET, sm_scale, qk_scale,
+    n_heads, group, seq_len, T_BUCKET, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -463,8 +498,8 @@ def _attention_backward_dq_kernel(
         start_m = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(1)
     else:
         start_m = tl.program_id(1)
-    k_head = K + _head_offset(bh, n_heads, stride_kb, stride_kh)
-    v_head = V + _head_offset(bh, n_heads, stride_vb, stride_vh)
+    k_head = K + _kv_head_offset(bh, n_heads, group, stride_kb, stride_kh)
+    v_head = V + _kv_head_offset(bh, n_heads, group, stride_vb, stride_vh)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -531,7 +566,7 @@ _dkdv_autotuned = triton.autotune(
         (32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 4, 3), (64, 128, 8, 3),
         (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3),
     ),
-    key=_TUNE_KEY, cache_results=True,
+    key=_TUNE_KEY + ["GROUP"], cache_results=True,
 )(_attention_backward_dkdv_kernel)
 _dq_autotuned = triton.autotune(
     _configs(
@@ -550,10 +585,15 @@ def _check_inputs(q, k, v, scale) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-D (B, H, T, D) tensor, got {describe(t)}")
-    if not (q.shape == k.shape == v.shape):
+    if k.shape != v.shape or (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
         raise ValueError(
-            f"attention: q, k and v must have the same (B, H, T, D) shape, got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"attention: q (B, H, T, D) and k, v (B, Hkv, T, D) must have the same (B, H, T, D) shape but for "
+            f"fewer k/v heads, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[1] == 0 and q.shape[1] or k.shape[1] and q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"attention: the k/v heads ({k.shape[1]}) must divide the query heads ({q.shape[1]}): grouped-query "
+            f"attention shares each k/v head among H / Hkv query heads"
         )
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"attention: q, k, v must be float16, bfloat16 or float32, got {q.dtype}")
@@ -638,7 +678,7 @@ def attention_forward(
         _attention_forward_kernel, _forward_autotuned, config and config.forward,
         _grid(B * H, T, "BLOCK_M"),
         (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-         H, T, next_power_of_2(T), sm_scale * LOG2E),
+         H, H // k.shape[1], T, next_power_of_2(T), sm_scale * LOG2E),
         _constexprs(q, causal),
     )
     return out, lse
@@ -664,10 +704,11 @@ def attention_backward(
                      shape=q.shape, dtypes=(q.dtype,), device=q.device)
     output_buffer("attention", "lse", lse, (B, H, T), torch.float32, q.device)
     grads = []
-    for name, buffer in (("dq", dq), ("dk", dk), ("dv", dv)):
-        buffer = _bthd_empty(q) if buffer is None else buffer
-        grads.append(output_buffer("attention", name, buffer, q.shape, q.dtype, q.device, contiguous=False))
+    for name, buffer, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        buffer = _bthd_empty(like) if buffer is None else buffer
+        grads.append(output_buffer("attention", name, buffer, like.shape, q.dtype, q.device, contiguous=False))
     dq, dk, dv = grads
+    H_kv = k.shape[1]
     if q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     q, k, v, o, do = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), last_dim_contiguous(o), last_dim_contiguous(do)
@@ -681,16 +722,16 @@ def attention_backward(
         num_warps=4,
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    tail = (H, T, next_power_of_2(T), sm_scale, sm_scale * LOG2E)
+    tail = (T, next_power_of_2(T), sm_scale, sm_scale * LOG2E)
     atomic = backward == "atomic"
     if atomic and config is None:  # autotuning would rerun the atomic additions: the table's tiles
         config = select_config(D, q.dtype, causal, q.device)
     dq_acc = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device) if atomic else delta
     _launch(
         _attention_backward_dkdv_kernel, _dkdv_autotuned, config and config.dkdv,
-        _grid(B * H, T, "BLOCK_N"),
-        (q, k, v, do, lse, delta, dk, dv, dq_acc, *common, *_strides(dk), *_strides(dv), *_strides(dq_acc), *tail),
-        dict(constexprs, ATOMIC_DQ=atomic),
+        _grid(B * H_kv, T, "BLOCK_N"),
+        (q, k, v, do, lse, delta, dk, dv, dq_acc, *common, *_strides(dk), *_strides(dv), *_strides(dq_acc), H_kv, *tail),
+        dict(constexprs, ATOMIC_DQ=atomic, GROUP=H // H_kv),
     )
     if atomic:
         dq.copy_(dq_acc.mul_(sm_scale))  # S = scale · QKᵀ, so dQ = scale · dS K
@@ -698,7 +739,7 @@ def attention_backward(
     _launch(
         _attention_backward_dq_kernel, _dq_autotuned, config and config.dq,
         _grid(B * H, T, "BLOCK_M"),
-        (q, k, v, do, lse, delta, dq, *common, *_strides(dq), *tail), constexprs,
+        (q, k, v, do, lse, delta, dq, *common, *_strides(dq), H, H // H_kv, *tail), constexprs,
     )
     return dq, dk, dv
 
@@ -729,7 +770,7 @@ def _attention_backward_op(
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(do, q, k, v, o, lse, causal, scale):
-    return _bthd_empty(q), _bthd_empty(q), _bthd_empty(q)
+    return _bthd_empty(q), _bthd_empty(k), _bthd_empty(v)
 
 
 def attention_flops(heads: int, t_q: int, t_k: int, head_dim: int, causal: bool, backward: bool = False) -> int:
@@ -779,14 +820,24 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: Optional[float] = None
 ) -> torch.Tensor:
     """Triton FlashAttention-2: ``softmax(scale · q kᵀ (+ causal mask)) v`` for (B, H, T, D) inputs,
-    differentiable in q, k and v. See the module doc for layouts, dtypes and determinism. Bad inputs
+    differentiable in q, k and v; k and v may have fewer heads (B, Hkv, T, D), Hkv dividing H
+    (grouped-query attention). See the module doc for layouts, dtypes and determinism. Bad inputs
     raise ValueError before anything is launched."""
     _check_inputs(q, k, v, scale)
     return torch.ops.gpt_triton.attention(q, k, v, bool(causal), default_scale(q, scale))[0]
 
 
 def attention_reference(q, k, v, causal=True, scale=None):
-    """PyTorch reference: ``F.scaled_dot_product_attention``, whose best backend is the eager baseline."""
+    """PyTorch reference: ``F.scaled_dot_product_attention``, whose best backend is the eager baseline.
+
+    Grouped-query attention: k and v may have fewer heads than q, (B, Hkv, T, D) with Hkv dividing
+    Hq; query head ``h`` reads key/value head ``h // (Hq // Hkv)``. SDPA's ``enable_gqa`` takes them
+    without repeating K/V in memory where its backend can (the flash backend on CUDA)."""
+    grouped = k.dim() == 4 and q.dim() == 4 and k.shape[1] != q.shape[1]
+    if grouped and q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: k/v heads ({k.shape[1]}) must divide the query heads ({q.shape[1]})")
+    if grouped:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 

@@ -1,7 +1,8 @@
 """Attention of one new query row per sequence against a KV cache (the generation step), in Triton.
 
 ``decode_attention(q, k_cache, v_cache, cache_lengths, scale=None)``: ``q`` is (B, H, 1, D), the
-caches (B, H, T, D), and row ``b`` attends to its first ``cache_lengths[b]`` cached positions (the
+caches (B, Hkv, T, D) with Hkv dividing H (grouped-query attention: query head ``h`` reads cache
+head ``h // (H / Hkv)`` in place, never a repeated copy), and row ``b`` attends to its first ``cache_lengths[b]`` cached positions (the
 new token's own key and value included, written there before the call); the rest of the cache is
 never read. Returns (B, H, 1, D) in q's dtype.
 
@@ -68,7 +69,7 @@ def _decode_split_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh,
-    n_heads, max_len, keys_per_split, scale_log2e,
+    n_heads, group, max_len, keys_per_split, scale_log2e,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -84,8 +85,9 @@ def _decode_split_kernel(
     d_mask = d < HEAD_DIM
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + d, mask=d_mask, other=0.0)
     q = q.to(tl.float32) * scale_log2e
-    k_head = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_head = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    kv_h = h // group  # grouped-query attention: `group` consecutive query heads share a cache head
+    k_head = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
+    v_head = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
 
     m_i = tl.full((), float("-inf"), tl.float32)
     l_i = tl.zeros((), tl.float32)
@@ -154,13 +156,19 @@ def _check_inputs(q, k_cache, v_cache, cache_lengths, scale) -> None:
         )
     B, H, _, D = q.shape
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (B, H, D):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or (t.shape[0], t.shape[3]) != (B, D):
             raise ValueError(
-                f"decode_attention: {name} must be a (B, H, T, D) = ({B}, {H}, T, {D}) tensor matching q, "
+                f"decode_attention: {name} must be a (B, Hkv, T, D) = ({B}, Hkv, T, {D}) tensor matching q, "
                 f"got {describe(t)}"
             )
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    H_kv = k_cache.shape[1]
+    if H_kv == 0 and H or H_kv and H % H_kv:
+        raise ValueError(
+            f"decode_attention: the cache heads ({H_kv}) must divide the query heads ({H}): grouped-query "
+            f"attention shares each cache head among H / Hkv query heads"
+        )
     if k_cache.shape[2] < 1:
         raise ValueError("decode_attention: the caches hold no position (T = 0)")
     if q.dtype not in SUPPORTED_DTYPES:
@@ -239,7 +247,7 @@ def decode_attention_forward(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
-        H, max_len, keys_per_split, default_scale(q, scale) * LOG2E,
+        H, H // k_cache.shape[1], max_len, keys_per_split, default_scale(q, scale) * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, SINGLE_SPLIT=single,
         num_warps=num_warps,
     )
@@ -276,9 +284,12 @@ def _backward(ctx, grad_out):
     """softmax attention's gradients, in fp32 PyTorch: generation never calls this, but a
     differentiable op should not silently return no gradient."""
     q, k, v, lengths = ctx.saved_tensors
-    qf, kf, vf, gf = q.float(), k.float(), v.float(), grad_out.float()
+    # A group's query heads as G query rows of their cache head, (B, Hkv, G, D): dK and dV sum the group.
+    B, H, _, D = q.shape
+    grouped = (B, k.shape[1], H // k.shape[1], D)
+    qf, kf, vf, gf = q.float().reshape(grouped), k.float(), v.float(), grad_out.float().reshape(grouped)
     valid = (torch.arange(k.shape[2], device=k.device)[None, :] < lengths[:, None])[:, None, None, :]
-    scores = (qf @ kf.transpose(-1, -2)) * ctx.scale  # (B, H, 1, T)
+    scores = (qf @ kf.transpose(-1, -2)) * ctx.scale  # (B, Hkv, G, T)
     p = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
     p = torch.where(valid, p, 0.0)  # a row of length 0 (softmax of nothing: NaN) has no gradient
     dp = gf @ vf.transpose(-1, -2)
@@ -286,7 +297,7 @@ def _backward(ctx, grad_out):
     dq = (ds @ kf) * ctx.scale
     dk = (ds.transpose(-1, -2) @ qf) * ctx.scale
     dv = p.transpose(-1, -2) @ gf
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 _decode_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -297,7 +308,7 @@ def decode_attention(
     scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Triton flash-decoding: ``softmax(scale · q kᵀ) v`` over the first ``cache_lengths[b]`` cached
-    positions of each row; q (B, H, 1, D), caches (B, H, T, D). See the module doc. Bad inputs raise
+    positions of each row; q (B, H, 1, D), caches (B, Hkv, T, D) with Hkv dividing H. See the module doc. Bad inputs raise
     ValueError before anything is launched."""
     _check_inputs(q, k_cache, v_cache, cache_lengths, scale)
     return torch.ops.gpt_triton.decode_attention(q, k_cache, v_cache, cache_lengths, default_scale(q, scale))
@@ -308,10 +319,23 @@ def decode_attention_reference(q, k_cache, v_cache, cache_lengths, scale=None):
     ``cache_lengths[b]`` valid positions (the new token's key and value included). A row of length 0
     gives zeros (SDPA's answer for a fully masked row differs across PyTorch versions). Unlike the
     kernel, which never reads past a row's length, SDPA multiplies the masked-out slots by zero:
-    they must hold finite values (0 · NaN is NaN)."""
+    they must hold finite values (0 · NaN is NaN).
+
+    Grouped-query attention: the caches may have fewer heads than q, (B, Hkv, T_max, D) with Hkv
+    dividing H; query head ``h`` reads cache head ``h // (H // Hkv)``, with no copy of the caches."""
     positions = torch.arange(k_cache.shape[2], device=q.device)
     valid = positions[None, :] < cache_lengths[:, None]  # (B, T_max)
-    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid[:, None, None, :], scale=scale)
+    B, H, _, D = q.shape
+    Hkv = k_cache.shape[1]
+    if H != Hkv:
+        if H % Hkv:
+            raise ValueError(f"decode_attention: cache heads ({Hkv}) must divide the query heads ({H})")
+        # The group's query heads become G query rows of their cache head: (B, Hkv, G, D).
+        out = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k_cache, v_cache,
+                                             attn_mask=valid[:, None, None, :], scale=scale)
+        out = out.reshape(B, H, 1, D)
+    else:
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid[:, None, None, :], scale=scale)
     return out.masked_fill((cache_lengths <= 0)[:, None, None, None], 0.0)
 
 

@@ -279,6 +279,69 @@ def test_atomic_dq_backward(head_dim, causal, dtype):
         attention_backward(do, q, k, v, o, lse, causal, backward="fast")
 
 
+# Grouped-query attention: (Hq, Hkv, T, D, causal, dtype, backward), every head ratio with both masks,
+# both dtypes and both backwards between them; odd T, head dims masked to their block.
+GQA_CASES = [
+    (4, 1, 29, 24, True, torch.float32, "deterministic"),
+    (4, 1, 21, 12, False, torch.float16, "atomic"),
+    (4, 2, 33, 12, True, torch.float16, "deterministic"),
+    (4, 2, 19, 16, False, torch.float32, "atomic"),
+    (6, 3, 23, 16, False, torch.float16, "deterministic"),
+    (6, 3, 27, 24, True, torch.float32, "atomic"),
+    (4, 4, 17, 12, True, torch.float16, "atomic"),
+]
+
+
+def grouped_expected(q, k, v, do, causal):
+    """(o, dq, dk, dv) in float64: k and v repeated to the query heads (in the reference only), so
+    autograd sums each shared head's gradient over its group."""
+    group = q.shape[1] // k.shape[1]
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o, _ = explicit_attention(leaves[0], *(t.repeat_interleave(group, dim=1) for t in leaves[1:]), causal)
+    o.backward(do.double())
+    return (o.detach(), *(t.grad for t in leaves))
+
+
+@pytest.mark.parametrize("case", GQA_CASES, ids=lambda c: f"{c[0]}-{c[1]}-T{c[2]}-D{c[3]}-{'causal' if c[4] else 'full'}-"
+                         f"{str(c[5]).replace('torch.', '')}-{c[6]}")
+def test_grouped_query_heads(case):
+    """k and v with Hkv heads dividing Hq: each query head reads its group's K/V head, and dK/dV of a
+    shared head sum its group's shares, against float64, into poisoned buffers of the k/v shape."""
+    Hq, Hkv, T, D, causal, dtype, backward = case
+    q, do = (torch.randn(2, Hq, T, D, device=DEVICE).to(dtype) for _ in range(2))
+    k, v = (torch.randn(2, Hkv, T, D, device=DEVICE).to(dtype) for _ in range(2))
+    o_ref, *grads_ref = grouped_expected(q, k, v, do, causal)
+    with fresh_buffers_poisoned():
+        o, lse = attention_forward(q, k, v, causal, out=poisoned_like(q))
+        grads = attention_backward(do, q, k, v, o, lse, causal, dq=poisoned_like(q), dk=poisoned_like(k),
+                                   dv=poisoned_like(v), backward=backward)
+    assert_close(o, o_ref, dtype, "o")
+    assert_grads_close(grads, grads_ref, dtype, floor=1.0)
+    assert_close(attention_reference(q.double(), k.double(), v.double(), causal), o_ref, torch.float64, "reference")
+
+
+def test_grouped_query_autograd_on_model_views():
+    """The Llama layout: q, k and v as (B, H, T, D) views of one (B, T, (Hq + 2·Hkv)·D) projection,
+    read in place; gradients of the K/V heads come back with Hkv heads, deterministic run to run."""
+    B, T, Hq, Hkv, D = 2, 25, 4, 2, 16
+    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=DEVICE, requires_grad=True)
+
+    def split(x):
+        q, k, v = x.split([Hq * D, Hkv * D, Hkv * D], dim=2)
+        return (q.view(B, T, Hq, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2),
+                v.view(B, T, Hkv, D).transpose(1, 2))
+
+    do = torch.randn(B, Hq, T, D, device=DEVICE)
+    attention(*split(qkv), causal=True).backward(do)
+    first = qkv.grad.clone()
+    qkv.grad = None
+    attention(*split(qkv), causal=True).backward(do)
+    assert torch.equal(first, qkv.grad)
+    o_ref, *grads_ref = grouped_expected(*split(qkv.detach()), do, True)
+    for name, grad, grad_ref in zip("qkv", split(first), grads_ref):
+        assert_close(grad, grad_ref, torch.float32, f"d{name}")
+
+
 def test_report_names_the_backward():
     line = next(line for line in registry.report(DEVICE).splitlines() if line.startswith("attention"))
     if registry.is_triton("attention", DEVICE):
@@ -385,17 +448,19 @@ def test_table_compiles_for_hopper_without_spills():
     cases += [(name, 96, torch.bfloat16, True) for name in kernels]
     # The opt-in atomic-dQ backward's dK/dV kernel (one more GEMM and the atomics), on the same tiles.
     cases += [("dkdv", head_dim, torch.bfloat16, True, True) for head_dim in (64, 128)]
+    # Grouped-query dK/dV (a K/V head's query heads in one flat loop): llama-124m's 12/4 heads at D64, and D128.
+    cases += [("dkdv", head_dim, torch.bfloat16, True, False, 3) for head_dim in (64, 128)]
     builds = {}
-    for name, head_dim, dtype, causal, *atomic in cases:
+    for name, head_dim, dtype, causal, atomic, group in [(*case, False, 1)[:6] for case in cases]:
         tile = getattr(HOPPER_CONFIGS[(head_block(head_dim), dtype, causal)], name)
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), CAUSAL=causal,
                           DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                           BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
         if name == "dkdv":
-            constexprs["ATOMIC_DQ"] = bool(atomic)
+            constexprs.update(ATOMIC_DQ=atomic, GROUP=group)
         # As the model's views are specialized at launch: 16-byte-aligned pointers and strides (without
         # that, addressing alone makes dK/dV at head dim 128 spill), T no multiple of 16.
-        label = f"{'atomic ' if atomic else ''}{name} D{head_dim} {dtype} causal={causal} {tile}"
+        label = f"{'atomic ' if atomic else ''}{name} D{head_dim} {dtype} causal={causal} group={group} {tile}"
         builds[label] = Build(
             "gpt_kernels.attention", kernels[name], constexprs,
             {"LSE|DELTA|DQ_ACC": "*fp32", "T_BUCKET": "i32", "[A-Z][A-Z_]*": types[dtype], ".*scale": "fp32"},

@@ -171,7 +171,7 @@ OP_CASES = {
 
 
 def test_every_op_has_bad_input_cases():
-    assert set(OP_CASES) == set(registry.OPS)
+    assert set(OP_CASES) == {op for op in registry.OPS if registry.has_triton(op)}
 
 
 @pytest.mark.parametrize("op", list(OP_CASES))

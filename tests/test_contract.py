@@ -159,9 +159,15 @@ def _attention_opcheck():
     q, k, v = (randn(1, 2, 19, 16).requires_grad_() for _ in range(3))
     o, lse = attention_forward(q.detach(), k.detach(), v.detach(), True, 0.25)
     # The backward op has no autograd of its own (no double backward), so its inputs are detached.
+    # Grouped-query: two query heads share one k/v head, and dk, dv come back with one head.
+    k1, v1 = k[:, :1].detach().clone().requires_grad_(), v[:, :1].detach().clone().requires_grad_()
+    o1, lse1 = attention_forward(q.detach(), k1.detach(), v1.detach(), False, 0.25)
     return [(torch.ops.gpt_triton.attention.default, (q, k, v, True, 0.25)),
             (torch.ops.gpt_triton.attention_backward.default,
-             (torch.randn_like(q), q.detach(), k.detach(), v.detach(), o, lse, True, 0.25))]
+             (torch.randn_like(q), q.detach(), k.detach(), v.detach(), o, lse, True, 0.25)),
+            (torch.ops.gpt_triton.attention.default, (q, k1, v1, False, 0.25)),
+            (torch.ops.gpt_triton.attention_backward.default,
+             (torch.randn_like(q), q.detach(), k1.detach(), v1.detach(), o1, lse1, False, 0.25))]
 
 
 def _attention_compile():
@@ -176,6 +182,10 @@ def _attention_bad_inputs():
 
     return [
         (lambda: attention(randn(1, 2, 8, 16), randn(1, 2, 9, 16), randn(1, 2, 8, 16)), "same (B, H, T, D) shape"),
+        (lambda: attention(randn(1, 4, 8, 16), randn(1, 3, 8, 16), randn(1, 3, 8, 16)),
+         "k/v heads (3) must divide the query heads (4)"),
+        (lambda: attention(randn(1, 4, 8, 16), randn(1, 2, 8, 16), randn(1, 1, 8, 16)),
+         "got q (1, 4, 8, 16), k (1, 2, 8, 16), v (1, 1, 8, 16)"),
         (lambda: attention(*(randn(2, 8, 16),) * 3), "q must be a 4-D (B, H, T, D) tensor"),
         (lambda: attention(randn(1, 2, 8, 16), [0.0], randn(1, 2, 8, 16)), "k must be a 4-D"),
         (lambda: attention(*(randn(1, 1, 4, 257),) * 3), "D = 257 is not supported; head dims run from 1 to 256"),
@@ -376,6 +386,8 @@ def _decode_attention_bad_inputs():
         (lambda: decode_attention(q.squeeze(2), k, v, lengths), "(B, H, 1, D)"),
         (lambda: decode_attention(q, k[:1], v, lengths), "matching q"),
         (lambda: decode_attention(q, k, v[:, :, :4], lengths), "differ"),
+        (lambda: decode_attention(q, k[:, :1], v, lengths), "differ"),
+        (lambda: decode_attention(randn(2, 3, 1, 16), k, v, lengths), "cache heads (2) must divide the query heads (3)"),
         (lambda: decode_attention(q, k.half(), v, lengths), "one dtype"),
         (lambda: decode_attention(q.double(), k.double(), v.double(), lengths), "float16, bfloat16 or float32"),
         (lambda: decode_attention(q, k, v, lengths.float()), "int32/int64"),

@@ -28,11 +28,12 @@ from compare import assert_close, fresh_buffers_poisoned
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def make_inputs(B, H, T, D, lengths, dtype, device=DEVICE):
-    """q, and caches poisoned with NaN past each row's length; plus the float64 reference's inputs."""
+def make_inputs(B, H, T, D, lengths, dtype, device=DEVICE, kv_heads=None):
+    """q, and caches (``kv_heads`` heads, default H) poisoned with NaN past each row's length; plus the
+    float64 reference's inputs."""
     q = torch.randn(B, H, 1, D, device=device).to(dtype)
-    k = torch.randn(B, H, T, D, device=device).to(dtype)
-    v = torch.randn(B, H, T, D, device=device).to(dtype)
+    k = torch.randn(B, kv_heads or H, T, D, device=device).to(dtype)
+    v = torch.randn(B, kv_heads or H, T, D, device=device).to(dtype)
     lengths = torch.tensor(lengths, device=device)
     past = torch.arange(T, device=device)[None, :] >= lengths[:, None]  # (B, T)
     past = past[:, None, :, None]
@@ -72,6 +73,28 @@ def test_every_split_count_gives_the_same_softmax(num_splits):
     with fresh_buffers_poisoned():
         out = decode_attention_forward(q, k, v, lengths, num_splits=num_splits)
     assert_close(out, expected(ref_inputs, lengths), torch.float32, f"{num_splits} splits")
+
+
+# Grouped-query caches: (H, Hkv, dtype, num_splits), ragged lengths including 0 and 1.
+@pytest.mark.parametrize("H, kv_heads, dtype, num_splits", [
+    (4, 1, torch.float32, 3), (4, 2, torch.float16, 1), (6, 3, torch.bfloat16, None), (4, 4, torch.float32, 2),
+], ids=lambda x: str(x).replace("torch.", ""))
+def test_grouped_query_cache_heads(H, kv_heads, dtype, num_splits):
+    """Caches with Hkv heads dividing H: query head h reads cache head h // (H / Hkv), in place."""
+    q, k, v, lengths, ref_inputs = make_inputs(3, H, 45, 24, [45, 0, 17], dtype, kv_heads=kv_heads)
+    with fresh_buffers_poisoned():
+        out = decode_attention_forward(q, k, v, lengths, num_splits=num_splits)
+    assert_close(out, expected(ref_inputs, lengths), dtype, "out")
+    # The PyTorch backward sums each cache head's gradient over its group.
+    q, k, v, lengths, _ = make_inputs(2, H, 33, 16, [33, 20], torch.float32, kv_heads=kv_heads)
+    k, v = k.nan_to_num(), v.nan_to_num()
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    decode_attention(*inputs, lengths).backward(grad)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    decode_attention_reference(*ref_inputs, lengths).backward(grad.double())
+    for name, mine, ref in zip("qkv", inputs, ref_inputs):
+        assert_close(mine.grad, ref.grad, torch.float32, f"d{name}", factor=DECODE_GRAD_FACTOR)
 
 
 def test_model_layouts_scale_and_length_edges():

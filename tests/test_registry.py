@@ -11,7 +11,8 @@ from gpt_kernels import registry
 
 def test_every_op_registered_and_exported():
     assert registry.OPS == (
-        "layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention"
+        "layernorm", "attention", "gelu", "cross_entropy", "linear_cross_entropy", "adamw", "decode_attention",
+        "rmsnorm", "rope", "swiglu",
     )
     # One name per op: the spec's, ops.<name>, gpt_kernels.<name> and <name>_reference.
     for name, (reference, triton) in registry.entry_points().items():
