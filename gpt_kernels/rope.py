@@ -61,10 +61,11 @@ from gpt_kernels import registry
 from gpt_kernels.common import check_same_device, check_tensor, describe, require_triton
 from gpt_kernels.host import next_power_of_2
 
-# Heads rotated per step of a program's loop (a (HEAD_BLOCK, D/2) pair of tiles). Starting points
-# for Hopper; the GPU session tunes them with bench/bench_rope.py.
+# Heads rotated per step of a program's loop (a (HEAD_BLOCK, D/2) pair of tiles), by two warps: at
+# D = 64 that is 8 elements a thread, so bf16 halves move as 16-byte vectors (four warps gave 8-byte
+# ones). Starting points for Hopper; the GPU session tunes them with bench/bench_rope.py.
 HEAD_BLOCK = 16
-NUM_WARPS = 4
+NUM_WARPS = 2
 
 
 def rope_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -101,52 +102,53 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, x_offset, out_offset, n_heads, stride_x_head, stride_out_head, half, cos, sin,
-                  HEAD_BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotate_heads(x_ptr, out_ptr, x_offset, out_offset, n_heads, stride_x_head, stride_out_head, cos, sin,
+                  HALF: tl.constexpr, HEAD_BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """Rotate the ``n_heads`` head vectors of one token: ``[x1·cos - x2·sin | x2·cos + x1·sin]``."""
     cols = tl.arange(0, BLOCK_HALF)
     for head0 in range(0, n_heads, HEAD_BLOCK):
         heads = head0 + tl.arange(0, HEAD_BLOCK)
-        mask = (heads[:, None] < n_heads) & (cols[None, :] < half)
+        mask = (heads[:, None] < n_heads) & (cols[None, :] < HALF)
         x1_ptrs = x_ptr + x_offset + heads[:, None].to(tl.int64) * stride_x_head + cols[None, :]
         x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x1_ptrs + half, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x1_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
         out1 = x1 * cos[None, :] - x2 * sin[None, :]
         out2 = x2 * cos[None, :] + x1 * sin[None, :]
         out1_ptrs = out_ptr + out_offset + heads[:, None].to(tl.int64) * stride_out_head + cols[None, :]
         tl.store(out1_ptrs, out1.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out1_ptrs + half, out2.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out1_ptrs + HALF, out2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, positions_ptr,
-    seq_len, n_q_heads, n_k_heads, half, table_len, stride_table,
+    seq_len, n_q_heads, n_k_heads, table_len, stride_table,
     stride_q_batch, stride_q_token, stride_q_head, stride_k_batch, stride_k_token, stride_k_head,
     stride_q_out_batch, stride_q_out_token, stride_q_out_head,
     stride_k_out_batch, stride_k_out_token, stride_k_out_head,
     stride_positions_batch, stride_positions_token,
-    INVERSE: tl.constexpr, HEAD_BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    INVERSE: tl.constexpr, HALF: tl.constexpr, HEAD_BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """One program per token (b, t): its table row once, then its q heads and its k heads. ``INVERSE``
-    turns by the opposite angle (the backward)."""
+    turns by the opposite angle (the backward). ``HALF`` (D/2) is a compile-time constant: the second
+    half sits at a known offset, so both halves load as 16-byte vectors (a handful of head dims exist)."""
     token = tl.program_id(0)
     b = (token // seq_len).to(tl.int64)
     t = (token % seq_len).to(tl.int64)
     position = tl.load(positions_ptr + b * stride_positions_batch + t * stride_positions_token).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     in_table = (position >= 0) & (position < table_len)
-    table_mask = (cols < half) & in_table
+    table_mask = (cols < HALF) & in_table
     cos = tl.load(cos_ptr + position * stride_table + cols, mask=table_mask, other=float("nan"))
     sin = tl.load(sin_ptr + position * stride_table + cols, mask=table_mask, other=float("nan"))
     if INVERSE:
         sin = -sin
     _rotate_heads(q_ptr, q_out_ptr, b * stride_q_batch + t * stride_q_token,
                   b * stride_q_out_batch + t * stride_q_out_token, n_q_heads, stride_q_head, stride_q_out_head,
-                  half, cos, sin, HEAD_BLOCK, BLOCK_HALF)
+                  cos, sin, HALF, HEAD_BLOCK, BLOCK_HALF)
     _rotate_heads(k_ptr, k_out_ptr, b * stride_k_batch + t * stride_k_token,
                   b * stride_k_out_batch + t * stride_k_out_token, n_k_heads, stride_k_head, stride_k_out_head,
-                  half, cos, sin, HEAD_BLOCK, BLOCK_HALF)
+                  cos, sin, HALF, HEAD_BLOCK, BLOCK_HALF)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -193,11 +195,11 @@ def rope_forward(q, k, cos, sin, positions, inverse: bool = False) -> tuple[torc
     half = D // 2
     _rope_kernel[(B * T,)](
         q, k, q_out, k_out, cos, sin, positions,
-        T, q.shape[2], k.shape[2], half, cos.shape[0], cos.stride(0),
+        T, q.shape[2], k.shape[2], cos.shape[0], cos.stride(0),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
         *position_strides,
-        INVERSE=inverse, HEAD_BLOCK=min(HEAD_BLOCK, next_power_of_2(max(q.shape[2], k.shape[2], 1))),
+        INVERSE=inverse, HALF=half, HEAD_BLOCK=min(HEAD_BLOCK, next_power_of_2(max(q.shape[2], k.shape[2], 1))),
         BLOCK_HALF=next_power_of_2(half), num_warps=NUM_WARPS,
     )
     return q_out, k_out
