@@ -145,10 +145,10 @@ def test_grouped_decode_attention_reference():
     assert rel_error(decode_attention_reference(q, k, v, lengths), expected) < 1e-6
 
 
-def test_ops_are_registered_without_triton_kernels():
+def test_ops_are_registered_with_triton_kernels():
     for op in ("rmsnorm", "rope", "swiglu"):
-        assert op in registry.OPS and not registry.has_triton(op)
-        assert registry.implementation(op, "cpu") == ("torch", "no Triton kernel yet")
+        assert op in registry.OPS and registry.has_triton(op)
+        assert registry.implementation(op, "cpu")[0] == ("triton" if registry.triton_runs_on("cpu") else "torch")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,8 +276,9 @@ def test_prefill_and_decode_logits_match_full_forward(model):
 
 @pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
 def test_kernels_on_match_the_references(n_kv_head):
-    """With every kernel asked for, the Triton attention and loss run (MHA), or a GQA layer's
-    attention falls back to its reference; the loss and gradients match the references' either way."""
+    """With every kernel asked for, the Triton RMSNorm, RoPE, SwiGLU, attention and loss run (MHA), or
+    a GQA layer's attention falls back to its reference; the loss and every gradient match the
+    references' either way."""
     torch.manual_seed(0)
     config = GPTConfig(arch="llama", block_size=16, vocab_size=100, n_layer=1, n_head=4, n_kv_head=n_kv_head,
                        n_embd=32, mlp_hidden=48)
@@ -287,11 +288,12 @@ def test_kernels_on_match_the_references(n_kv_head):
     for spec in ("none", "all"):
         model.zero_grad()
         with use_kernels(spec):
-            _, loss = model(idx, idx)
+            logits, loss = model(idx, idx)
         loss.backward()
-        results.append((loss.detach(), model.transformer.h[0].attn.c_attn.weight.grad.clone()))
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(grad, results[0][1][name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ----------------------------------------------------------------------------------------------------
