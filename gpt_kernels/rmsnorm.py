@@ -47,7 +47,7 @@ from gpt_kernels import registry
 from gpt_kernels.common import FLOAT_DTYPES, check_same_device, describe, require_triton, rows, unit_stride
 from gpt_kernels.host import cdiv
 from gpt_kernels.layernorm import (
-    BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS, FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS, MAX_WIDTH,
+    BACKWARD_PROGRAMS_PER_SM, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS, FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS, MAX_WIDTH,
     SUM_BLOCK_N, SUM_BLOCK_P, _max_backward_programs, _sum_partials_kernel, _tile, backward_stages, output_dtype,
     stream_dtype,
 )
@@ -386,4 +386,19 @@ def rmsnorm_reference(x, weight, eps=1e-5, residual=None):
     return (y, x) if residual is not None else y
 
 
+def _backward_cost(args, outputs):
+    """Each tensor once, plus the dweight partial rows written and read back: one row per backward
+    program, BACKWARD_PROGRAMS_PER_SM on each of an H100's 132 SMs (the ledger's device)."""
+    read, written, flops = registry.default_cost(args, outputs)
+    dy, _, stream, weight = args[:4]
+    if weight is None:
+        return read, written, flops
+    block_m, _, _ = _tile(stream.numel() // stream.shape[-1], stream.shape[-1], BACKWARD_TILE_ELEMENTS,
+                          BACKWARD_WARP_ELEMENTS)
+    partials = min(cdiv(stream.numel() // stream.shape[-1], block_m), BACKWARD_PROGRAMS_PER_SM * 132)
+    partial_bytes = partials * stream.shape[-1] * 4
+    return read + partial_bytes, written + partial_bytes, flops
+
+
 registry.register("rmsnorm", reference=rmsnorm_reference, triton=rmsnorm)
+registry.register_cost("gpt_triton::rms_norm_backward", _backward_cost)
