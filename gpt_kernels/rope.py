@@ -256,10 +256,8 @@ def rope(q, k, cos, sin, positions):
 def rope_reference(q, k, cos, sin, positions):
     """PyTorch reference (see the module doc for the contract)."""
     _check_inputs(q, k, cos, sin, positions, triton_dtypes=False)
-    B, T, _, D = q.shape
-    # (T, D/2) or (B, T, D/2) -> broadcast over the heads: (1 or B, T, 1, D/2)
-    cos, sin = cos[positions], sin[positions]
-    cos, sin = cos.view(-1, T, 1, D // 2), sin.view(-1, T, 1, D // 2)
+    # (T, D/2) or (B, T, D/2) -> broadcast over the heads: (T, 1, D/2) or (B, T, 1, D/2)
+    cos, sin = cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
