@@ -401,7 +401,7 @@ def _rmsnorm_opcheck():
 
     ops = torch.ops.gpt_triton
     cases = []
-    for residual_on, weight_on in ((True, True), (False, True), (False, False)):
+    for residual_on, weight_on in ((True, True), (False, False)):
         x = randn(6, 40, scale=2.0, shift=0.5).requires_grad_()
         residual = randn(6, 40, scale=3.0, shift=-1.0).requires_grad_() if residual_on else None
         weight = randn(40, shift=1.0).requires_grad_() if weight_on else None
@@ -455,7 +455,7 @@ def _rmsnorm_bad_inputs():
 # ----------------------------------------------------------------------------- rope
 
 
-def _rope_inputs(T=6):
+def _rope_inputs(T=3):
     from gpt_kernels.rope import rope_table
 
     qkv = randn(2, T, (4 + 2 * 2) * 8)
@@ -490,12 +490,12 @@ def _rope_bad_inputs():
     q, k, cos, sin, positions = _rope_inputs()
     return [
         (lambda: rope(q[..., :7], k[..., :7], cos, sin, positions), "q must be a (B, T, H, D) tensor with D even"),
-        (lambda: rope(q, k[:, :5], cos, sin, positions), "must share B, T and D"),
+        (lambda: rope(q, k[:, :2], cos, sin, positions), "must share B, T and D"),
         (lambda: rope(q.double(), k.double(), cos, sin, positions), "q must be a float32, float16 or bfloat16"),
         (lambda: rope(q, k, cos[:, :3], sin[:, :3], positions), "cos and sin must be (L, D/2 = 4) tables"),
         (lambda: rope(q, k, cos.half(), sin.half(), positions), "cos must be a float32 (L, 4) table from rope_table"),
-        (lambda: rope(q, k, cos, sin, positions.float()), "positions must be (6,) or (2, 6) int64/int32"),
-        (lambda: rope(q, k, cos, sin, positions[:5]), "positions must be (6,) or (2, 6)"),
+        (lambda: rope(q, k, cos, sin, positions.float()), "positions must be (3,) or (2, 3) int64/int32"),
+        (lambda: rope(q, k, cos, sin, positions[:2]), "positions must be (3,) or (2, 3)"),
         (lambda: rope(q, k, cos, sin, positions.to("meta")), "positions is on meta but q is on"),
     ]
 

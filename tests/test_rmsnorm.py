@@ -126,9 +126,8 @@ ln, rms = importlib.import_module("gpt_kernels.layernorm"), importlib.import_mod
 results = {}
 aligned = ("n_cols", "stride_x_row", "stride_residual_row", "stride_y_row", "stride_stream_row", "stride_dy_row",
            "stride_dstream_row", "stride_dx_row", "stride_dresidual_row")
-# bf16, the model under autocast (bf16 x, fp32 stream and weight) and, at the widest (most registers), fp32.
-for width, dtypes in ((768, (("bf16",) * 3, ("bf16", "fp32", "fp32"))),
-                      (4096, (("bf16",) * 3, ("fp32",) * 3, ("bf16", "fp32", "fp32")))):
+# The model under autocast (bf16 x, fp32 stream and weight: the most registers) and, at the widest, fp32.
+for width, dtypes in ((768, (("bf16", "fp32", "fp32"),)), (4096, (("fp32",) * 3, ("bf16", "fp32", "fp32")))):
     for x, stream, weight in dtypes:
         block_m, block_n, warps = ln._tile(16384, width, ln.FORWARD_TILE_ELEMENTS, ln.FORWARD_WARP_ELEMENTS)
         pointers = dict(x_ptr=x, residual_ptr=stream, weight_ptr=weight, y_ptr=x, stream_ptr=stream)
@@ -148,7 +147,7 @@ print(json.dumps(results))
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_kernels_compile_for_hopper_without_spills():
-    """Both kernels compile for sm_90 at llama widths (768, 4096) in bf16, fp32 and the autocast mix,
-    fit in registers (ptxas: 35-86 per thread, no spills), and read aligned rows 16 bytes at a time."""
+    """Both kernels compile for sm_90 at llama widths (768, 4096) in fp32 and the autocast mix, fit in
+    registers (ptxas: 40-86 per thread, no spills), and read aligned rows 16 bytes at a time."""
     for name, result in run_compile_script(HOPPER_BUILD).items():
         assert result["spilled"] == 0 and result["vector_loads"] > 0, (name, result)
