@@ -258,11 +258,14 @@ def test_kv_cache_equals_cache_free_greedy(model):
             assert cached == generate_tokens(model, prompts, new_tokens, temperature=0.0, use_kv_cache=False)
 
 
-def test_prefill_and_decode_logits_match_full_forward(model):
+@pytest.mark.parametrize("kernels", ["none", "all"])
+def test_prefill_and_decode_logits_match_full_forward(model, kernels):
+    """RoPE at the right positions in prefill and in each decode step (a (B, 1) position per row),
+    on the references and with every kernel on (the grouped-query attention runs its reference)."""
     torch.manual_seed(1)
     seq = torch.randint(0, TINY.vocab_size, (3, 14), device=DEVICE)
     prompt_lengths = torch.tensor([5, 9, 2], device=DEVICE)
-    with torch.no_grad(), use_kernels("none"):
+    with torch.no_grad(), use_kernels(kernels):
         full, _ = model(seq)
         cache = KVCache(TINY, 3, 14, DEVICE)
         logits, _ = model(seq[:, :9], kv_cache=cache, prompt_lengths=prompt_lengths)
