@@ -37,7 +37,7 @@ from gpt_kernels import registry
 from gpt_kernels.registry import OPS, use_kernels
 
 # decode_attention only runs in generation (one query against a KV cache): no training step calls it.
-# Ops without a Triton kernel yet (the Llama block's) have nothing to switch.
+# Ops without a Triton kernel have nothing to switch.
 TRAINING_OPS = tuple(op for op in OPS if op != "decode_attention" and registry.has_triton(op))
 FLOPS_FORMULA = (
     "6·N + 6·L·T·C per token (N: parameters in matmuls, i.e. all but the position embedding and an untied "

@@ -365,45 +365,66 @@ def ideal_ops(config: GPTConfig, batch_size: int, seq_len: int, dtype: torch.dty
         add("backward", f"{name} dW", n * m * act + n * k * act + (m * k + bias * m) * f32,
             (m * k + bias * m) * f32, 2 * n * k * m)
 
-    stats = 2 * n * f32
-    add("forward", "embedding (wte rows + wpe)", n * idx + n * c * f32 + t * c * f32, n * c * f32)
+    # GPT-2: LayerNorm (mean and rstd, weight and bias), learned positions, a GELU MLP with biases.
+    # Llama: RMSNorm (rstd, a weight), RoPE on q and k, grouped K/V heads, a SwiGLU MLP, no biases.
+    llama = config.arch == "llama"
+    kv, hidden, bias = config.kv_heads * config.head_dim, config.mlp_width, not llama
+    qkv = c + 2 * kv
+    norm_params = (1 if llama else 2) * c * f32
+    stats = (1 if llama else 2) * n * f32
+    norm_name = "rmsnorm" if llama else "ln"
+    positions = 0 if llama else t * c * f32
+    add("forward", "embedding (wte rows)" if llama else "embedding (wte rows + wpe)",
+        n * idx + n * c * f32 + positions, n * c * f32)
     for layer in range(config.n_layer):
         residual = layer > 0  # layer 0's ln_1 normalizes the embedding, with no branch to add
-        add("forward", "ln_1", n * c * f32 + residual * n * c * act + 2 * c * f32,
+        add("forward", f"{norm_name}_1", n * c * f32 + residual * n * c * act + norm_params,
             residual * n * c * f32 + n * c * act + stats)
-        linear("c_attn", c, 3 * c)
-        add("forward", "attention", 3 * n * c * act, n * c * act + n * h * f32,
+        linear("c_attn", c, qkv, bias)
+        if llama:
+            add("forward", "rope", (c + kv) * n * act, (c + kv) * n * act)
+        add("forward", "attention", qkv * n * act, n * c * act + n * h * f32,
             attention_flops(batch_size * h, t, t, c // h, causal=True))
-        linear("attn.c_proj", c, c)
-        add("forward", "ln_2", n * c * f32 + n * c * act + 2 * c * f32, n * c * f32 + n * c * act + stats)
-        linear("c_fc", c, 4 * c, bias=False)
-        add("forward", "gelu (bias fused)", 4 * n * c * act + 4 * c * f32, 4 * n * c * act)
-        linear("mlp.c_proj", 4 * c, c)
-    add("forward", "ln_f", n * c * f32 + n * c * act + 2 * c * f32, n * c * f32 + n * c * act + stats)
+        linear("attn.c_proj", c, c, bias)
+        add("forward", f"{norm_name}_2", n * c * f32 + n * c * act + norm_params, n * c * f32 + n * c * act + stats)
+        if llama:
+            linear("c_fc", c, 2 * hidden, bias=False)
+            add("forward", "swiglu", 2 * hidden * n * act, hidden * n * act)
+        else:
+            linear("c_fc", c, hidden, bias=False)
+            add("forward", "gelu (bias fused)", hidden * n * act + hidden * f32, hidden * n * act)
+        linear("mlp.c_proj", hidden, c, bias)
+    add("forward", f"{norm_name}_f", n * c * f32 + n * c * act + norm_params, n * c * f32 + n * c * act + stats)
     cast("lm_head", v, c)
     # The fused lm_head + loss: gradients of hidden and weight in the forward, weight gradient into .grad.
     add("forward", "lm_head + loss (fused)", n * c * act + v * c * act + n * idx + v * c * f32,
         n * c * act + v * c * f32, 3 * 2 * n * c * v)
-    ln_backward_written = n * c * f32 + n * c * act + 2 * c * f32  # dstream (fp32), dbranch (bf16), dw, db
-    add("backward", "ln_f backward", n * c * act + n * c * f32 + stats + 2 * c * f32 * 2, ln_backward_written)
+    ln_backward_written = n * c * f32 + n * c * act + norm_params  # dstream (fp32), dbranch (bf16), dw(, db)
+    ln_backward_read = n * c * act + n * c * f32 * 2 + stats + norm_params * 2
+    add("backward", f"{norm_name}_f backward", n * c * act + n * c * f32 + stats + norm_params * 2,
+        ln_backward_written)
     for layer in reversed(range(config.n_layer)):
-        linear_backward("mlp.c_proj", 4 * c, c)
-        add("backward", "gelu backward", 4 * n * c * act * 2 + 4 * c * f32 * 2, 4 * n * c * act + 4 * c * f32)
-        linear_backward("c_fc", c, 4 * c, bias=False)
-        add("backward", "ln_2 backward", n * c * act + n * c * f32 * 2 + stats + 2 * c * f32 * 2, ln_backward_written)
-        linear_backward("attn.c_proj", c, c)
-        add("backward", "attention backward", 3 * n * c * act + 2 * n * c * act + n * h * f32, 3 * n * c * act,
+        linear_backward("mlp.c_proj", hidden, c, bias)
+        if llama:
+            add("backward", "swiglu backward", 3 * hidden * n * act, 2 * hidden * n * act)
+            linear_backward("c_fc", c, 2 * hidden, bias=False)
+        else:
+            add("backward", "gelu backward", hidden * n * act * 2 + hidden * f32 * 2, hidden * n * act + hidden * f32)
+            linear_backward("c_fc", c, hidden, bias=False)
+        add("backward", f"{norm_name}_2 backward", ln_backward_read, ln_backward_written)
+        linear_backward("attn.c_proj", c, c, bias)
+        add("backward", "attention backward", qkv * n * act + 2 * n * c * act + n * h * f32, qkv * n * act,
             attention_flops(batch_size * h, t, t, c // h, causal=True, backward=True))
-        linear_backward("c_attn", c, 3 * c)
+        if llama:
+            add("backward", "rope backward", (c + kv) * n * act, (c + kv) * n * act)
+        linear_backward("c_attn", c, qkv, bias)
         if layer > 0:
-            add("backward", "ln_1 backward", n * c * act + n * c * f32 * 2 + stats + 2 * c * f32 * 2,
-                ln_backward_written)
+            add("backward", f"{norm_name}_1 backward", ln_backward_read, ln_backward_written)
         else:  # no branch: the embedding's gradient only, in fp32
-            add("backward", "ln_1 backward", n * c * act + n * c * f32 * 2 + stats + 2 * c * f32 * 2,
-                n * c * f32 + 2 * c * f32)
-    # Each token's row of wte.grad and wpe.grad read and written once (accumulation), dx read once.
-    add("backward", "embedding backward", n * c * f32 + n * idx + (min(n, v) + t) * c * f32,
-        (min(n, v) + t) * c * f32)
+            add("backward", f"{norm_name}_1 backward", ln_backward_read, n * c * f32 + norm_params)
+    # Each token's row of wte.grad (and wpe.grad) read and written once (accumulation), dx read once.
+    rows = min(n, v) + (0 if llama else t)
+    add("backward", "embedding backward", n * c * f32 + n * idx + rows * c * f32, rows * c * f32)
     return ops
 
 

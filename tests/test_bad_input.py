@@ -159,6 +159,46 @@ def _decode_attention_cases():
     ]
 
 
+def _rmsnorm_cases():
+    w = rand(C)
+    return [
+        ("int x", lambda f: f(torch.ones(4, C, dtype=torch.int32, device=DEVICE), w), "float32, float16 or bfloat16"),
+        ("float64 x", lambda f: f(rand(4, C, dtype=torch.float64), w), "float32, float16 or bfloat16"),
+        ("not a tensor", lambda f: f([1.0] * C, w), "x must be a float32"),
+        ("weight shape", lambda f: f(rand(4, C), rand(C + 1)), r"weight must be 1-D with x's last dimension"),
+        ("residual shape", lambda f: f(rand(4, C), w, residual=rand(4, C - 1)), r"residual must have x's shape"),
+        ("weight device", lambda f: f(rand(4, C), rand(C, device=OTHER_DEVICE)), REFERENCE_DEVICE_MESSAGE),
+        ("empty last dim", lambda f: f(rand(4, 0), rand(0)), "last dimension"),
+        ("negative eps", lambda f: f(rand(4, C), w, -1e-5), "eps must be a non-negative number"),
+    ]
+
+
+def _rope_cases():
+    from gpt_kernels.rope import rope_table
+
+    cos, sin = rope_table(16, 8, 10000.0, DEVICE)
+    q, k, positions = rand(2, 5, 4, 8), rand(2, 5, 2, 8), torch.arange(5, device=DEVICE)
+    return [
+        ("odd head dim", lambda f: f(rand(2, 5, 4, 7), rand(2, 5, 2, 7), cos, sin, positions), "with D even"),
+        ("3-D q", lambda f: f(rand(5, 4, 8), k, cos, sin, positions), r"q must be a \(B, T, H, D\) tensor"),
+        ("T differs", lambda f: f(q, rand(2, 4, 2, 8), cos, sin, positions), "must share B, T and D"),
+        ("table width", lambda f: f(q, k, cos[:, :2], sin[:, :2], positions), r"cos and sin must be \(L, D/2 = 4\)"),
+        ("float positions", lambda f: f(q, k, cos, sin, positions.float()), "positions must be"),
+        ("positions shape", lambda f: f(q, k, cos, sin, positions[None]), r"positions must be \(5,\) or \(2, 5\)"),
+        ("int q", lambda f: f(q.int(), k.int(), cos, sin, positions), "float32, float16 or bfloat16"),
+        ("devices differ", lambda f: f(q, k, cos, sin, positions.to(OTHER_DEVICE)), REFERENCE_DEVICE_MESSAGE),
+    ]
+
+
+def _swiglu_cases():
+    return [
+        ("odd width", lambda f: f(rand(4, 2 * C + 1)), "must be even"),
+        ("scalar", lambda f: f(rand(())), "must be even"),
+        ("float64", lambda f: f(rand(4, C, dtype=torch.float64)), "float32, float16 or bfloat16"),
+        ("int", lambda f: f(torch.ones(4, C, dtype=torch.int32, device=DEVICE)), "float32, float16 or bfloat16"),
+    ]
+
+
 OP_CASES = {
     "layernorm": _layernorm_cases,
     "attention": _attention_cases,
@@ -167,6 +207,9 @@ OP_CASES = {
     "linear_cross_entropy": _linear_cross_entropy_cases,
     "adamw": _adamw_cases,
     "decode_attention": _decode_attention_cases,
+    "rmsnorm": _rmsnorm_cases,
+    "rope": _rope_cases,
+    "swiglu": _swiglu_cases,
 }
 
 
@@ -234,6 +277,18 @@ def test_gelu_empty_and_strided_inputs():
     f = triton_version("gelu")
     assert f(rand(0, C), rand(C)).shape == (0, C)
     _compare("gelu", [rand(C, 6), rand(C)], lambda x, b: (x.t(), b))
+
+
+def test_llama_ops_empty_and_strided_inputs():
+    from gpt_kernels.rope import rope_table
+
+    rmsnorm, rope, swiglu = (triton_version(op) for op in ("rmsnorm", "rope", "swiglu"))
+    assert rmsnorm(rand(0, C), rand(C)).shape == (0, C) and swiglu(rand(3, 0, 2 * C)).shape == (3, 0, C)
+    cos, sin = rope_table(8, 16, 10000.0, DEVICE)
+    empty = rand(2, 0, 2, 16)
+    assert [t.shape for t in rope(empty, empty, cos, sin, torch.arange(0, device=DEVICE))] == [empty.shape] * 2
+    _compare("rmsnorm", [rand(C, 5), rand(C)], lambda x, w: (x.t(), w))  # column stride C
+    _compare("swiglu", [rand(2 * C, 6)], lambda x: (x.t(),))  # (strided RoPE inputs: tests/test_rope.py)
 
 
 @pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])

@@ -238,7 +238,8 @@ def test_ablation_configurations():
     assert "decode_attention" not in e2e.TRAINING_OPS
     by_name = {c.name: c for c in configs}
     assert by_name["only gelu"].spec == "gelu"
-    assert by_name["all but gelu"].spec == "layernorm,attention,cross_entropy,linear_cross_entropy,adamw"
+    assert by_name["all but gelu"].spec == \
+        "layernorm,attention,cross_entropy,linear_cross_entropy,adamw,rmsnorm,rope,swiglu"
     assert by_name["eager + torch.compile"].spec == "none" and by_name["eager + torch.compile"].compile
     assert [c.name for c in e2e.ablation(e2e.TRAINING_OPS, "baselines")] == names[:4]
     # One kernel: 'only gelu' is the kernels-on row and 'all but gelu' is eager, so neither repeats.

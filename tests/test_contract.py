@@ -28,9 +28,13 @@ from compare import assert_close
 from conftest import DEVICE
 import gpt_kernels
 from gpt_kernels import registry
+from gpt.config import GPTConfig
 from model_parity import assert_model_parity
 
 EPS = 1e-5
+# A tiny llama for the llama ops' model parity: grouped-query heads, SwiGLU hidden width not a power of two.
+LLAMA_TINY = GPTConfig(arch="llama", block_size=32, vocab_size=1000, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                       mlp_hidden=48)
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Contract:
     bench_baseline: str | None = None  # an implementation every quick run of bench/bench_<op>.py times
     bench_passes: set[str] = field(default_factory=lambda: {"forward", "backward", "forward+backward"})
     bench_rate: str | None = None  # the column every bench row fills: gb_per_s or tflop_per_s
+    parity_config: GPTConfig | None = None  # the tiny model of the parity check (default: model_parity's GPT-2)
 
 
 def randn(*shape, dtype=torch.float32, device=DEVICE, scale=1.0, shift=0.0):
@@ -398,6 +403,143 @@ def _decode_attention_bad_inputs():
     ]
 
 
+# ----------------------------------------------------------------------------- rmsnorm
+
+
+def _rmsnorm_opcheck():
+    from gpt_kernels.rmsnorm import rmsnorm_forward
+
+    ops = torch.ops.gpt_triton
+    cases = []
+    for residual_on, weight_on in ((True, True), (False, False)):
+        x = randn(6, 40, scale=2.0, shift=0.5).requires_grad_()
+        residual = randn(6, 40, scale=3.0, shift=-1.0).requires_grad_() if residual_on else None
+        weight = randn(40, shift=1.0).requires_grad_() if weight_on else None
+        dy, ds = randn(6, 40), randn(6, 40)
+        plain_weight = weight.detach() if weight_on else None
+        if residual_on:
+            cases.append((ops.rms_norm_residual.default, (x, residual, weight, EPS)))
+            _, stream, rstd = rmsnorm_forward(x.detach(), plain_weight, EPS, residual.detach())
+            backward = (dy, ds, stream, plain_weight, rstd, torch.float16, torch.float32)
+        else:
+            cases.append((ops.rms_norm.default, (x, weight, EPS)))
+            _, _, rstd = rmsnorm_forward(x.detach(), plain_weight, EPS)
+            backward = (dy, None, x.detach(), plain_weight, rstd, torch.float32, None)
+        cases.append((ops.rms_norm_backward.default, backward))  # detached: no double backward
+    return cases
+
+
+def _rmsnorm_compile():
+    ramp = torch.linspace(-1, 1, 24, device=DEVICE)
+
+    def loss(norm):
+        def block_tail(x, residual, weight):
+            y, stream = norm(x, weight, EPS, residual=residual)  # the pre-norm block's add-then-norm
+            return y.square().sum() + (norm(stream, weight, EPS) * ramp).sum()
+        return block_tail
+
+    return [CompileCase(loss, [randn(2, 5, 24), randn(2, 5, 24), randn(24, shift=1.0)],
+                        {"gpt_triton.rms_norm_residual", "gpt_triton.rms_norm"})]
+
+
+def _rmsnorm_bad_inputs():
+    from gpt_kernels.rmsnorm import rmsnorm, rmsnorm_backward, rmsnorm_forward
+
+    x, w = randn(4, 8), randn(8)
+    y, _, rstd = rmsnorm_forward(x, w)
+    return [
+        (lambda: rmsnorm(x, randn(7)), "weight must be 1-D with x's last dimension, i.e. shape (8,)"),
+        (lambda: rmsnorm(randn(4, 0), None), "last dimension (the one normalized) of 1 to"),
+        (lambda: rmsnorm(x.double(), None), "x must be a float32, float16 or bfloat16 tensor, got torch.float64"),
+        (lambda: rmsnorm(x.half(), w.bfloat16()), "weight must be torch.float16 or torch.float32"),
+        (lambda: rmsnorm(x, [1.0] * 8), "weight must be a tensor or None"),
+        (lambda: rmsnorm(x, randn(8, device="meta")), "weight is on meta but x is on"),
+        (lambda: rmsnorm(x, w, residual=randn(8)), "residual must have x's shape (4, 8)"),
+        (lambda: rmsnorm(x, w, residual=x.long()), "residual must be a float32, float16 or bfloat16 tensor"),
+        (lambda: rmsnorm(x, w, eps=-1.0), "eps must be a non-negative number"),
+        (lambda: rmsnorm_backward(randn(4, 9), x, w, rstd), "dy must be a float tensor shaped like the stream (4, 8)"),
+        (lambda: rmsnorm_backward(y, x, w, rstd[:2]), "rstd must be a contiguous float32 tensor of shape (4,)"),
+    ]
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+def _rope_inputs(T=3):
+    from gpt_kernels.rope import rope_table
+
+    qkv = randn(2, T, (4 + 2 * 2) * 8)
+    q, k, _ = qkv.split([32, 16, 16], dim=2)  # strided views, as the model has them
+    cos, sin = rope_table(16, 8, 500.0, DEVICE)
+    return q.view(2, T, 4, 8), k.view(2, T, 2, 8), cos, sin, torch.arange(3, 3 + T, device=DEVICE)
+
+
+def _rope_opcheck():
+    q, k, cos, sin, positions = _rope_inputs()
+    ops = torch.ops.gpt_triton
+    return [(ops.rope.default, (q.clone().requires_grad_(), k.clone().requires_grad_(), cos, sin, positions)),
+            (ops.rope.default, (q.contiguous(), k.contiguous(), cos, sin, positions.expand(2, -1).contiguous())),
+            (ops.rope_backward.default, (randn(*q.shape), randn(*k.shape), cos, sin, positions))]
+
+
+def _rope_compile():
+    q, k, cos, sin, positions = _rope_inputs()
+
+    def loss(rope):  # the rotated q and k meet in attention scores
+        def scores(q, k):
+            q_rot, k_rot = rope(q, k, cos, sin, positions)
+            return (q_rot[:, :, ::2] @ k_rot.transpose(-1, -2)).square().sum()
+        return scores
+
+    return [CompileCase(loss, [q.contiguous(), k.contiguous()], {"gpt_triton.rope"})]
+
+
+def _rope_bad_inputs():
+    from gpt_kernels.rope import rope
+
+    q, k, cos, sin, positions = _rope_inputs()
+    return [
+        (lambda: rope(q[..., :7], k[..., :7], cos, sin, positions), "q must be a (B, T, H, D) tensor with D even"),
+        (lambda: rope(q, k[:, :2], cos, sin, positions), "must share B, T and D"),
+        (lambda: rope(q.double(), k.double(), cos, sin, positions), "q must be a float32, float16 or bfloat16"),
+        (lambda: rope(q, k, cos[:, :3], sin[:, :3], positions), "cos and sin must be (L, D/2 = 4) tables"),
+        (lambda: rope(q, k, cos.half(), sin.half(), positions), "cos must be a float32 (L, 4) table from rope_table"),
+        (lambda: rope(q, k, cos, sin, positions.float()), "positions must be (3,) or (2, 3) int64/int32"),
+        (lambda: rope(q, k, cos, sin, positions[:2]), "positions must be (3,) or (2, 3)"),
+        (lambda: rope(q, k, cos, sin, positions.to("meta")), "positions is on meta but q is on"),
+    ]
+
+
+# ----------------------------------------------------------------------------- swiglu
+
+
+def _swiglu_opcheck():
+    gate_up = randn(6, 2 * 20, scale=3.0)
+    return [(torch.ops.gpt_triton.swiglu.default, (gate_up.clone().requires_grad_(),)),
+            (torch.ops.gpt_triton.swiglu.default, (gate_up[:, :-2].T.contiguous().T,)),
+            (torch.ops.gpt_triton.swiglu_backward.default, (randn(6, 20), gate_up))]
+
+
+def _swiglu_compile():
+    def loss(swiglu):  # the Llama MLP: one fused gate/up linear, the activation, the down projection
+        return lambda x, weight, proj: (swiglu(F.linear(x, weight)) @ proj).square().sum()
+
+    return [CompileCase(loss, [randn(2, 5, 16), randn(2 * 24, 16) / 4, randn(24, 16) / 8], {"gpt_triton.swiglu"})]
+
+
+def _swiglu_bad_inputs():
+    from gpt_kernels.swiglu import swiglu, swiglu_backward
+
+    gate_up = randn(4, 10)
+    return [
+        (lambda: swiglu(randn(4, 9)), "the last dimension holds [gate | up] and must be even, got (4, 9)"),
+        (lambda: swiglu(randn()), "must be even, got ()"),
+        (lambda: swiglu(gate_up.double()), "gate_up must be a float32, float16 or bfloat16 tensor, got torch.float64"),
+        (lambda: swiglu([0.0] * 4), "gate_up must be a float32, float16 or bfloat16 tensor, got list"),
+        (lambda: swiglu_backward(randn(4, 10), gate_up), "dy must be a float tensor of shape (4, 5)"),
+    ]
+
+
 # ----------------------------------------------------------------------------- the table
 
 LOSS_PASSES = {"forward", "forward+backward"}  # a loss is timed forward, and forward with backward
@@ -417,6 +559,13 @@ CONTRACTS = [
     # Generation only (test_generate checks the model's decoding with it); the backward is plain PyTorch.
     Contract("decode_attention", _decode_attention_bad_inputs, _decode_attention_opcheck, model_parity=False,
              bench_baseline="sdpa", bench_passes={"forward", "generate"}),
+    # The llama ops: their model parity runs on a tiny llama (LLAMA_TINY) instead of GPT-2's.
+    Contract("rmsnorm", _rmsnorm_bad_inputs, _rmsnorm_opcheck, _rmsnorm_compile, bench_baseline="eager",
+             bench_rate="gb_per_s", parity_config=LLAMA_TINY),
+    Contract("rope", _rope_bad_inputs, _rope_opcheck, _rope_compile, bench_baseline="eager", bench_rate="gb_per_s",
+             parity_config=LLAMA_TINY),
+    Contract("swiglu", _swiglu_bad_inputs, _swiglu_opcheck, _swiglu_compile, bench_baseline="eager",
+             bench_rate="gb_per_s", parity_config=LLAMA_TINY),
 ]
 
 
@@ -456,7 +605,10 @@ def test_torch_compile_fullgraph(contract):
 @pytest.mark.gpu_smoke
 @pytest.mark.parametrize("contract", contracts(lambda c: c.model_parity))
 def test_gpt_model_parity(contract):
-    assert_model_parity(contract.op)
+    if contract.parity_config is None:
+        assert_model_parity(contract.op)
+    else:
+        assert_model_parity(contract.op, contract.parity_config)
 
 
 @pytest.mark.parametrize("contract", contracts())

@@ -325,6 +325,85 @@ def _fuzz_decode_attention(f, data):
     check(out, expected, dtype, "o", factor=4)
 
 
+@FUZZ
+@given(data=st.data())
+def _fuzz_rmsnorm(f, data):
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES), "dtype")
+    batch = data.draw(st.lists(st.integers(1, 5), min_size=0, max_size=2), "batch dims")
+    cols = data.draw(st.integers(2, MAX_COLS), "C")
+    shape = [*batch, cols]
+    with_residual, with_weight = data.draw(st.booleans(), "residual"), data.draw(st.booleans(), "weight")
+    weight_dtype = data.draw(st.sampled_from([dtype, torch.float32]), "weight dtype")
+    eps = data.draw(st.sampled_from([1e-6, 1e-5]), "eps")
+    # No centring, so a large mean is an ordinary row; a spread near eps is the hard case.
+    shift, spread = data.draw(st.sampled_from([(0.0, 3.0), (1000.0, 1.0), (0.0, 1e-2)]), "row mean and spread")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), "seed"))
+
+    x = leaf(make(shape, dtype, data.draw(layouts(len(shape))), g, scale=spread, shift=shift))
+    residual = leaf(make(shape, dtype, data.draw(layouts(len(shape))), g, scale=spread)) if with_residual else None
+    weight = leaf(make([cols], weight_dtype, data.draw(layouts(1)), g)) if with_weight else None
+
+    out = f(x, weight, eps, residual=residual)
+    ref_inputs = [as_float64(t) if t is not None else None for t in (x, weight, residual)]
+    expected = reference("rmsnorm")(ref_inputs[0], ref_inputs[1], eps, residual=ref_inputs[2])
+    outs, refs = (out, expected) if with_residual else ((out,), (expected,))
+    for o, e, name in zip(outs, refs, ("y", "x + residual")):
+        check(o, e, dtype, name, factor=2)
+    upstream = [torch.randn_like(o) for o in outs]
+    grads = gradients(outs, [x, weight, residual], upstream)
+    ref_grads = gradients(refs, ref_inputs, [u.double() for u in upstream])
+    names = [n for n, t in zip(("dx", "dweight", "dresidual"), (x, weight, residual)) if t is not None]
+    for grad, ref_grad, name in zip(grads, ref_grads, names):
+        check(grad, ref_grad, dtype, name, factor=8 if name == "dweight" else 4)
+
+
+@FUZZ
+@given(data=st.data())
+def _fuzz_rope(f, data):
+    from gpt_kernels.rope import rope_table
+
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES), "dtype")
+    B, T = data.draw(st.integers(1, 2), "B"), data.draw(st.integers(1, MAX_SEQ // 4), "T")  # a program per token
+    q_heads, kv_heads = data.draw(st.sampled_from([(1, 1), (4, 2), (6, 6), (18, 3)]), "heads")
+    D = data.draw(st.sampled_from([2, 6, 16, 64]), "D")
+    per_row = data.draw(st.booleans(), "positions (B, T)")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), "seed"))
+    q = leaf(make([B, T, q_heads, D], dtype, data.draw(layouts(4)), g))
+    k = leaf(make([B, T, kv_heads, D], dtype, data.draw(layouts(4)), g))
+    table_len = T + data.draw(st.integers(0, 40), "table slack")
+    cos, sin = rope_table(table_len, D, data.draw(st.sampled_from([10000.0, 500000.0]), "theta"), DEVICE)
+    positions = torch.randint(0, table_len, (B, T) if per_row else (T,), generator=g).to(DEVICE)
+
+    outs = f(q, k, cos, sin, positions)
+    q64, k64 = as_float64(q), as_float64(k)
+    refs = reference("rope")(q64, k64, cos.double(), sin.double(), positions)
+    for o, e, name in zip(outs, refs, ("q_rot", "k_rot")):
+        check(o, e, dtype, name, factor=2)
+    upstream = [torch.randn_like(o) for o in outs]
+    for grad, ref_grad, name in zip(gradients(outs, [q, k], upstream),
+                                    gradients(refs, [q64, k64], [u.double() for u in upstream]), ("dq", "dk")):
+        check(grad, ref_grad, dtype, name, factor=2)
+
+
+@FUZZ
+@given(data=st.data())
+def _fuzz_swiglu(f, data):
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES), "dtype")
+    shape = [*data.draw(st.lists(st.integers(1, 6), min_size=0, max_size=2), "leading dims"),
+             2 * data.draw(st.integers(1, MAX_COLS // 2), "hidden")]
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), "seed"))
+    gate_up = leaf(make(shape, dtype, data.draw(layouts(len(shape))), g, scale=data.draw(st.sampled_from([1.0, 8.0]))))
+
+    out = f(gate_up)
+    gate_up64 = as_float64(gate_up)
+    expected = reference("swiglu")(gate_up64)
+    check(out, expected, dtype, "y", factor=2)
+    upstream = torch.randn_like(out)
+    grad, = gradients(out, [gate_up], upstream)
+    ref_grad, = gradients(expected, [gate_up64], upstream.double())
+    check(grad, ref_grad, dtype, "d(gate_up)", factor=4)
+
+
 FUZZERS = {
     "layernorm": _fuzz_layernorm,
     "attention": _fuzz_attention,
@@ -333,6 +412,9 @@ FUZZERS = {
     "linear_cross_entropy": _fuzz_linear_cross_entropy,
     "adamw": _fuzz_adamw,
     "decode_attention": _fuzz_decode_attention,
+    "rmsnorm": _fuzz_rmsnorm,
+    "rope": _fuzz_rope,
+    "swiglu": _fuzz_swiglu,
 }
 
 

@@ -145,10 +145,10 @@ def test_grouped_decode_attention_reference():
     assert rel_error(decode_attention_reference(q, k, v, lengths), expected) < 1e-6
 
 
-def test_ops_are_registered_without_triton_kernels():
+def test_ops_are_registered_with_triton_kernels():
     for op in ("rmsnorm", "rope", "swiglu"):
-        assert op in registry.OPS and not registry.has_triton(op)
-        assert registry.implementation(op, "cpu") == ("torch", "no Triton kernel yet")
+        assert op in registry.OPS and registry.has_triton(op)
+        assert registry.implementation(op, "cpu")[0] == ("triton" if registry.triton_runs_on("cpu") else "torch")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,11 +258,14 @@ def test_kv_cache_equals_cache_free_greedy(model):
             assert cached == generate_tokens(model, prompts, new_tokens, temperature=0.0, use_kv_cache=False)
 
 
-def test_prefill_and_decode_logits_match_full_forward(model):
+@pytest.mark.parametrize("kernels", ["none", "all"])
+def test_prefill_and_decode_logits_match_full_forward(model, kernels):
+    """RoPE at the right positions in prefill and in each decode step (a (B, 1) position per row),
+    on the references and with every kernel on (the grouped-query attention runs its reference)."""
     torch.manual_seed(1)
     seq = torch.randint(0, TINY.vocab_size, (3, 14), device=DEVICE)
     prompt_lengths = torch.tensor([5, 9, 2], device=DEVICE)
-    with torch.no_grad(), use_kernels("none"):
+    with torch.no_grad(), use_kernels(kernels):
         full, _ = model(seq)
         cache = KVCache(TINY, 3, 14, DEVICE)
         logits, _ = model(seq[:, :9], kv_cache=cache, prompt_lengths=prompt_lengths)
@@ -276,7 +279,7 @@ def test_prefill_and_decode_logits_match_full_forward(model):
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_kernels_on_match_the_references(n_kv_head):
-    """With every kernel asked for, the Triton attention (grouped K/V heads included) and loss run;
+    """With every kernel asked for, the Triton RMSNorm, RoPE, SwiGLU, attention (grouped K/V heads included) and loss run;
     the loss and gradients match the references'."""
     assert registry.is_triton("attention", DEVICE)
     torch.manual_seed(0)
@@ -288,11 +291,12 @@ def test_kernels_on_match_the_references(n_kv_head):
     for spec in ("none", "all"):
         model.zero_grad()
         with use_kernels(spec):
-            _, loss = model(idx, idx)
+            logits, loss = model(idx, idx)
         loss.backward()
-        results.append((loss.detach(), model.transformer.h[0].attn.c_attn.weight.grad.clone()))
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(grad, results[0][1][name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_generation_with_every_kernel_on(model):
