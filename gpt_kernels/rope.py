@@ -80,9 +80,11 @@ def rope_reference(q, k, cos, sin, positions):
         raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must share B, T and D")
     B, T, _, D = q.shape
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != D // 2:
-        raise ValueError(f"rope: cos and sin must be (L, D/2 = {D // 2}) tables, got {tuple(cos.shape)}, {tuple(sin.shape)}")
+        raise ValueError(f"rope: cos and sin must be (L, D/2 = {D // 2}) tables, "
+                         f"got {tuple(cos.shape)}, {tuple(sin.shape)}")
     if positions.dtype not in (torch.int64, torch.int32) or positions.shape not in ((T,), (B, T)):
-        raise ValueError(f"rope: positions must be ({T},) or ({B}, {T}) int64/int32, got {positions.dtype} {tuple(positions.shape)}")
+        raise ValueError(f"rope: positions must be ({T},) or ({B}, {T}) int64/int32, "
+                         f"got {positions.dtype} {tuple(positions.shape)}")
     # (T, D/2) or (B, T, D/2) -> broadcast over the heads: (1 or B, T, 1, D/2)
     cos, sin = cos[positions], sin[positions]
     cos, sin = cos.view(-1, T, 1, D // 2), sin.view(-1, T, 1, D // 2)
