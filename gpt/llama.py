@@ -124,9 +124,14 @@ def hf_llama_config(hf_config: dict, path: Path, **overrides) -> GPTConfig:
     """Our config for a Hugging Face ``LlamaConfig`` (its ``config.json`` as a dict)."""
     if not hf_config:
         raise ValueError(f"{path}: a Llama checkpoint needs its config.json (heads, KV heads, RoPE theta, eps)")
+    required = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+    missing = [key for key in required if key not in hf_config]
+    if missing:
+        raise ValueError(f"{path}: config.json lacks {', '.join(missing)}, which a Llama config must hold")
     n_embd, n_head = hf_config["hidden_size"], hf_config["num_attention_heads"]
     if hf_config.get("head_dim") not in (None, n_embd // n_head):
-        raise ValueError(f"{path}: head_dim {hf_config['head_dim']} != hidden_size / num_attention_heads; not supported")
+        raise ValueError(f"{path}: head_dim {hf_config['head_dim']} != hidden_size / num_attention_heads "
+                         "is not supported")
     if hf_config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {hf_config['hidden_act']!r} is not supported; only silu (SwiGLU) is")
     if hf_config.get("attention_bias", False) != hf_config.get("mlp_bias", False):

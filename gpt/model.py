@@ -132,8 +132,10 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.transformer.drop = nn.Dropout(config.dropout)
         self.transformer.h = nn.ModuleList([block(config) for _ in range(config.n_layer)])
-        norm = RMSNorm(config.n_embd, config.norm_eps) if llama else LayerNorm(config.n_embd, config.bias, config.norm_eps)
-        self.transformer.ln_f = norm
+        if llama:
+            self.transformer.ln_f = RMSNorm(config.n_embd, config.norm_eps)
+        else:
+            self.transformer.ln_f = LayerNorm(config.n_embd, config.bias, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
@@ -420,5 +422,6 @@ def _gpt2_tensors(raw: dict[str, torch.Tensor], path: Path) -> dict[str, torch.T
             continue  # lm_head is tied to wte; the others are causal-mask buffers, not weights
         state[key] = value.float()
     if "wte.weight" not in state or "wpe.weight" not in state:
-        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte/wpe embeddings) nor a Llama one (no model.embed_tokens)")
+        raise ValueError(f"{path}: not a GPT-2 checkpoint (no wte/wpe embeddings) "
+                         "nor a Llama one (no model.embed_tokens)")
     return state

@@ -15,6 +15,9 @@ from gpt.training import make_optimizer
 from gpt_kernels.registry import set_kernels
 
 CONFIG = GPTConfig(block_size=16, vocab_size=500, n_layer=2, n_head=2, n_embd=32)
+# The Llama block (grouped-query attention, untied embeddings): `fsdp_worker.py OUT KERNELS llama`
+LLAMA_CONFIG = GPTConfig(arch="llama", block_size=16, vocab_size=500, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                         mlp_hidden=48)
 STEPS, BATCH = 3, 4
 
 
@@ -49,7 +52,7 @@ if __name__ == "__main__":
     # machine it would move the parameters there.
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(0)
-    model = GPT(CONFIG)
+    model = GPT(LLAMA_CONFIG if sys.argv[3:] == ["llama"] else CONFIG)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
