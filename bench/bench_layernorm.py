@@ -29,8 +29,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import (BANDWIDTH_COLUMNS, BenchContext, competitors, residual_norm_bytes,
-                          residual_norm_cases, run_cases, run_standalone)
+from bench.common import (BANDWIDTH_COLUMNS, BenchContext, competitors, module_runner, residual_norm_bytes,
+                          residual_norm_cases, run_standalone, with_unfused_residual)
 from gpt_kernels.layernorm import layernorm
 
 OP = "layernorm"
@@ -54,20 +54,14 @@ def _liger_layer_norm():
     """Liger-Kernel's LayerNorm (no residual); ImportError when it is not installed."""
     from liger_kernel.ops.layer_norm import LigerLayerNormFunction
 
-    def liger(x, weight, bias, eps=EPS, residual=None):
-        if residual is not None:
-            x = x + residual
-            return LigerLayerNormFunction.apply(x, weight, bias, eps), x
-        return LigerLayerNormFunction.apply(x, weight, bias, eps)
-
-    return liger
+    return with_unfused_residual(LigerLayerNormFunction.apply)
 
 
 def bytes_moved(pass_: str, n_rows: int, n_cols: int, dtypes, with_residual: bool) -> int:
     return residual_norm_bytes(pass_, n_rows, n_cols, dtypes, with_residual, n_params=2)
 
 
-def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[str]]:
+def implementations(ctx: BenchContext, with_residual: bool = False) -> tuple[dict, list[str]]:
     # Liger's LayerNorm has no fused residual: it competes on the plain case only.
     installed = {} if with_residual else {"liger": _liger_layer_norm}
     return competitors(ctx, eager_layer_norm, layernorm, installed)
@@ -79,8 +73,7 @@ def cases(ctx: BenchContext):
     return residual_norm_cases(ctx, shapes, dtypes, 2, EPS, implementations)
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    return run_cases(ctx, OP, cases(ctx), implementations(ctx, False)[1])
+run = module_runner(__name__)
 
 
 COLUMNS = BANDWIDTH_COLUMNS

@@ -23,8 +23,8 @@ import sys
 
 import torch
 
-from bench.common import (BANDWIDTH_COLUMNS, BenchContext, competitors, residual_norm_bytes,
-                          residual_norm_cases, run_cases, run_standalone)
+from bench.common import (BANDWIDTH_COLUMNS, BenchContext, competitors, module_runner, residual_norm_bytes,
+                          residual_norm_cases, run_standalone, with_unfused_residual)
 from gpt_kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
 OP = "rmsnorm"
@@ -45,20 +45,14 @@ def _liger_rmsnorm():
     """Liger-Kernel's RMSNorm (no residual, Llama's casting); ImportError when it is not installed."""
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
-    def liger(x, weight, eps=EPS, residual=None):
-        if residual is not None:
-            x = x + residual
-            return LigerRMSNormFunction.apply(x, weight, eps), x
-        return LigerRMSNormFunction.apply(x, weight, eps)
-
-    return liger
+    return with_unfused_residual(LigerRMSNormFunction.apply)
 
 
 def bytes_moved(pass_: str, n_rows: int, n_cols: int, dtypes, with_residual: bool) -> int:
     return residual_norm_bytes(pass_, n_rows, n_cols, dtypes, with_residual, n_params=1)
 
 
-def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[str]]:
+def implementations(ctx: BenchContext, with_residual: bool = False) -> tuple[dict, list[str]]:
     # Liger's RMSNorm has no fused residual: it competes on the plain case only.
     installed = {} if with_residual else {"liger": _liger_rmsnorm}
     return competitors(ctx, eager_rmsnorm, rmsnorm, installed)
@@ -70,8 +64,7 @@ def cases(ctx: BenchContext):
     return residual_norm_cases(ctx, shapes, dtypes, 1, EPS, implementations)
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    return run_cases(ctx, OP, cases(ctx), implementations(ctx, False)[1])
+run = module_runner(__name__)
 
 
 COLUMNS = BANDWIDTH_COLUMNS

@@ -363,6 +363,18 @@ def module_runner(module_name: str) -> Callable[[BenchContext], list[dict]]:
     return run
 
 
+def with_unfused_residual(norm: Callable) -> Callable:
+    """A competitor's row norm without a fused residual, ``norm(x, *params, eps)``, called as the fused
+    ones are: ``fn(x, *params, eps, residual=None)`` adds the residual first (one more full pass) and
+    then returns (y, the stream)."""
+    def fn(x, *params_and_eps, residual=None):
+        if residual is None:
+            return norm(x, *params_and_eps)
+        stream = x + residual
+        return norm(stream, *params_and_eps), stream
+    return fn
+
+
 def residual_norm_bytes(pass_: str, n_rows: int, n_cols: int, dtypes, with_residual: bool, n_params: int) -> int:
     """The fewest bytes a row norm with an optional fused residual must move (LayerNorm, RMSNorm).
 
