@@ -86,12 +86,13 @@ SUM_BLOCK_P, SUM_BLOCK_N = 64, 32
 
 
 @triton.jit
-def _layer_norm_forward_kernel(
-    x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, stream_ptr, mean_ptr, rstd_ptr,
-    n_rows, n_cols, stride_x_row, stride_residual_row, stride_y_row, stride_stream_row, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _load_stream_tile(
+    x_ptr, residual_ptr, stream_ptr, n_rows, n_cols, stride_x_row, stride_residual_row, stride_stream_row,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """A norm forward's first step (LayerNorm and RMSNorm): this program's (BLOCK_M, BLOCK_N) tile of
+    ``x`` in fp32, with the residual added and the stream stored (rounded to its dtype, as it is
+    normalized so) when there is one. Returns the tile and its indices and masks."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -105,6 +106,35 @@ def _layer_norm_forward_kernel(
         stream = x.to(stream_ptr.dtype.element_ty)
         tl.store(stream_ptr + rows64 * stride_stream_row + cols[None, :], stream, mask=mask)
         x = stream.to(tl.float32)  # normalize what was stored: the backward reads it back
+    return x, rows, cols, row_mask, col_mask, mask, rows64
+
+
+@triton.jit
+def _store_stream_grad(
+    dx, dstream_ptr, dx_ptr, dresidual_ptr, rows64, cols, mask, stride_dstream_row, stride_dx_row,
+    stride_dresidual_row, HAS_DSTREAM: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
+):
+    """A norm backward's last step for one tile (LayerNorm and RMSNorm): add the gradient reaching the
+    stream output directly to ``dx`` (fp32), store it as dx and, in its own dtype, as dresidual."""
+    if HAS_DSTREAM:
+        dstream = tl.load(dstream_ptr + rows64 * stride_dstream_row + cols[None, :], mask=mask, other=0.0)
+        dx += dstream.to(tl.float32)
+    tl.store(dx_ptr + rows64 * stride_dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DRESIDUAL:
+        tl.store(dresidual_ptr + rows64 * stride_dresidual_row + cols[None, :],
+                 dx.to(dresidual_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_forward_kernel(
+    x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, stream_ptr, mean_ptr, rstd_ptr,
+    n_rows, n_cols, stride_x_row, stride_residual_row, stride_y_row, stride_stream_row, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    x, rows, cols, row_mask, col_mask, mask, rows64 = _load_stream_tile(
+        x_ptr, residual_ptr, stream_ptr, n_rows, n_cols, stride_x_row, stride_residual_row, stride_stream_row,
+        HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
     mean = tl.sum(x, axis=1) / n_cols
     centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -154,13 +184,8 @@ def _layer_norm_backward_kernel(
         mean_dx_hat = tl.sum(dx_hat, axis=1) / n_cols
         mean_x_hat_dx_hat = tl.sum(x_hat * dx_hat, axis=1) / n_cols
         dx = (dx_hat - mean_dx_hat[:, None] - x_hat * mean_x_hat_dx_hat[:, None]) * rstd[:, None]
-        if HAS_DSTREAM:
-            dstream = tl.load(dstream_ptr + rows64 * stride_dstream_row + cols[None, :], mask=mask, other=0.0)
-            dx += dstream.to(tl.float32)
-        tl.store(dx_ptr + rows64 * stride_dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if WRITE_DRESIDUAL:
-            tl.store(dresidual_ptr + rows64 * stride_dresidual_row + cols[None, :],
-                     dx.to(dresidual_ptr.dtype.element_ty), mask=mask)
+        _store_stream_grad(dx, dstream_ptr, dx_ptr, dresidual_ptr, rows64, cols, mask, stride_dstream_row, stride_dx_row,
+                           stride_dresidual_row, HAS_DSTREAM, WRITE_DRESIDUAL)
         # Summed over the tile's rows now, so the accumulators stay one row high (at GPT-2 widths a
         # tile's rows sit in the same thread's registers: the sum needs no shuffles).
         if HAS_WEIGHT:

@@ -47,9 +47,9 @@ from gpt_kernels import registry
 from gpt_kernels.common import FLOAT_DTYPES, check_same_device, describe, require_triton, rows, unit_stride
 from gpt_kernels.host import cdiv
 from gpt_kernels.layernorm import (
-    BACKWARD_PROGRAMS_PER_SM, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS, FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS, MAX_WIDTH,
-    SUM_BLOCK_N, SUM_BLOCK_P, _max_backward_programs, _sum_partials_kernel, _tile, backward_stages, output_dtype,
-    stream_dtype,
+    BACKWARD_PROGRAMS_PER_SM, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS, FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS,
+    MAX_WIDTH, SUM_BLOCK_N, SUM_BLOCK_P, _load_stream_tile, _max_backward_programs, _store_stream_grad,
+    _sum_partials_kernel, _tile, backward_stages, output_dtype, stream_dtype,
 )
 
 
@@ -59,19 +59,9 @@ def _rms_norm_forward_kernel(
     n_rows, n_cols, stride_x_row, stride_residual_row, stride_y_row, stride_stream_row, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    col_mask = cols < n_cols
-    mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)[:, None]  # rows·stride can pass 2^31 on large activations
-
-    x = tl.load(x_ptr + rows64 * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        x += tl.load(residual_ptr + rows64 * stride_residual_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        stream = x.to(stream_ptr.dtype.element_ty)
-        tl.store(stream_ptr + rows64 * stride_stream_row + cols[None, :], stream, mask=mask)
-        x = stream.to(tl.float32)  # normalize what was stored: the backward reads it back
+    x, rows, cols, row_mask, col_mask, mask, rows64 = _load_stream_tile(
+        x_ptr, residual_ptr, stream_ptr, n_rows, n_cols, stride_x_row, stride_residual_row, stride_stream_row,
+        HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     y = x * rstd[:, None]
@@ -111,13 +101,8 @@ def _rms_norm_backward_kernel(
         # d x̂_j / d x_i = rstd·(δ_ij - x̂_i·x̂_j/N): one row mean.
         mean_x_hat_dx_hat = tl.sum(x_hat * dx_hat, axis=1) / n_cols
         dx = (dx_hat - x_hat * mean_x_hat_dx_hat[:, None]) * rstd[:, None]
-        if HAS_DSTREAM:
-            dstream = tl.load(dstream_ptr + rows64 * stride_dstream_row + cols[None, :], mask=mask, other=0.0)
-            dx += dstream.to(tl.float32)
-        tl.store(dx_ptr + rows64 * stride_dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if WRITE_DRESIDUAL:
-            tl.store(dresidual_ptr + rows64 * stride_dresidual_row + cols[None, :],
-                     dx.to(dresidual_ptr.dtype.element_ty), mask=mask)
+        _store_stream_grad(dx, dstream_ptr, dx_ptr, dresidual_ptr, rows64, cols, mask, stride_dstream_row, stride_dx_row,
+                           stride_dresidual_row, HAS_DSTREAM, WRITE_DRESIDUAL)
         if HAS_WEIGHT:
             dweight_acc += tl.sum(dy * x_hat, axis=0)
 
