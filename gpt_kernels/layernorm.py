@@ -194,8 +194,8 @@ def _layer_norm_backward_kernel(
         mean_dx_hat = tl.sum(dx_hat, axis=1) / n_cols
         mean_x_hat_dx_hat = tl.sum(x_hat * dx_hat, axis=1) / n_cols
         dx = (dx_hat - mean_dx_hat[:, None] - x_hat * mean_x_hat_dx_hat[:, None]) * rstd[:, None]
-        _store_stream_grad(dx, dstream_ptr, dx_ptr, dresidual_ptr, rows64, cols, mask, stride_dstream_row, stride_dx_row,
-                           stride_dresidual_row, HAS_DSTREAM, WRITE_DRESIDUAL)
+        _store_stream_grad(dx, dstream_ptr, dx_ptr, dresidual_ptr, rows64, cols, mask,
+                           stride_dstream_row, stride_dx_row, stride_dresidual_row, HAS_DSTREAM, WRITE_DRESIDUAL)
         # Summed over the tile's rows now, so the accumulators stay one row high (at GPT-2 widths a
         # tile's rows sit in the same thread's registers: the sum needs no shuffles).
         if HAS_WEIGHT:

@@ -47,9 +47,10 @@ from gpt_kernels import registry
 from gpt_kernels.common import FLOAT_DTYPES, check_same_device, describe, require_triton, unit_stride
 from gpt_kernels.host import cdiv
 from gpt_kernels.layernorm import (
-    BACKWARD_PROGRAMS_PER_SM, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS, FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS,
-    MAX_WIDTH, SUM_BLOCK_N, SUM_BLOCK_P, _backward_grid, _backward_rows, _forward_rows, _load_backward_tile,
-    _load_stream_tile, _store_stream_grad, _sum_partials_kernel, _tile, backward_stages, output_dtype, stream_dtype,
+    BACKWARD_PROGRAMS_PER_SM, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS, FORWARD_TILE_ELEMENTS,
+    FORWARD_WARP_ELEMENTS, MAX_WIDTH, SUM_BLOCK_N, SUM_BLOCK_P, _backward_grid, _backward_rows, _forward_rows,
+    _load_backward_tile, _load_stream_tile, _store_stream_grad, _sum_partials_kernel, _tile, backward_stages,
+    output_dtype, stream_dtype,
 )
 
 
@@ -97,8 +98,8 @@ def _rms_norm_backward_kernel(
         # d x̂_j / d x_i = rstd·(δ_ij - x̂_i·x̂_j/N): one row mean.
         mean_x_hat_dx_hat = tl.sum(x_hat * dx_hat, axis=1) / n_cols
         dx = (dx_hat - x_hat * mean_x_hat_dx_hat[:, None]) * rstd[:, None]
-        _store_stream_grad(dx, dstream_ptr, dx_ptr, dresidual_ptr, rows64, cols, mask, stride_dstream_row, stride_dx_row,
-                           stride_dresidual_row, HAS_DSTREAM, WRITE_DRESIDUAL)
+        _store_stream_grad(dx, dstream_ptr, dx_ptr, dresidual_ptr, rows64, cols, mask,
+                           stride_dstream_row, stride_dx_row, stride_dresidual_row, HAS_DSTREAM, WRITE_DRESIDUAL)
         if HAS_WEIGHT:
             dweight_acc += tl.sum(dy * x_hat, axis=0)
 
