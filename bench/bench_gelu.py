@@ -21,7 +21,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import BenchContext, Case, autograd_step, competitors, module_runner, run_standalone
+from bench.common import (BANDWIDTH_COLUMNS, BenchContext, Case, autograd_step, competitors, module_runner,
+                          run_standalone)
 from gpt_kernels.gelu import gelu
 
 OP = "gelu"
@@ -74,8 +75,7 @@ def cases(ctx: BenchContext):
 run = module_runner(__name__)
 
 
-COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager",
-           "speedup_vs_compile", "first_call_s", "error"]
+COLUMNS = BANDWIDTH_COLUMNS
 
 if __name__ == "__main__":
     run_standalone(run, sys.argv[1:], COLUMNS)

@@ -29,7 +29,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import BenchContext, Case, autograd_step, competitors, run_cases, run_standalone
+from bench.common import (BANDWIDTH_COLUMNS, BenchContext, competitors, module_runner, residual_norm_bytes,
+                          residual_norm_cases, run_standalone, with_unfused_residual)
 from gpt_kernels.layernorm import layernorm
 
 OP = "layernorm"
@@ -53,31 +54,14 @@ def _liger_layer_norm():
     """Liger-Kernel's LayerNorm (no residual); ImportError when it is not installed."""
     from liger_kernel.ops.layer_norm import LigerLayerNormFunction
 
-    def liger(x, weight, bias, eps=EPS, residual=None):
-        if residual is not None:
-            x = x + residual
-            return LigerLayerNormFunction.apply(x, weight, bias, eps), x
-        return LigerLayerNormFunction.apply(x, weight, bias, eps)
-
-    return liger
+    return with_unfused_residual(LigerLayerNormFunction.apply)
 
 
 def bytes_moved(pass_: str, n_rows: int, n_cols: int, dtypes, with_residual: bool) -> int:
-    x_dtype, residual_dtype, param_dtype = dtypes
-    stream_size = (torch.promote_types(x_dtype, residual_dtype) if with_residual else x_dtype).itemsize
-    x_size, residual_size = x_dtype.itemsize, residual_dtype.itemsize
-    m, params = n_rows * n_cols, n_cols * param_dtype.itemsize
-    if with_residual:
-        forward = m * (x_size + residual_size + 2 * stream_size) + 2 * params
-        dresidual = residual_size if residual_dtype != x_dtype else 0
-        backward = m * (3 * stream_size + x_size + dresidual) + 3 * params
-    else:
-        forward = m * 2 * x_size + 2 * params
-        backward = m * 3 * x_size + 3 * params
-    return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[pass_]
+    return residual_norm_bytes(pass_, n_rows, n_cols, dtypes, with_residual, n_params=2)
 
 
-def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[str]]:
+def implementations(ctx: BenchContext, with_residual: bool = False) -> tuple[dict, list[str]]:
     # Liger's LayerNorm has no fused residual: it competes on the plain case only.
     installed = {} if with_residual else {"liger": _liger_layer_norm}
     return competitors(ctx, eager_layer_norm, layernorm, installed)
@@ -85,45 +69,14 @@ def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[
 
 def cases(ctx: BenchContext):
     shapes = QUICK_SHAPES if ctx.quick else ctx.gpu_cases(GPU_SHAPES)
-    for n_rows, n_cols in shapes:
-        for dtypes in QUICK_DTYPES if ctx.quick else GPU_DTYPES:
-            x_dtype, residual_dtype, param_dtype = dtypes
-            dtype_name = str(x_dtype).replace("torch.", "") + ("" if len(set(dtypes)) == 1 else "+fp32")
-            for with_residual in (False, True):
-                if not with_residual and len(set(dtypes)) > 1:
-                    continue  # the mixed case exists only with the residual stream
-
-                def randn(*shape, dtype, requires_grad=True):
-                    return torch.randn(shape, device=ctx.device, dtype=dtype, requires_grad=requires_grad)
-
-                x, weight, bias = randn(n_rows, n_cols, dtype=x_dtype), randn(n_cols, dtype=param_dtype), \
-                    randn(n_cols, dtype=param_dtype)
-                residual = randn(n_rows, n_cols, dtype=residual_dtype) if with_residual else None
-                stream_dtype = torch.promote_types(x_dtype, residual_dtype) if with_residual else x_dtype
-                grads = [randn(n_rows, n_cols, dtype=stream_dtype, requires_grad=False)
-                         for _ in range(2 if with_residual else 1)]
-                leaves = [t for t in (x, residual, weight, bias) if t is not None]
-
-                def step(pass_, fn, x=x, residual=residual, weight=weight, bias=bias, grads=grads, leaves=leaves):
-                    def forward():
-                        out = fn(x, weight, bias, EPS, residual=residual)
-                        return list(out) if isinstance(out, tuple) else [out]
-                    return autograd_step(pass_, forward, leaves, grads)
-
-                yield Case(
-                    name=f"({n_rows}, {n_cols})" + (" +residual" if with_residual else ""), dtype=dtype_name,
-                    impls=implementations(ctx, with_residual)[0], step=step,
-                    bytes_moved=lambda pass_, n_rows=n_rows, n_cols=n_cols, dtypes=dtypes, r=with_residual: bytes_moved(
-                        pass_, n_rows, n_cols, dtypes, r),
-                )
+    dtypes = QUICK_DTYPES if ctx.quick else GPU_DTYPES
+    return residual_norm_cases(ctx, shapes, dtypes, 2, EPS, implementations)
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    return run_cases(ctx, OP, cases(ctx), implementations(ctx, False)[1])
+run = module_runner(__name__)
 
 
-COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager",
-           "speedup_vs_compile", "first_call_s", "error"]
+COLUMNS = BANDWIDTH_COLUMNS
 
 if __name__ == "__main__":
     run_standalone(run, sys.argv[1:], COLUMNS)

@@ -23,7 +23,8 @@ import sys
 
 import torch
 
-from bench.common import BenchContext, Case, autograd_step, competitors, run_cases, run_standalone
+from bench.common import (BANDWIDTH_COLUMNS, BenchContext, competitors, module_runner, residual_norm_bytes,
+                          residual_norm_cases, run_standalone, with_unfused_residual)
 from gpt_kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
 OP = "rmsnorm"
@@ -44,31 +45,14 @@ def _liger_rmsnorm():
     """Liger-Kernel's RMSNorm (no residual, Llama's casting); ImportError when it is not installed."""
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
-    def liger(x, weight, eps=EPS, residual=None):
-        if residual is not None:
-            x = x + residual
-            return LigerRMSNormFunction.apply(x, weight, eps), x
-        return LigerRMSNormFunction.apply(x, weight, eps)
-
-    return liger
+    return with_unfused_residual(LigerRMSNormFunction.apply)
 
 
 def bytes_moved(pass_: str, n_rows: int, n_cols: int, dtypes, with_residual: bool) -> int:
-    x_dtype, residual_dtype, weight_dtype = dtypes
-    stream_size = (torch.promote_types(x_dtype, residual_dtype) if with_residual else x_dtype).itemsize
-    x_size, residual_size = x_dtype.itemsize, residual_dtype.itemsize
-    m, weight = n_rows * n_cols, n_cols * weight_dtype.itemsize
-    if with_residual:
-        forward = m * (x_size + residual_size + 2 * stream_size) + weight
-        dresidual = residual_size if residual_dtype != x_dtype else 0
-        backward = m * (3 * stream_size + x_size + dresidual) + 2 * weight
-    else:
-        forward = m * 2 * x_size + weight
-        backward = m * 3 * x_size + 2 * weight
-    return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[pass_]
+    return residual_norm_bytes(pass_, n_rows, n_cols, dtypes, with_residual, n_params=1)
 
 
-def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[str]]:
+def implementations(ctx: BenchContext, with_residual: bool = False) -> tuple[dict, list[str]]:
     # Liger's RMSNorm has no fused residual: it competes on the plain case only.
     installed = {} if with_residual else {"liger": _liger_rmsnorm}
     return competitors(ctx, eager_rmsnorm, rmsnorm, installed)
@@ -76,44 +60,14 @@ def implementations(ctx: BenchContext, with_residual: bool) -> tuple[dict, list[
 
 def cases(ctx: BenchContext):
     shapes = QUICK_SHAPES if ctx.quick else ctx.gpu_cases(GPU_SHAPES)
-    for n_rows, n_cols in shapes:
-        for dtypes in QUICK_DTYPES if ctx.quick else GPU_DTYPES:
-            x_dtype, residual_dtype, weight_dtype = dtypes
-            dtype_name = str(x_dtype).replace("torch.", "") + ("" if len(set(dtypes)) == 1 else "+fp32")
-            for with_residual in (False, True):
-                if not with_residual and len(set(dtypes)) > 1:
-                    continue  # the mixed case exists only with the residual stream
-
-                def randn(*shape, dtype, requires_grad=True):
-                    return torch.randn(shape, device=ctx.device, dtype=dtype, requires_grad=requires_grad)
-
-                x, weight = randn(n_rows, n_cols, dtype=x_dtype), randn(n_cols, dtype=weight_dtype)
-                residual = randn(n_rows, n_cols, dtype=residual_dtype) if with_residual else None
-                stream_dtype = torch.promote_types(x_dtype, residual_dtype) if with_residual else x_dtype
-                grads = [randn(n_rows, n_cols, dtype=stream_dtype, requires_grad=False)
-                         for _ in range(2 if with_residual else 1)]
-                leaves = [t for t in (x, residual, weight) if t is not None]
-
-                def step(pass_, fn, x=x, residual=residual, weight=weight, grads=grads, leaves=leaves):
-                    def forward():
-                        out = fn(x, weight, EPS, residual=residual)
-                        return list(out) if isinstance(out, tuple) else [out]
-                    return autograd_step(pass_, forward, leaves, grads)
-
-                yield Case(
-                    name=f"({n_rows}, {n_cols})" + (" +residual" if with_residual else ""), dtype=dtype_name,
-                    impls=implementations(ctx, with_residual)[0], step=step,
-                    bytes_moved=lambda pass_, n_rows=n_rows, n_cols=n_cols, dtypes=dtypes, r=with_residual: bytes_moved(
-                        pass_, n_rows, n_cols, dtypes, r),
-                )
+    dtypes = QUICK_DTYPES if ctx.quick else GPU_DTYPES
+    return residual_norm_cases(ctx, shapes, dtypes, 1, EPS, implementations)
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    return run_cases(ctx, OP, cases(ctx), implementations(ctx, False)[1])
+run = module_runner(__name__)
 
 
-COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager",
-           "speedup_vs_compile", "first_call_s", "error"]
+COLUMNS = BANDWIDTH_COLUMNS
 
 if __name__ == "__main__":
     run_standalone(run, sys.argv[1:], COLUMNS)

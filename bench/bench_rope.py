@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-from bench.common import BenchContext, Case, autograd_step, competitors, run_cases, run_standalone
+from bench.common import (BANDWIDTH_COLUMNS, BenchContext, Case, autograd_step, competitors, module_runner,
+                          run_standalone)
 from gpt_kernels.rope import rope, rope_reference, rope_table
 
 OP = "rope"
@@ -75,12 +76,10 @@ def cases(ctx: BenchContext):
             )
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    return run_cases(ctx, OP, cases(ctx), implementations(ctx)[1])
+run = module_runner(__name__)
 
 
-COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw", "speedup_vs_eager",
-           "speedup_vs_compile", "first_call_s", "error"]
+COLUMNS = BANDWIDTH_COLUMNS
 
 if __name__ == "__main__":
     run_standalone(run, sys.argv[1:], COLUMNS)

@@ -32,6 +32,10 @@ if _main_spec is not None and _main_spec.name.startswith("bench.bench_") and not
 
 PASSES = ("forward", "backward", "forward+backward")
 
+# The table columns of a memory-bound op timed against eager PyTorch and torch.compile (GB/s rows).
+BANDWIDTH_COLUMNS = ["case", "dtype", "pass", "impl", "median_ms", "gb_per_s", "fraction_of_copy_bw",
+                     "speedup_vs_eager", "speedup_vs_compile", "first_call_s", "error"]
+
 # The status of an op module or an end-to-end configuration while it runs, as a run saves its results
 # as it goes: one killed there (e.g. by a time limit) leaves it so in its results.json.
 UNFINISHED = "unfinished"
@@ -357,3 +361,76 @@ def module_runner(module_name: str) -> Callable[[BenchContext], list[dict]]:
         module = sys.modules[module_name]
         return run_cases(ctx, module.OP, module.cases(ctx), module.implementations(ctx)[1])
     return run
+
+
+def with_unfused_residual(norm: Callable) -> Callable:
+    """A competitor's row norm without a fused residual, ``norm(x, *params, eps)``, called as the fused
+    ones are: ``fn(x, *params, eps, residual=None)`` adds the residual first (one more full pass) and
+    then returns (y, the stream)."""
+    def fn(x, *params_and_eps, residual=None):
+        if residual is None:
+            return norm(x, *params_and_eps)
+        stream = x + residual
+        return norm(stream, *params_and_eps), stream
+    return fn
+
+
+def residual_norm_bytes(pass_: str, n_rows: int, n_cols: int, dtypes, with_residual: bool, n_params: int) -> int:
+    """The fewest bytes a row norm with an optional fused residual must move (LayerNorm, RMSNorm).
+
+    ``dtypes`` is (x, residual/stream, parameter) dtype; ``n_params`` the width-sized parameters
+    (weight and bias: 2; weight alone: 1). M = rows·width elements; per-row statistics are left out.
+    Forward reads x (and the residual), writes y (and the stream) and reads the parameters; backward
+    reads dy and the normalized stream (and the stream's own gradient), writes dx (and dresidual when
+    its dtype differs from dx's), reads the weight and writes every parameter's gradient."""
+    x_dtype, residual_dtype, param_dtype = dtypes
+    stream_size = (torch.promote_types(x_dtype, residual_dtype) if with_residual else x_dtype).itemsize
+    x_size, residual_size = x_dtype.itemsize, residual_dtype.itemsize
+    m, params = n_rows * n_cols, n_cols * param_dtype.itemsize
+    if with_residual:
+        forward = m * (x_size + residual_size + 2 * stream_size) + n_params * params
+        dresidual = residual_size if residual_dtype != x_dtype else 0
+        backward = m * (3 * stream_size + x_size + dresidual) + (n_params + 1) * params
+    else:
+        forward = m * 2 * x_size + n_params * params
+        backward = m * 3 * x_size + (n_params + 1) * params
+    return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[pass_]
+
+
+def residual_norm_cases(ctx: BenchContext, shapes, dtype_triples, n_params: int, eps: float,
+                        implementations: Callable[[BenchContext, bool], tuple[dict, list[str]]]):
+    """The cases of a row norm with an optional fused residual (LayerNorm, RMSNorm): every (rows, width)
+    of ``shapes`` in every (x, residual/stream, parameter) dtype triple, plain and with the residual
+    (a mixed triple only with it). Implementations are called ``fn(x, *params, eps, residual=...)``
+    with ``n_params`` width-sized parameters; ``implementations(ctx, with_residual)`` picks them."""
+    for n_rows, n_cols in shapes:
+        for dtypes in dtype_triples:
+            x_dtype, residual_dtype, param_dtype = dtypes
+            dtype_name = str(x_dtype).replace("torch.", "") + ("" if len(set(dtypes)) == 1 else "+fp32")
+            for with_residual in (False, True):
+                if not with_residual and len(set(dtypes)) > 1:
+                    continue  # the mixed case exists only with the residual stream
+
+                def randn(*shape, dtype, requires_grad=True):
+                    return torch.randn(shape, device=ctx.device, dtype=dtype, requires_grad=requires_grad)
+
+                x = randn(n_rows, n_cols, dtype=x_dtype)
+                params = [randn(n_cols, dtype=param_dtype) for _ in range(n_params)]
+                residual = randn(n_rows, n_cols, dtype=residual_dtype) if with_residual else None
+                stream_dtype = torch.promote_types(x_dtype, residual_dtype) if with_residual else x_dtype
+                grads = [randn(n_rows, n_cols, dtype=stream_dtype, requires_grad=False)
+                         for _ in range(2 if with_residual else 1)]
+                leaves = [t for t in (x, residual, *params) if t is not None]
+
+                def step(pass_, fn, x=x, residual=residual, params=params, grads=grads, leaves=leaves):
+                    def forward():
+                        out = fn(x, *params, eps, residual=residual)
+                        return list(out) if isinstance(out, tuple) else [out]
+                    return autograd_step(pass_, forward, leaves, grads)
+
+                yield Case(
+                    name=f"({n_rows}, {n_cols})" + (" +residual" if with_residual else ""), dtype=dtype_name,
+                    impls=implementations(ctx, with_residual)[0], step=step,
+                    bytes_moved=lambda pass_, n_rows=n_rows, n_cols=n_cols, dtypes=dtypes, r=with_residual:
+                        residual_norm_bytes(pass_, n_rows, n_cols, dtypes, r, n_params),
+                )

@@ -141,17 +141,16 @@ class AttentionConfig:
 # are much smaller (forward D128 fits only 32×16). Head dims between two entries run on the larger
 # one's kernels, masked along D.
 _HALF_TILES = {
-    16: AttentionConfig(forward=Tile(128, 128, 8, 3), dkdv=Tile(64, 64, 4, 3), dq=Tile(128, 64, 8, 3)),
-    32: AttentionConfig(forward=Tile(128, 128, 8, 3), dkdv=Tile(64, 64, 4, 3), dq=Tile(128, 64, 8, 3)),
-    64: AttentionConfig(forward=Tile(128, 128, 8, 3), dkdv=Tile(64, 64, 4, 3), dq=Tile(128, 64, 8, 3)),
+    # D16, D32 and D64 take the same tiles.
+    **dict.fromkeys((16, 32, 64), AttentionConfig(forward=Tile(128, 128, 8, 3), dkdv=Tile(64, 64, 4, 3),
+                                                  dq=Tile(128, 64, 8, 3))),
     128: AttentionConfig(forward=Tile(128, 128, 8, 2), dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
     # D256 (and 129-255 masked up to it): fp32 accumulators of 256 columns need half-height tiles.
     256: AttentionConfig(forward=Tile(64, 32, 4, 2), dkdv=Tile(16, 32, 8, 2), dq=Tile(64, 32, 8, 2)),
 }
 _FP32_TILES = {
-    16: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
-    32: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
-    64: AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3), dq=Tile(64, 32, 8, 3)),
+    **dict.fromkeys((16, 32, 64), AttentionConfig(forward=Tile(64, 32, 8, 3), dkdv=Tile(16, 64, 8, 3),
+                                                  dq=Tile(64, 32, 8, 3))),
     128: AttentionConfig(forward=Tile(32, 16, 8, 3), dkdv=Tile(16, 32, 8, 3), dq=Tile(64, 16, 8, 3)),
     256: AttentionConfig(forward=Tile(16, 16, 8, 2), dkdv=Tile(16, 16, 8, 2), dq=Tile(16, 16, 8, 2)),
 }
@@ -548,33 +547,26 @@ def _attention_backward_dq_kernel(
 # first training step pays for all of them; Triton caches the winners on disk for later runs. Every
 # kernel overwrites its outputs without reading them (no accumulation, no atomics), so the
 # autotuner's repeated benchmark launches need no reset_to_zero or restore_value.
-def _configs(*candidates):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+def _autotuned(kernel, key, candidates):
+    """``kernel`` autotuned over ``candidates``, (BLOCK_M, BLOCK_N, num_warps, num_stages) each."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+    return triton.autotune(configs, key=key, cache_results=True)(kernel)
 
 
 _TUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
-_forward_autotuned = triton.autotune(
-    _configs(
-        # No 8-warp tile under 128×128 scores (the Triton tutorial's `keep` rule for Hopper).
-        (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3),
-        (128, 64, 4, 4), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-    ),
-    key=_TUNE_KEY, cache_results=True,
-)(_attention_forward_kernel)
-_dkdv_autotuned = triton.autotune(
-    _configs(
-        (32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 4, 3), (64, 128, 8, 3),
-        (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3),
-    ),
-    key=_TUNE_KEY + ["GROUP"], cache_results=True,
-)(_attention_backward_dkdv_kernel)
-_dq_autotuned = triton.autotune(
-    _configs(
-        (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 32, 4, 3),
-        (128, 16, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3),
-    ),
-    key=_TUNE_KEY, cache_results=True,
-)(_attention_backward_dq_kernel)
+_forward_autotuned = _autotuned(_attention_forward_kernel, _TUNE_KEY, [
+    # No 8-warp tile under 128×128 scores (the Triton tutorial's `keep` rule for Hopper).
+    (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3),
+    (128, 64, 4, 4), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+])
+_dkdv_autotuned = _autotuned(_attention_backward_dkdv_kernel, _TUNE_KEY + ["GROUP"], [
+    (32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 4, 3), (64, 128, 8, 3),
+    (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3),
+])
+_dq_autotuned = _autotuned(_attention_backward_dq_kernel, _TUNE_KEY, [
+    (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 32, 4, 3),
+    (128, 16, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3),
+])
 
 
 # ----------------------------------------------------------------------------- launchers

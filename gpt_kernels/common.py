@@ -11,6 +11,8 @@ import math
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 from gpt_kernels import registry
 
@@ -86,3 +88,14 @@ def unit_stride(param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The attention kernels take any strides but need the last dimension contiguous: copy only otherwise."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit
+def flat_grid_tile(n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (BLOCK_M rows, BLOCK_N columns) block of an elementwise kernel's flat 1-D grid
+    (CUDA caps grid axes 1 and 2 at 65535): neighbouring programs take neighbouring column blocks of
+    one row tile, so together they stream through memory in order. Returns (rows, cols)."""
+    col_blocks = tl.cdiv(n_cols, BLOCK_N)
+    rows = (tl.program_id(0) // col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(0) % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols

@@ -77,7 +77,9 @@ import triton.language as tl
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from gpt_kernels import registry
-from gpt_kernels.common import FLOAT_DTYPES as SUPPORTED_DTYPES, describe, output_buffer, require_triton
+from gpt_kernels.common import (
+    FLOAT_DTYPES as SUPPORTED_DTYPES, describe, flat_grid_tile, output_buffer, require_triton,
+)
 from gpt_kernels.host import cdiv, next_power_of_2
 
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -242,10 +244,7 @@ def _scale_rows_kernel(
     x_ptr, stride_x_row, scale_ptr, stride_scale, n_rows, n_cols,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # A flat grid (CUDA caps grid axes 1 and 2 at 65535), neighbouring programs on neighbouring columns.
-    col_blocks = tl.cdiv(n_cols, BLOCK_N)
-    rows = (tl.program_id(0) // col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tl.program_id(0) % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = flat_grid_tile(n_cols, BLOCK_M, BLOCK_N)
     row_mask = rows < n_rows
     scale = tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=1.0).to(tl.float32)
     # A factor of exactly 1 (loss.backward()) leaves the tile as it is: skip its read and write.

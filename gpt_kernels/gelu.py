@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
-from gpt_kernels.common import check_same_device, check_tensor, require_triton, rows, unit_stride
+from gpt_kernels.common import check_same_device, check_tensor, flat_grid_tile, require_triton, rows, unit_stride
 from gpt_kernels.host import cdiv, next_power_of_2
 
 
@@ -83,11 +83,7 @@ def _gelu_forward_kernel(
     n_rows, n_cols, stride_x_row, stride_y_row,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # A flat grid (CUDA caps grid axes 1 and 2 at 65535); neighbouring programs take neighbouring
-    # column blocks of one row tile, so together they stream through memory in order.
-    col_blocks = tl.cdiv(n_cols, BLOCK_N)
-    rows = (tl.program_id(0) // col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tl.program_id(0) % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = flat_grid_tile(n_cols, BLOCK_M, BLOCK_N)
     col_mask = cols < n_cols
     mask = (rows[:, None] < n_rows) & col_mask[None, :]
     rows64 = rows.to(tl.int64)  # rows·stride can pass 2^31 on large activations

@@ -86,12 +86,13 @@ SUM_BLOCK_P, SUM_BLOCK_N = 64, 32
 
 
 @triton.jit
-def _layer_norm_forward_kernel(
-    x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, stream_ptr, mean_ptr, rstd_ptr,
-    n_rows, n_cols, stride_x_row, stride_residual_row, stride_y_row, stride_stream_row, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _load_stream_tile(
+    x_ptr, residual_ptr, stream_ptr, n_rows, n_cols, stride_x_row, stride_residual_row, stride_stream_row,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """A norm forward's first step (LayerNorm and RMSNorm): this program's (BLOCK_M, BLOCK_N) tile of
+    ``x`` in fp32, with the residual added and the stream stored (rounded to its dtype, as it is
+    normalized so) when there is one. Returns the tile and its indices and masks."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -105,6 +106,49 @@ def _layer_norm_forward_kernel(
         stream = x.to(stream_ptr.dtype.element_ty)
         tl.store(stream_ptr + rows64 * stride_stream_row + cols[None, :], stream, mask=mask)
         x = stream.to(tl.float32)  # normalize what was stored: the backward reads it back
+    return x, rows, cols, row_mask, col_mask, mask, rows64
+
+
+@triton.jit
+def _load_backward_tile(tile, stream_ptr, dy_ptr, n_rows, cols, col_mask, stride_stream_row, stride_dy_row,
+                        BLOCK_M: tl.constexpr):
+    """A norm backward's row tile ``tile`` (LayerNorm and RMSNorm): the normalized stream and ``dy`` in
+    fp32, with the tile's row indices and masks."""
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(stream_ptr + rows64 * stride_stream_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x, dy, rows, row_mask, mask, rows64
+
+
+@triton.jit
+def _store_stream_grad(
+    dx, dstream_ptr, dx_ptr, dresidual_ptr, rows64, cols, mask, stride_dstream_row, stride_dx_row,
+    stride_dresidual_row, HAS_DSTREAM: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
+):
+    """A norm backward's last step for one tile (LayerNorm and RMSNorm): add the gradient reaching the
+    stream output directly to ``dx`` (fp32), store it as dx and, in its own dtype, as dresidual."""
+    if HAS_DSTREAM:
+        dstream = tl.load(dstream_ptr + rows64 * stride_dstream_row + cols[None, :], mask=mask, other=0.0)
+        dx += dstream.to(tl.float32)
+    tl.store(dx_ptr + rows64 * stride_dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DRESIDUAL:
+        tl.store(dresidual_ptr + rows64 * stride_dresidual_row + cols[None, :],
+                 dx.to(dresidual_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_forward_kernel(
+    x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, stream_ptr, mean_ptr, rstd_ptr,
+    n_rows, n_cols, stride_x_row, stride_residual_row, stride_y_row, stride_stream_row, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    x, rows, cols, row_mask, col_mask, mask, rows64 = _load_stream_tile(
+        x_ptr, residual_ptr, stream_ptr, n_rows, n_cols, stride_x_row, stride_residual_row, stride_stream_row,
+        HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
     mean = tl.sum(x, axis=1) / n_cols
     centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -137,12 +181,8 @@ def _layer_norm_backward_kernel(
     # Program p takes tiles p, p + P, p + 2P, ...: neighbouring programs read neighbouring rows. The
     # loop is software-pipelined (cp.async on sm_90): the next tile's rows load while this one computes.
     for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0), num_stages=NUM_STAGES):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
-        mask = row_mask[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(stream_ptr + rows64 * stride_stream_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, dy, rows, row_mask, mask, rows64 = _load_backward_tile(
+            tile, stream_ptr, dy_ptr, n_rows, cols, col_mask, stride_stream_row, stride_dy_row, BLOCK_M)
         mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
 
@@ -154,13 +194,8 @@ def _layer_norm_backward_kernel(
         mean_dx_hat = tl.sum(dx_hat, axis=1) / n_cols
         mean_x_hat_dx_hat = tl.sum(x_hat * dx_hat, axis=1) / n_cols
         dx = (dx_hat - mean_dx_hat[:, None] - x_hat * mean_x_hat_dx_hat[:, None]) * rstd[:, None]
-        if HAS_DSTREAM:
-            dstream = tl.load(dstream_ptr + rows64 * stride_dstream_row + cols[None, :], mask=mask, other=0.0)
-            dx += dstream.to(tl.float32)
-        tl.store(dx_ptr + rows64 * stride_dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if WRITE_DRESIDUAL:
-            tl.store(dresidual_ptr + rows64 * stride_dresidual_row + cols[None, :],
-                     dx.to(dresidual_ptr.dtype.element_ty), mask=mask)
+        _store_stream_grad(dx, dstream_ptr, dx_ptr, dresidual_ptr, rows64, cols, mask,
+                           stride_dstream_row, stride_dx_row, stride_dresidual_row, HAS_DSTREAM, WRITE_DRESIDUAL)
         # Summed over the tile's rows now, so the accumulators stay one row high (at GPT-2 widths a
         # tile's rows sit in the same thread's registers: the sum needs no shuffles).
         if HAS_WEIGHT:
@@ -269,6 +304,35 @@ def _max_backward_programs(device: torch.device) -> int:
     return INTERPRETER_BACKWARD_PROGRAMS
 
 
+def _forward_rows(x, residual, out, stream):
+    """A norm forward's tensors as (rows, width) views (LayerNorm and RMSNorm): x, residual, y, stream;
+    a missing residual or stream is given another tensor's view, a pointer the kernel never reads."""
+    n_cols = x.shape[-1]
+    x2, y2 = rows(x, n_cols), out.view(-1, n_cols)
+    residual2 = rows(residual, n_cols) if residual is not None else x2
+    stream2 = stream.view(-1, n_cols) if stream is not None else y2
+    return x2, residual2, y2, stream2
+
+
+def _backward_rows(stream, dy, dstream, dx, dresidual):
+    """A norm backward's tensors as (rows, width) views (LayerNorm and RMSNorm): stream, dy, dstream,
+    dx, dresidual; a missing dstream or dresidual is given another tensor's view, never read."""
+    n_cols = stream.shape[-1]
+    stream2, dy2, dx2 = rows(stream, n_cols), rows(dy, n_cols), dx.view(-1, n_cols)
+    dstream2 = rows(dstream, n_cols) if dstream is not None else dy2
+    dresidual2 = dresidual.view(-1, n_cols) if dresidual is not None else dx2
+    return stream2, dy2, dstream2, dx2, dresidual2
+
+
+def _backward_grid(n_rows: int, n_cols: int, has_params: bool, device: torch.device) -> tuple[int, int, int, int]:
+    """A norm backward's tile (block_m, block_n, num_warps) and number of programs (LayerNorm and
+    RMSNorm). Without parameters there is nothing to reduce across rows: one tile per program."""
+    block_m, block_n, num_warps = _tile(n_rows, n_cols, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS)
+    n_tiles = cdiv(n_rows, block_m)
+    n_programs = min(n_tiles, _max_backward_programs(device)) if has_params else n_tiles
+    return block_m, block_n, num_warps, n_programs
+
+
 def layernorm_forward(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -290,11 +354,8 @@ def layernorm_forward(
     if x.numel() == 0:
         return out, stream, mean, rstd
 
-    n_cols = x.shape[-1]
-    x2, y2 = rows(x, n_cols), out.view(-1, n_cols)
-    residual2 = rows(residual, n_cols) if residual is not None else x2
-    stream2 = stream.view(-1, n_cols) if stream is not None else y2
-    n_rows = x2.shape[0]
+    x2, residual2, y2, stream2 = _forward_rows(x, residual, out, stream)
+    n_rows, n_cols = x2.shape
     block_m, block_n, num_warps = _tile(n_rows, n_cols, FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS)
     _layer_norm_forward_kernel[(cdiv(n_rows, block_m),)](
         x2, residual2, weight if weight is not None else x2, bias if bias is not None else x2,
@@ -352,14 +413,9 @@ def layernorm_backward(
         zeros = [torch.zeros_like(p) if p is not None else None for p in (weight, bias)]
         return dx, dresidual, *zeros
 
-    stream2, dy2, dx2 = rows(stream, n_cols), rows(dy, n_cols), dx.view(-1, n_cols)
-    dstream2 = rows(dstream, n_cols) if dstream is not None else dy2
-    dresidual2 = dresidual.view(-1, n_cols) if dresidual is not None else dx2
+    stream2, dy2, dstream2, dx2, dresidual2 = _backward_rows(stream, dy, dstream, dx, dresidual)
     n_rows = stream2.shape[0]
-    block_m, block_n, num_warps = _tile(n_rows, n_cols, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS)
-    n_tiles = cdiv(n_rows, block_m)
-    # Without parameters there is nothing to reduce across rows: one tile per program.
-    n_programs = min(n_tiles, _max_backward_programs(stream.device)) if n_params else n_tiles
+    block_m, block_n, num_warps, n_programs = _backward_grid(n_rows, n_cols, n_params > 0, stream.device)
     partial = dx2  # a placeholder pointer when there is nothing to reduce
     if n_params:
         partial = torch.empty((n_programs, n_params, n_cols), dtype=torch.float32, device=stream.device)

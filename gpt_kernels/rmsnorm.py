@@ -44,12 +44,13 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
-from gpt_kernels.common import FLOAT_DTYPES, check_same_device, describe, require_triton, rows, unit_stride
+from gpt_kernels.common import FLOAT_DTYPES, check_same_device, describe, require_triton, unit_stride
 from gpt_kernels.host import cdiv
 from gpt_kernels.layernorm import (
-    BACKWARD_PROGRAMS_PER_SM, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS, FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS, MAX_WIDTH,
-    SUM_BLOCK_N, SUM_BLOCK_P, _max_backward_programs, _sum_partials_kernel, _tile, backward_stages, output_dtype,
-    stream_dtype,
+    BACKWARD_PROGRAMS_PER_SM, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS, FORWARD_TILE_ELEMENTS,
+    FORWARD_WARP_ELEMENTS, MAX_WIDTH, SUM_BLOCK_N, SUM_BLOCK_P, _backward_grid, _backward_rows, _forward_rows,
+    _load_backward_tile, _load_stream_tile, _store_stream_grad, _sum_partials_kernel, _tile, backward_stages,
+    output_dtype, stream_dtype,
 )
 
 
@@ -59,19 +60,9 @@ def _rms_norm_forward_kernel(
     n_rows, n_cols, stride_x_row, stride_residual_row, stride_y_row, stride_stream_row, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    col_mask = cols < n_cols
-    mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)[:, None]  # rows·stride can pass 2^31 on large activations
-
-    x = tl.load(x_ptr + rows64 * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        x += tl.load(residual_ptr + rows64 * stride_residual_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        stream = x.to(stream_ptr.dtype.element_ty)
-        tl.store(stream_ptr + rows64 * stride_stream_row + cols[None, :], stream, mask=mask)
-        x = stream.to(tl.float32)  # normalize what was stored: the backward reads it back
+    x, rows, cols, row_mask, col_mask, mask, rows64 = _load_stream_tile(
+        x_ptr, residual_ptr, stream_ptr, n_rows, n_cols, stride_x_row, stride_residual_row, stride_stream_row,
+        HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     y = x * rstd[:, None]
@@ -96,12 +87,8 @@ def _rms_norm_backward_kernel(
 
     # Program p takes tiles p, p + P, p + 2P, ... (as the LayerNorm backward), software-pipelined.
     for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0), num_stages=NUM_STAGES):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
-        mask = row_mask[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(stream_ptr + rows64 * stride_stream_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, dy, rows, row_mask, mask, rows64 = _load_backward_tile(
+            tile, stream_ptr, dy_ptr, n_rows, cols, col_mask, stride_stream_row, stride_dy_row, BLOCK_M)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
 
         x_hat = x * rstd[:, None]  # 0 outside the mask, as x is
@@ -111,13 +98,8 @@ def _rms_norm_backward_kernel(
         # d x̂_j / d x_i = rstd·(δ_ij - x̂_i·x̂_j/N): one row mean.
         mean_x_hat_dx_hat = tl.sum(x_hat * dx_hat, axis=1) / n_cols
         dx = (dx_hat - x_hat * mean_x_hat_dx_hat[:, None]) * rstd[:, None]
-        if HAS_DSTREAM:
-            dstream = tl.load(dstream_ptr + rows64 * stride_dstream_row + cols[None, :], mask=mask, other=0.0)
-            dx += dstream.to(tl.float32)
-        tl.store(dx_ptr + rows64 * stride_dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if WRITE_DRESIDUAL:
-            tl.store(dresidual_ptr + rows64 * stride_dresidual_row + cols[None, :],
-                     dx.to(dresidual_ptr.dtype.element_ty), mask=mask)
+        _store_stream_grad(dx, dstream_ptr, dx_ptr, dresidual_ptr, rows64, cols, mask,
+                           stride_dstream_row, stride_dx_row, stride_dresidual_row, HAS_DSTREAM, WRITE_DRESIDUAL)
         if HAS_WEIGHT:
             dweight_acc += tl.sum(dy * x_hat, axis=0)
 
@@ -181,11 +163,8 @@ def rmsnorm_forward(
     if x.numel() == 0:
         return out, stream, rstd
 
-    n_cols = x.shape[-1]
-    x2, y2 = rows(x, n_cols), out.view(-1, n_cols)
-    residual2 = rows(residual, n_cols) if residual is not None else x2
-    stream2 = stream.view(-1, n_cols) if stream is not None else y2
-    n_rows = x2.shape[0]
+    x2, residual2, y2, stream2 = _forward_rows(x, residual, out, stream)
+    n_rows, n_cols = x2.shape
     block_m, block_n, num_warps = _tile(n_rows, n_cols, FORWARD_TILE_ELEMENTS, FORWARD_WARP_ELEMENTS)
     _rms_norm_forward_kernel[(cdiv(n_rows, block_m),)](
         x2, residual2, weight if weight is not None else x2, y2, stream2, rstd,
@@ -235,14 +214,9 @@ def rmsnorm_backward(
         return dx, dresidual, torch.zeros_like(weight) if weight is not None else None
 
     n_cols = stream.shape[-1]
-    stream2, dy2, dx2 = rows(stream, n_cols), rows(dy, n_cols), dx.view(-1, n_cols)
-    dstream2 = rows(dstream, n_cols) if dstream is not None else dy2
-    dresidual2 = dresidual.view(-1, n_cols) if dresidual is not None else dx2
+    stream2, dy2, dstream2, dx2, dresidual2 = _backward_rows(stream, dy, dstream, dx, dresidual)
     n_rows = stream2.shape[0]
-    block_m, block_n, num_warps = _tile(n_rows, n_cols, BACKWARD_TILE_ELEMENTS, BACKWARD_WARP_ELEMENTS)
-    n_tiles = cdiv(n_rows, block_m)
-    # Without a weight there is nothing to reduce across rows: one tile per program.
-    n_programs = min(n_tiles, _max_backward_programs(stream.device)) if weight is not None else n_tiles
+    block_m, block_n, num_warps, n_programs = _backward_grid(n_rows, n_cols, weight is not None, stream.device)
     partial = dx2  # a placeholder pointer when there is nothing to reduce
     if weight is not None:
         partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=stream.device)

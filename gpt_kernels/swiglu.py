@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from gpt_kernels import registry
-from gpt_kernels.common import check_tensor, describe, require_triton, rows
+from gpt_kernels.common import check_tensor, describe, flat_grid_tile, require_triton, rows
 from gpt_kernels.host import cdiv, next_power_of_2
 
 # Tile: up to BLOCK_N hidden columns (1024 bytes of bf16 per half-row) by as many rows as make
@@ -56,11 +56,7 @@ def _swiglu_forward_kernel(
     gate_up_ptr, y_ptr, n_rows, hidden, stride_in_row, stride_y_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # A flat grid (CUDA caps grid axes 1 and 2 at 65535): neighbouring programs take neighbouring
-    # column blocks of one row tile.
-    col_blocks = tl.cdiv(hidden, BLOCK_N)
-    rows = (tl.program_id(0) // col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tl.program_id(0) % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = flat_grid_tile(hidden, BLOCK_M, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < hidden)
     rows64 = rows.to(tl.int64)[:, None]  # rows·stride can pass 2^31 on large activations
 
@@ -76,9 +72,7 @@ def _swiglu_backward_kernel(
     dy_ptr, gate_up_ptr, dgate_up_ptr, n_rows, hidden, stride_dy_row, stride_in_row, stride_dgate_up_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    col_blocks = tl.cdiv(hidden, BLOCK_N)
-    rows = (tl.program_id(0) // col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tl.program_id(0) % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = flat_grid_tile(hidden, BLOCK_M, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < hidden)
     rows64 = rows.to(tl.int64)[:, None]
 

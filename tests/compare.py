@@ -36,3 +36,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     tol = RTOL[dtype] * factor
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e} ({dtype})"
 
+
+def save_perturbed_hf_model(hf, folder, scale: float, only: str = ""):
+    """Add ``scale``·N(0, 1) to every parameter of the transformers model ``hf`` whose name contains
+    ``only`` (so LayerNorm/RMSNorm gains and biases are not their trivial init), then save it into
+    ``folder`` with save_pretrained. Returns (folder, hf), as the parity fixtures hand them on."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if only in name:
+                p.add_(scale * torch.randn_like(p))
+    hf.save_pretrained(folder)
+    return folder, hf

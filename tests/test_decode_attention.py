@@ -86,15 +86,7 @@ def test_grouped_query_cache_heads(H, kv_heads, dtype, num_splits):
         out = decode_attention_forward(q, k, v, lengths, num_splits=num_splits)
     assert_close(out, expected(ref_inputs, lengths), dtype, "out")
     # The PyTorch backward sums each cache head's gradient over its group.
-    q, k, v, lengths, _ = make_inputs(2, H, 33, 16, [33, 20], torch.float32, kv_heads=kv_heads)
-    k, v = k.nan_to_num(), v.nan_to_num()
-    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    grad = torch.randn_like(q)
-    decode_attention(*inputs, lengths).backward(grad)
-    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    decode_attention_reference(*ref_inputs, lengths).backward(grad.double())
-    for name, mine, ref in zip("qkv", inputs, ref_inputs):
-        assert_close(mine.grad, ref.grad, torch.float32, f"d{name}", factor=DECODE_GRAD_FACTOR)
+    check_backward_matches_reference(H, kv_heads)
 
 
 def test_model_layouts_scale_and_length_edges():
@@ -123,8 +115,9 @@ def test_int32_lengths_and_large_scores():
     assert_close(out, ref, torch.float32, factor=10)
 
 
-def test_backward_matches_reference():
-    q, k, v, lengths, _ = make_inputs(2, 2, 33, 16, [33, 20], torch.float32)
+def check_backward_matches_reference(H, kv_heads=None):
+    """Gradients of q, k, v through decode_attention against the float64 reference's."""
+    q, k, v, lengths, _ = make_inputs(2, H, 33, 16, [33, 20], torch.float32, kv_heads=kv_heads)
     k, v = k.nan_to_num(), v.nan_to_num()
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     grad = torch.randn_like(q)
@@ -133,6 +126,10 @@ def test_backward_matches_reference():
     decode_attention_reference(*ref_inputs, lengths).backward(grad.double())
     for name, mine, ref in zip("qkv", inputs, ref_inputs):
         assert_close(mine.grad, ref.grad, torch.float32, f"d{name}", factor=DECODE_GRAD_FACTOR)
+
+
+def test_backward_matches_reference():
+    check_backward_matches_reference(2)
 
 
 @pytest.mark.gpu_smoke

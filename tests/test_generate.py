@@ -7,6 +7,7 @@ generation is tested in tests/test_decode_attention.py.
 import pytest
 import torch
 
+from compare import save_perturbed_hf_model
 from conftest import DEVICE
 from gpt.checkpoint import save_checkpoint
 from gpt.generate import filter_logits, generate, generate_tokens, load_model, main, sample_next
@@ -105,12 +106,7 @@ def hf_folder(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
     hf = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("hf_gpt2")
-    hf.save_pretrained(folder)
-    return folder, hf
+    return save_perturbed_hf_model(hf, tmp_path_factory.mktemp("hf_gpt2"), 0.05)
 
 
 def test_greedy_matches_transformers_generate(hf_folder):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compare import save_perturbed_hf_model
 from conftest import DEVICE
 from gpt.config import PRESETS, GPTConfig, preset
 from gpt.generate import generate, generate_tokens
@@ -200,13 +201,8 @@ def hf_llama(request, tmp_path_factory):
         tie_word_embeddings=request.param,
     )
     hf = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # RMSNorm gains away from their init of ones
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("hf_llama")
-    hf.save_pretrained(folder)
-    return folder, hf
+    # RMSNorm gains away from their init of ones.
+    return save_perturbed_hf_model(hf, tmp_path_factory.mktemp("hf_llama"), 0.1, only="norm")
 
 
 def test_hf_llama_logits_match_transformers(hf_llama):
