@@ -108,6 +108,14 @@ def test_jsonl_formats(tmp_path, suffix):
         assert manifest["splits"][split]["documents"] == tokens.count(EOT_TOKEN)
 
 
+def test_lone_surrogates_are_tokenized_as_encode_ordinary_does(tmp_path):
+    # JSON's "\ud800" escape gives a string no UTF-8 can hold: tiktoken's encode_ordinary replaces it.
+    texts = ["before \ud800 after", "pair \ud83d\ude42 and lone \udfff"]
+    path = write_jsonl(tmp_path / "surrogates.jsonl", [{"text": t} for t in texts])
+    prepare(path, tmp_path / "out", val_fraction=0.0, workers=1, verbose=False)
+    assert split_stream(tmp_path / "out", "train") == tokens_of(texts)
+
+
 def test_parquet(tmp_path):
     path = tmp_path / "fineweb.parquet"
     pq.write_table(pa.table({"text": DOCS, "score": [0.5] * len(DOCS)}), path, row_group_size=9)

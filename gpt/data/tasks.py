@@ -1,9 +1,10 @@
 """The tasks ``prepare``'s worker processes run: read a slice of one input, tokenize it.
 
 Each task (a few small text files, a chunk of a large one, whole lines of a jsonl file, a parquet row
-group, consecutive Arrow record batches) reads its documents, encodes them with tiktoken's
-``encode_ordinary_batch`` and returns EOT + tokens of each document as one array. A bad record is an
-error naming the input and the record, or, with ``skip_bad_records``, counted and skipped.
+group, consecutive Arrow record batches) reads its documents, encodes each with tiktoken
+(``encode_ordinary``'s tokens, straight into a numpy array) and returns EOT + tokens of each document
+as one array. A bad record is an error naming the input and the record, or, with
+``skip_bad_records``, counted and skipped.
 """
 
 from __future__ import annotations
@@ -233,18 +234,29 @@ class Tokenized:
 def run_task(task, options: ReadOptions) -> Tokenized:
     """Read and tokenize one task (in a worker process, or in this one with one worker)."""
     documents = task.read(options)
-    pieces = get_encoding().encode_ordinary_batch(documents.texts, num_threads=1)
-    lengths = np.array([len(p) + s for p, s in zip(pieces, documents.starts)], dtype=np.int64)
-    tokens = np.empty(int(lengths.sum()), dtype=np.uint16)
-    position = 0
-    for piece, starts in zip(pieces, documents.starts):
+    encoding = get_encoding()
+    eot = np.array([EOT_TOKEN], dtype=np.uint32)
+    parts, lengths = [], np.empty(len(documents.texts), dtype=np.int64)
+    for index, (text, starts) in enumerate(zip(documents.texts, documents.starts)):
         if starts:  # build-nanogpt's layout: EOT starts every document
-            tokens[position] = EOT_TOKEN
-            position += 1
-        tokens[position:position + len(piece)] = piece
-        position += len(piece)
+            parts.append(eot)
+        piece = encode_ordinary_to_numpy(encoding, text)
+        parts.append(piece)
+        lengths[index] = piece.size + starts
+    tokens = np.concatenate(parts, dtype=np.uint16, casting="same_kind") if parts else np.empty(0, np.uint16)
     return Tokenized(tokens, lengths, np.array(documents.val, dtype=bool), np.array(documents.starts, dtype=bool),
                      documents.records, documents.empty, documents.bad, documents.bad_count, peak_rss_mib())
+
+
+def encode_ordinary_to_numpy(encoding, text: str) -> np.ndarray:
+    """``encoding.encode_ordinary(text)`` as a uint32 array, without building a list of Python ints
+    (and one thread, without ``encode_ordinary_batch``'s thread pool): special tokens in the text are
+    ordinary text, since none is allowed and none disallowed."""
+    try:
+        return encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    except UnicodeEncodeError:  # lone surrogates (from JSON's escapes): replaced, as encode_ordinary does
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
 
 def peak_rss_mib() -> float:
