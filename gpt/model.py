@@ -179,8 +179,8 @@ class GPT(nn.Module):
         """Returns ``(logits, loss)``: logits (B, T, vocab_size) and the mean loss over non-ignored targets.
 
         ``fused_loss=True`` (with ``targets``) computes the loss straight from the hidden states with
-        ``ops.linear_cross_entropy`` (lm_head + loss in row chunks): the logits are never materialized
-        and ``logits`` is None. The caller decides, never a kernel switch: the training step asks for it
+        ``ops.linear_cross_entropy`` (lm_head + loss in fused GEMMs: the logits exist only as the op's
+        own compute-dtype buffer) and ``logits`` is None. The caller decides, never a kernel switch: the training step asks for it
         where the fused kernel runs on Triton (``gpt.training.fused_loss_on``).
 
         Generation passes a ``kv_cache`` and gets ``(logits, None)`` with logits (B, vocab_size) of

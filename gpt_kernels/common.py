@@ -92,9 +92,10 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def flat_grid_tile(n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's (BLOCK_M rows, BLOCK_N columns) block of an elementwise kernel's flat 1-D grid
-    (CUDA caps grid axes 1 and 2 at 65535): neighbouring programs take neighbouring column blocks of
-    one row tile, so together they stream through memory in order. Returns (rows, cols)."""
+    """This program's (BLOCK_M rows, BLOCK_N columns) block of an output, over a flat 1-D grid (CUDA
+    caps grid axes 1 and 2 at 65535): neighbouring programs take neighbouring column blocks of one row
+    tile, so together they stream through memory in order (an elementwise kernel), or share the row
+    tile's operand through L2 (a GEMM). Returns (rows, cols)."""
     col_blocks = tl.cdiv(n_cols, BLOCK_N)
     rows = (tl.program_id(0) // col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tl.program_id(0) % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -37,9 +37,7 @@ partition a backward that mutates a saved forward output).
 Where the gradient goes (the rule): the gradient may overwrite the logits only where nothing else
 can read the logits afterwards. Here the logits belong to the caller (the model returns them, the
 user may reuse them), so this op always writes into a buffer of its own, one ``(N, V)`` tensor in
-the logits' dtype (as eager ``F.cross_entropy``'s backward allocates one). The fused
-``linear_cross_entropy`` owns each chunk of logits it computes and does write the gradient over them.
-The backward's scaling is in place on that buffer, which the forward allocated and nothing else holds.
+the logits' dtype (as eager ``F.cross_entropy``'s backward allocates one). The backward's scaling is in place on that buffer, which the forward allocated and nothing else holds.
 
 The mean's ``1/n`` is folded into the forward's gradient so that the common ``loss.backward()`` needs
 no second pass, except for fp16 logits: fp16 cannot hold ``softmax/n`` (about 1e-9 at GPT-2 sizes
@@ -62,7 +60,8 @@ target gives a NaN loss for its row, never an out-of-bounds read.
 Public: ``cross_entropy`` (the differentiable custom op ``gpt_triton::cross_entropy``),
 ``cross_entropy_forward`` (the launcher: per-row losses and gradient, optional preallocated
 buffers), ``scale_rows_`` (the backward's launcher), ``cross_entropy_reference``. The checks,
-``reduce_rows``, ``backward_scale`` and ``scale_gradient`` are shared with ``linear_cross_entropy``.
+``soft_cap``, ``reduce_rows``, ``backward_scale`` and ``scale_gradient`` are shared with
+``linear_cross_entropy``.
 """
 
 from __future__ import annotations
@@ -104,7 +103,7 @@ def _num_warps(block: int) -> int:
 
 
 @triton.jit
-def _softcap(x, cap):
+def soft_cap(x, cap):
     """``cap·tanh(x/cap)``. tanh from exp(-2|u|) in (0, 1]: no overflow for any finite or infinite x."""
     u = x / cap
     t = tl.exp(-2.0 * tl.abs(u))
@@ -118,7 +117,7 @@ def _online_lse(z, mask, running_max, running_sum, sum_z_minus_target, z_target,
     """One block of walk 1: the running max and sum of exp (rescaled whenever the max grows), and
     the smoothing sum of z - z_target (so that large logits of one sign do not swamp it)."""
     if HAS_SOFTCAP:
-        z = tl.where(mask, _softcap(z, softcap), float("-inf"))
+        z = tl.where(mask, soft_cap(z, softcap), float("-inf"))
     new_max = tl.maximum(running_max, tl.max(z, axis=0))
     # Shift by 0 while every logit so far is -inf (masked columns): exp(-inf - -inf) is NaN.
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -134,7 +133,7 @@ def _gradient(z, offs, target, running_max, softmax_factor, target_weight, unifo
     """One block of walk 2: softmax = exp(z - max) / sum, whose exponent is exact where exp(z - lse)
     would carry lse's rounding, minus the target's (smoothed) one-hot, through the soft cap."""
     if HAS_SOFTCAP:
-        z = _softcap(z, softcap)
+        z = soft_cap(z, softcap)
     grad = tl.exp(z - running_max) * softmax_factor - tl.where(offs == target, target_weight, 0.0) - uniform
     if HAS_SOFTCAP:
         # d/dx [c·tanh(x/c)] = 1 - tanh² = 1 - (z/c)²
@@ -176,7 +175,7 @@ def _cross_entropy_kernel(
     target_ok = (target >= 0) & (target < n_cols)
     z_target = tl.load(logits_row + target, mask=target_ok, other=float("nan")).to(tl.float32)
     if HAS_SOFTCAP:
-        z_target = _softcap(z_target, softcap)
+        z_target = soft_cap(z_target, softcap)
 
     # Walk 1: online log-sum-exp over the whole blocks, unmasked (a mask on n_cols, 50257 for GPT-2,
     # would rule out vector loads) and software-pipelined (cp.async on sm_90: the next block loads

@@ -1,36 +1,55 @@
 """The lm_head matmul fused with the cross-entropy loss: ``cross_entropy(hidden @ weight.T, targets)``
-without the full ``(N, V)`` logits ever existing.
+and its gradients, in Triton GEMMs that write the ``(N, V)`` logits once and read them twice.
 
-At GPT-2 training shapes the logits are ``(16·1024, 50304)``: 1.6 GB in bf16, and eager PyTorch
-adds an fp32 copy, a softmax-sized tensor for the backward and the gradient of each. Here the rows
-are processed in chunks; for each chunk of ``hidden``:
+Eager PyTorch at GPT-2's loss stage (16·1024 tokens, 50257 classes) materializes the logits in bf16,
+an fp32 copy, the log-softmax and the gradient of each. Here, for each chunk of rows of ``hidden``:
 
-1. ``logits = hidden_chunk @ weight.T`` (a cuBLAS matmul, fp32 accumulation), a ``(chunk, V)`` block;
-2. the cross-entropy kernel (``gpt_kernels.cross_entropy``) writes the chunk's row losses and, over the
-   logits themselves, their gradient. The rule for writing a gradient over logits is that nothing
-   else may read them afterwards: this block is this function's own temporary, so it may;
-3. ``grad_hidden_chunk = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden_chunk``.
+1. ``_logits_kernel``: tiles of ``hidden @ weight.T`` with fp32 accumulation. Its epilogue rounds a
+   tile to the compute dtype (the logits ``hidden @ weight.T`` would give) and reduces it per row:
+   the max and the sum of ``exp(z - max)``, the sum of the logits (label smoothing) and the target's
+   logit. When gradients are wanted it stores ``exp(z - tile max)`` in the compute dtype (the logits
+   themselves under a soft cap, whose derivative needs them); a loss alone (evaluation,
+   ``torch.no_grad()``) stores nothing.
+2. ``_row_statistics_kernel`` folds a row's tiles into its loss and z-loss, into the factors of its
+   gradient ``dlogits = scale·(softmax·(1 + 2·s·lse) - (1 - eps)·onehot - eps/V)`` (times
+   ``1 - tanh²`` under a soft cap), and turns each tile's max into the scale ``exp(tile max -
+   max)·scale·(1 + 2·s·lse)/sum`` that makes the stored values the softmax's share of ``dlogits``.
+3. ``_grad_hidden_kernel`` (``dlogits @ weight``) and ``_grad_weight_kernel`` (``dlogits.T @ hidden``):
+   GEMMs whose ``dlogits`` operand is made from the stored values as it is loaded (a multiply and
+   the one-hot: no exponential, which each would redo for every block of columns it writes), so the
+   gradient of the logits never exists in memory.
 
-So the loss, ``grad_hidden`` and ``grad_weight`` all come out of the forward (as Liger-Kernel's fused
-linear cross-entropy does), and the backward only multiplies them by the incoming gradient, in place,
-for free when it is exactly 1 (see ``gpt_kernels.cross_entropy.scale_gradient``). With
+That is the three matmuls' FLOPs, ``N·V`` exponentials, and in bf16 ``2·N·V`` bytes written and
+``4·N·V`` read for the stored tiles: ~5 GB at GPT-2's step. Stored as ``exp(z - tile max)`` in
+(0, 1], each value carries bf16's relative rounding (2^-9) into ``dlogits``, as a stored bf16
+gradient would. The design it replaces (cuBLAS logits, a cross-entropy pass writing
+their gradient over them, cuBLAS gradient matmuls into a per-chunk fp32 accumulator) moved 10.6 GB.
+Keeping the logits on chip entirely, as Cut Cross-Entropy does, costs a fourth GEMM (the backward
+recomputes them) plus either fp32 atomic adds of every tile's ``(rows + classes) × C`` products or an
+on-chip ``rows × C`` accumulator for ``grad_hidden`` (384 KB for 128 rows at C = 768, more than an
+H100 SM's 228 KB of shared memory); see the README's ledger section.
+
+The loss, ``grad_hidden`` and ``grad_weight`` all come out of the forward (as in Liger-Kernel's fused
+linear cross-entropy), and the backward only multiplies them by the incoming gradient, in place, for
+free when it is exactly 1 (see ``gpt_kernels.cross_entropy.scale_gradient``). With
 ``reduction='none'`` the upstream gradient weighs each row inside the ``grad_weight`` sum, so the
-forward computes the loss only and the backward recomputes the chunks with those weights (one more
-matmul per chunk).
+forward computes the loss only and the backward runs the three kernels with those weights.
 
-Chunk size (``chunk_size=None``): as many chunks as keep one chunk's logits within
-``CHUNK_LOGITS_BYTES`` (and, on a GPU, within a quarter of the free memory), as even as possible,
-in multiples of ``CHUNK_ROW_MULTIPLE`` rows. Fewer, larger chunks mean fewer passes over the fp32
-``grad_weight`` accumulator (``V × C`` read and written per chunk); smaller ones less memory.
+Chunks (``chunk_size=None``): as many as keep one chunk's logits within ``CHUNK_LOGITS_BYTES`` (and,
+on a GPU, a quarter of the free memory), as even as possible, in multiples of ``CHUNK_ROW_MULTIPLE``
+rows: one chunk for GPT-2 at 16·1024 tokens in bf16. With several, ``grad_weight`` is accumulated in
+fp32 by ``_grad_weight_kernel`` itself (read and written once per chunk).
 
 Dtypes: a custom op is not autocast-aware, so the wrapper reads the autocast state of the inputs'
-device before calling it: under autocast the matmuls run in the autocast dtype (bf16 logits from an
+device before calling it: under autocast the GEMMs run in the autocast dtype (bf16 logits from an
 fp32 ``hidden`` and an fp32 ``weight``, like ``hidden @ weight.T`` under autocast), otherwise in the
-inputs' dtype (``hidden`` and ``weight`` must then match). Matmuls accumulate in fp32, and
-``grad_weight`` is accumulated over chunks in fp32. fp32 matmuls follow PyTorch's TF32 setting
-(``torch.backends.cuda.matmul.allow_tf32``: off by default, on in ``train_gpt2.py``), as the
-unfused ``lm_head`` does. The loss is fp32; ``grad_hidden`` has ``hidden``'s dtype and
-``grad_weight`` ``weight``'s.
+inputs' dtype (``hidden`` and ``weight`` must then match). Accumulation is fp32 everywhere, and
+``dlogits`` is rounded to the compute dtype for the gradient GEMMs, as a stored gradient would be.
+fp32 GEMMs follow PyTorch's TF32 setting (``torch.backends.cuda.matmul.allow_tf32``: off by default,
+on in ``train_gpt2.py``), as the unfused ``lm_head`` does. The loss is fp32; ``grad_hidden`` has
+``hidden``'s dtype and ``grad_weight`` ``weight``'s. Under Triton's interpreter (CPU tests) bf16
+operands are widened to fp32 before each ``tl.dot``, whose bf16 form the interpreter gets wrong; the
+products are the same (a bf16 product is exact in fp32).
 
 Options, the z-loss return (``return_z_loss=True`` -> ``(loss, z_loss)``), ``check_targets`` and the
 input checks are those of ``gpt_kernels.cross_entropy.cross_entropy``.
@@ -41,33 +60,85 @@ Public: ``linear_cross_entropy`` (the differentiable custom op ``gpt_triton::lin
 
 from __future__ import annotations
 
-import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 from gpt_kernels import registry
-from gpt_kernels.common import check_tensor, require_triton
+from gpt_kernels.common import check_tensor, flat_grid_tile, require_triton
 from gpt_kernels.cross_entropy import (
     backward_scale,
     check_options,
     check_targets,
     check_targets_in_range,
     count_valid,
-    cross_entropy_forward,
     cross_entropy_reference,
     folds_mean_into_forward,
     reduce_rows,
     scale_gradient,
+    soft_cap,
 )
+from gpt_kernels.host import cdiv, next_power_of_2
 
-# One chunk's logits take at most this much memory. 512 MiB is 4096 rows of GPT-2's vocabulary in
-# bf16: 16·1024 tokens in 4 chunks, whose matmuls are large enough for full speed. A starting
-# point; the GPU session measures time and peak memory with bench/bench_linear_cross_entropy.py.
-CHUNK_LOGITS_BYTES = 512 * 2**20
-CHUNK_ROW_MULTIPLE = 128  # whole matmul tiles
+# One chunk's logits take at most this much memory: GPT-2's 16·1024 tokens in bf16 (1.6 GB) fit in
+# one chunk, so grad_weight is written once, never accumulated.
+CHUNK_LOGITS_BYTES = 2 * 2**30
+CHUNK_ROW_MULTIPLE = 128  # whole GEMM tiles
 ROW_ALIGNMENT = 16  # elements: Triton marks a row stride divisible by 16 as aligned
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One tile per GEMM. ``block_m`` x ``block_n`` outputs, ``block_k`` per step: logits (rows x
+    classes, over the width), grad_hidden (rows x width, over the classes), grad_weight (classes x
+    width, over the rows)."""
+
+    logits: GemmTile
+    grad_hidden: GemmTile
+    grad_weight: GemmTile
+
+    def __post_init__(self):
+        # The gradient GEMMs read one scale per row and logits tile: their steps over the classes
+        # (grad_hidden's block_k, grad_weight's block_m) must not straddle two tiles.
+        for classes in (self.grad_hidden.block_k, self.grad_weight.block_m):
+            if self.logits.block_n % classes:
+                raise ValueError(f"linear_cross_entropy tiles: {classes} classes per step must divide the logits "
+                                 f"tile's {self.logits.block_n}")
+
+
+def hopper_tiles(dtype: torch.dtype) -> Tiles:
+    """Hopper starting points, each the largest that builds for sm_90a without spilling (checked by
+    tests/test_linear_cross_entropy.py), with K steps of 128 bytes (32 rows for grad_weight, whose
+    gradient tile is transposed in registers) and three stages of cp.async pipelining: logits 128x64
+    on one warpgroup (its epilogue holds the tile three times: 128x128 spills); the gradient GEMMs
+    256 columns wide on two warpgroups, which halves how often each recomputes a gradient tile
+    against 128. The GPU session tunes them with bench/bench_linear_cross_entropy.py."""
+    step = 128 // dtype.itemsize
+    return Tiles(GemmTile(128, 64, step, 4, 3), GemmTile(128, 256, step, 8, 3), GemmTile(64, 256, 32, 8, 3))
+
+
+# The interpreter's cost is per program and per step, hardly per element: wide tiles along the
+# classes, one stage. The tests' shapes span several tiles of each GEMM in every direction.
+INTERPRETER_TILES = Tiles(GemmTile(16, 256, 32, 4, 1), GemmTile(16, 32, 256, 4, 1), GemmTile(256, 32, 16, 4, 1))
+# The row statistics kernel reduces a row's tiles in blocks of at most this many.
+MAX_STATISTICS_BLOCK = 1024
+
+
+def gemm_tiles(dtype: torch.dtype) -> Tiles:
+    return INTERPRETER_TILES if registry.TRITON_INTERPRETER else hopper_tiles(dtype)
 
 
 def choose_chunk_rows(n_rows: int, n_classes: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -82,33 +153,283 @@ def choose_chunk_rows(n_rows: int, n_classes: int, dtype: torch.dtype, device: t
     return max(1, min(n_rows, math.ceil(rows / CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE))
 
 
-@functools.cache
-def _cuda_has_fp32_out_matmul() -> bool:
-    """Whether this PyTorch has ``addmm(..., out_dtype=float32)`` for half inputs on CUDA, adding into
-    an fp32 ``out`` that is also its ``input``, with a transposed operand: the call
-    ``_accumulate_matmul`` makes. Versions differ (some refuse an fp32 ``input``), hence the probe."""
-    try:
-        acc = torch.ones(2, 2, device="cuda")
-        half = torch.ones(3, 2, device="cuda", dtype=torch.bfloat16)
-        torch.addmm(acc, half.T, half, out_dtype=torch.float32, out=acc)
-        return bool((acc == 4.0).all().item())
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
+# ----------------------------------------------------------------------------- kernels
 
 
-def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for an fp32 ``acc``: inside the matmul where PyTorch can (the same dtype, or
-    CUDA's fp32-output matmul for half inputs); otherwise the product is rounded to ``a``'s dtype
-    once per chunk before the fp32 sum."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.is_cuda and _cuda_has_fp32_out_matmul():
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``acc + a @ b``. UPCAST_DOT (the interpreter, bf16): the same products from fp32 operands."""
+    if UPCAST_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        acc += a @ b
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
-def _chunked_loss_and_grads(
+@triton.jit
+def _column_in_tile(targets, first_class, BLOCK: tl.constexpr):
+    """Each target's column within the tile of classes [first_class, first_class + BLOCK), or -1: a
+    32-bit index to compare with the tile's columns (64-bit compares would double their registers)."""
+    inside = (targets >= first_class) & (targets < first_class + BLOCK)
+    return tl.where(inside, targets - first_class, -1).to(tl.int32)
+
+
+@triton.jit
+def _logits_kernel(
+    h_ptr, stride_h_row, w_ptr, stride_w_row, logits_ptr, stride_logits_row,
+    targets_ptr, stride_targets,
+    tile_max_ptr, tile_sum_ptr, tile_sum_z_ptr, target_z_ptr, n_tiles,
+    n_rows, n_classes, n_columns, width, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    # Row blocks are the fast grid axis: the programs resident at once share one block of classes,
+    # so each weight tile comes from HBM about once, while hidden (25 MB at GPT-2) stays in L2.
+    pid_rows = tl.program_id(0)
+    pid_classes = tl.program_id(1)
+    rows = pid_rows * BLOCK_M + tl.arange(0, BLOCK_M)
+    classes = pid_classes * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    class_ok = classes < n_classes
+
+    # Rows and classes past the end read a row from the start of their operand instead (wrapped, as in
+    # Triton's matmul tutorial), so that the loads are masked along K only; their results are dropped.
+    h_rows = h_ptr + (rows % n_rows).to(tl.int64)[:, None] * stride_h_row
+    w_rows = w_ptr + (classes % n_classes).to(tl.int64)[:, None] * stride_w_row
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, width, BLOCK_K, num_stages=NUM_STAGES):
+        k_ok = (k + ks) < width
+        h = tl.load(h_rows + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
+        acc = _mma(h, tl.trans(w), acc, DOT_PRECISION, UPCAST_DOT)
+
+    # The logits as the compute dtype holds them (what hidden @ weight.T would give): the loss is theirs.
+    # What the gradient kernels need is stored when gradients are wanted: exp(z - tile max), in (0, 1],
+    # which they scale by the row's exp(tile max - max)/sum to get the softmax, so that they compute no
+    # exponential of their own (each would redo it for every block of columns it writes); under a soft
+    # cap, whose derivative needs z, the logits themselves. Stores go up to the buffer's 16-aligned row
+    # end (n_columns), not n_classes, so that they are 16-byte vectors (the columns past n_classes are
+    # never read as classes), through a block pointer: a (BLOCK_M, BLOCK_N) tensor of 64-bit addresses
+    # spills.
+    x = acc.to(logits_ptr.dtype.element_ty)
+    out = tl.make_block_ptr(logits_ptr, (n_rows, n_columns), (stride_logits_row, 1),
+                            (pid_rows * BLOCK_M, pid_classes * BLOCK_N), (BLOCK_M, BLOCK_N), (1, 0))
+    if STORE_LOGITS and HAS_SOFTCAP:
+        tl.store(out, x, boundary_check=(0, 1))
+    z = x.to(tl.float32)
+    if HAS_SOFTCAP:
+        z = soft_cap(z, softcap)
+    z = tl.where(class_ok[None, :], z, float("-inf"))  # every tile holds at least one class
+    tile_max = tl.max(z, axis=1)
+    exp_z = tl.exp(z - tile_max[:, None])
+    if STORE_LOGITS and not HAS_SOFTCAP:
+        tl.store(out, exp_z.to(logits_ptr.dtype.element_ty), boundary_check=(0, 1))
+    partial = rows.to(tl.int64) * n_tiles + pid_classes
+    tl.store(tile_max_ptr + partial, tile_max, mask=row_ok)
+    tl.store(tile_sum_ptr + partial, tl.sum(exp_z, axis=1), mask=row_ok)
+    if HAS_SMOOTHING:
+        tl.store(tile_sum_z_ptr + partial, tl.sum(tl.where(class_ok[None, :], z, 0.0), axis=1), mask=row_ok)
+    # The target's logit, from the one tile that holds it. A target outside [0, V) (possible only with
+    # the host check off) is in no tile: its row keeps the NaN the buffer starts with.
+    targets = tl.load(targets_ptr + (rows % n_rows).to(tl.int64) * stride_targets)
+    hit = tl.arange(0, BLOCK_N)[None, :] == _column_in_tile(targets, pid_classes * BLOCK_N, BLOCK_N)[:, None]
+    hit = hit & class_ok[None, :]
+    in_tile = tl.sum(hit.to(tl.int32), axis=1) > 0
+    tl.store(target_z_ptr + rows, tl.sum(tl.where(hit, z, 0.0), axis=1), mask=row_ok & in_tile)
+
+
+@triton.jit
+def _row_statistics_kernel(
+    tile_max_ptr, tile_sum_ptr, tile_sum_z_ptr, target_z_ptr, n_tiles,
+    targets_ptr, stride_targets, grad_scale_ptr, stride_grad_scale,
+    loss_ptr, z_loss_ptr, factors_ptr, stride_factors,
+    n_classes, ignore_index, label_smoothing, lse_square_scale,
+    HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, TILE_SCALES: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * n_tiles
+    offs = tl.arange(0, BLOCK_T)
+    # The tiles' (max, sum of exp) pairs folded into the row's, as an online log-sum-exp does.
+    running_max = float("-inf")
+    running_sum = 0.0
+    sum_z = 0.0
+    for start in range(0, n_tiles, BLOCK_T):
+        mask = start + offs < n_tiles
+        tile_max = tl.load(tile_max_ptr + base + start + offs, mask=mask, other=float("-inf"))
+        tile_sum = tl.load(tile_sum_ptr + base + start + offs, mask=mask, other=0.0)
+        new_max = tl.maximum(running_max, tl.max(tile_max, axis=0))
+        running_sum = (running_sum * tl.exp(running_max - new_max)
+                       + tl.sum(tile_sum * tl.exp(tile_max - new_max), axis=0))
+        running_max = new_max
+        if HAS_SMOOTHING:
+            sum_z += tl.sum(tl.load(tile_sum_z_ptr + base + start + offs, mask=mask, other=0.0), axis=0)
+
+    target = tl.load(targets_ptr + row.to(tl.int64) * stride_targets).to(tl.int64)
+    ignored = target == ignore_index
+    z_target = tl.load(target_z_ptr + row)
+    log_sum = tl.log(running_sum)
+    lse = running_max + log_sum
+    # lse - z_target, without rounding lse first: at |logits| ~ 1e4 an fp32 lse is only good to 1e-3.
+    loss = (running_max - z_target) + log_sum
+    if HAS_SMOOTHING:
+        # (1 - eps)·(lse - z_t) + eps·(lse - mean z) = (lse - z_t) - eps·(mean z - z_t)
+        loss -= label_smoothing * (sum_z / n_classes - z_target)
+    z_loss = 0.0
+    if HAS_Z_LOSS:
+        z_loss = lse_square_scale * lse * lse
+        loss += z_loss
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+    tl.store(z_loss_ptr + row, tl.where(ignored, 0.0, z_loss))
+
+    if COMPUTE_GRAD:
+        # dlogits = exp(z - max)·softmax_factor - target_weight·onehot - uniform: an ignored row's are 0.
+        scale = tl.load(grad_scale_ptr + row * stride_grad_scale).to(tl.float32)
+        scale = tl.where(ignored, 0.0, scale)
+        softmax_factor = scale / running_sum
+        if HAS_Z_LOSS:
+            softmax_factor = softmax_factor * (1.0 + 2.0 * lse_square_scale * lse)
+        target_weight = scale
+        uniform = scale * 0.0
+        if HAS_SMOOTHING:
+            target_weight = scale * (1.0 - label_smoothing)
+            uniform = scale * label_smoothing / n_classes
+        tl.store(factors_ptr + row, running_max)
+        tl.store(factors_ptr + stride_factors + row, softmax_factor)
+        tl.store(factors_ptr + 2 * stride_factors + row, target_weight)
+        tl.store(factors_ptr + 3 * stride_factors + row, uniform)
+        if TILE_SCALES:
+            # Over each tile's max, in place: softmax = exp(z - tile max) · exp(tile max - max)/sum.
+            for start in range(0, n_tiles, BLOCK_T):
+                mask = start + offs < n_tiles
+                tile_max = tl.load(tile_max_ptr + base + start + offs, mask=mask, other=0.0)
+                tile_scale = tl.exp(tile_max - running_max) * softmax_factor
+                tl.store(tile_max_ptr + base + start + offs, tile_scale, mask=mask)
+
+
+@triton.jit
+def _row_factors(factors_ptr, stride_factors, targets_ptr, stride_targets, rows, row_ok):
+    """A block of rows' gradient factors (zeros, so a zero gradient, for rows past the end)."""
+    row_max = tl.load(factors_ptr + rows, mask=row_ok, other=0.0)
+    softmax_factor = tl.load(factors_ptr + stride_factors + rows, mask=row_ok, other=0.0)
+    target_weight = tl.load(factors_ptr + 2 * stride_factors + rows, mask=row_ok, other=0.0)
+    uniform = tl.load(factors_ptr + 3 * stride_factors + rows, mask=row_ok, other=0.0)
+    targets = tl.load(targets_ptr + rows.to(tl.int64) * stride_targets, mask=row_ok, other=-1)
+    return row_max, softmax_factor, target_weight, uniform, targets
+
+
+@triton.jit
+def _dlogits(x, first_class, ok, row_max, softmax_factor, tile_scale, target_weight, uniform, targets, softcap,
+             HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """The gradient of a (rows, classes) tile of what _logits_kernel stored, whose classes start at
+    ``first_class``: ``exp(z - tile max)`` to scale by the rows' ``tile_scale``, or under a soft cap
+    the logits themselves. 0 where ``ok`` is false."""
+    if HAS_SOFTCAP:
+        z = soft_cap(x.to(tl.float32), softcap)
+        softmax = tl.exp(z - row_max[:, None]) * softmax_factor[:, None]
+    else:
+        softmax = x.to(tl.float32) * tile_scale[:, None]
+    onehot = tl.arange(0, BLOCK)[None, :] == _column_in_tile(targets, first_class, BLOCK)[:, None]
+    grad = softmax - tl.where(onehot, target_weight[:, None], 0.0) - uniform[:, None]
+    if HAS_SOFTCAP:
+        # d/dx [c·tanh(x/c)] = 1 - tanh² = 1 - (z/c)²
+        z_over_cap = z / softcap
+        grad = grad * (1.0 - z_over_cap * z_over_cap)
+    return tl.where(ok, grad, 0.0)
+
+
+@triton.jit
+def _grad_hidden_kernel(
+    logits_ptr, stride_logits_row, w_ptr, stride_w_row, grad_h_ptr, stride_grad_h_row,
+    targets_ptr, stride_targets, factors_ptr, stride_factors, tile_scale_ptr, n_tiles,
+    n_rows, n_classes, n_columns, n_weight_rows, width, softcap,
+    HAS_SOFTCAP: tl.constexpr, LOGITS_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    # Column blocks are the fast grid axis: the programs of one row block run together and read its
+    # stored tiles from HBM once between them.
+    rows, cols = flat_grid_tile(width, BLOCK_M, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    row_max, softmax_factor, target_weight, uniform, targets = _row_factors(
+        factors_ptr, stride_factors, targets_ptr, stride_targets, rows, row_ok)
+
+    # Loads are masked by bounds that are multiples of 16 where Triton can see it (the logits' aligned
+    # row length n_columns, the width), so that they stay 16-byte vectors; the gradient is masked to
+    # the classes.
+    logit_rows = logits_ptr + (rows % n_rows).to(tl.int64)[:, None] * stride_logits_row
+    tile_scales = tile_scale_ptr + (rows % n_rows).to(tl.int64) * n_tiles
+    col_ok = cols < width
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, n_classes, BLOCK_K, num_stages=NUM_STAGES):
+        classes = k + ks
+        class_ok = classes < n_classes
+        x = tl.load(logit_rows + classes[None, :], mask=(classes < n_columns)[None, :], other=0.0)
+        w = tl.load(w_ptr + classes.to(tl.int64)[:, None] * stride_w_row + cols[None, :],
+                    mask=(classes < n_weight_rows)[:, None] & col_ok[None, :], other=0.0)
+        # The rows' scales of the logits tile these classes lie in (BLOCK_K divides LOGITS_TILE).
+        tile_scale = tl.load(tile_scales + k // LOGITS_TILE)
+        grad = _dlogits(x, k, class_ok[None, :], row_max, softmax_factor, tile_scale, target_weight, uniform,
+                        targets, softcap, HAS_SOFTCAP, BLOCK_K)
+        acc = _mma(grad.to(w.dtype), w, acc, DOT_PRECISION, UPCAST_DOT)
+    tl.store(grad_h_ptr + rows.to(tl.int64)[:, None] * stride_grad_h_row + cols[None, :],
+             acc.to(grad_h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grad_weight_kernel(
+    logits_ptr, stride_logits_row, h_ptr, stride_h_row, grad_w_ptr, stride_grad_w_row,
+    targets_ptr, stride_targets, factors_ptr, stride_factors, tile_scale_ptr, n_tiles,
+    n_rows, n_classes, n_columns, n_weight_rows, width, softcap,
+    HAS_SOFTCAP: tl.constexpr, ACCUMULATE: tl.constexpr, LOGITS_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    # Output rows are classes, the K loop walks the token rows; column blocks are the fast grid axis,
+    # so the programs of one block of classes read its stored columns from HBM once between them.
+    classes, cols = flat_grid_tile(width, BLOCK_M, BLOCK_N)
+    first_class = (tl.program_id(0) // tl.cdiv(width, BLOCK_N)) * BLOCK_M
+    ks = tl.arange(0, BLOCK_K)
+    class_ok = classes < n_classes
+    col_ok = cols < width
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if first_class < n_classes:  # blocks of padding classes only have a zero gradient
+        # Masks along the contiguous dimensions by multiples of 16, as in _grad_hidden_kernel.
+        column_ok = (classes < n_columns)[None, :]
+        for k in tl.range(0, n_rows, BLOCK_K, num_stages=NUM_STAGES):
+            rows = k + ks
+            row_ok = rows < n_rows
+            row_max, softmax_factor, target_weight, uniform, targets = _row_factors(
+                factors_ptr, stride_factors, targets_ptr, stride_targets, rows, row_ok)
+            x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_logits_row + classes[None, :],
+                        mask=row_ok[:, None] & column_ok, other=0.0)
+            h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h_row + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            # The rows' scales of the logits tile these classes lie in (BLOCK_M divides LOGITS_TILE).
+            tile_scale = tl.load(tile_scale_ptr + rows.to(tl.int64) * n_tiles + first_class // LOGITS_TILE,
+                                 mask=row_ok, other=0.0)
+            grad = _dlogits(x, first_class, row_ok[:, None] & class_ok[None, :], row_max, softmax_factor,
+                            tile_scale, target_weight, uniform, targets, softcap, HAS_SOFTCAP, BLOCK_M)
+            acc = _mma(tl.trans(grad.to(h.dtype)), h, acc, DOT_PRECISION, UPCAST_DOT)
+    out = grad_w_ptr + classes.to(tl.int64)[:, None] * stride_grad_w_row + cols[None, :]
+    out_mask = (classes < n_weight_rows)[:, None] & col_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out, mask=out_mask, other=0.0)
+    tl.store(out, acc.to(grad_w_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A matrix as the kernels read it: unit column stride, any row stride."""
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _loss_and_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -125,56 +446,100 @@ def _chunked_loss_and_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Per-row (loss, z_loss), and the gradients asked for, of the rows' losses each weighted by
     ``grad_scale`` (one element or one per row). The engine of the forward and of the 'none' backward.
-    Weight rows from ``n_classes`` on (when it is > 0) are padding: their logits are computed with
-    the others (aligned matmuls), kept out of the loss, and get a zero gradient."""
-    n_rows, n_weight_rows = hidden.shape[0], weight.shape[0]
+    Weight rows from ``n_classes`` on (when it is > 0) are padding: out of the loss, zero gradient."""
+    n_rows, width = hidden.shape
+    n_weight_rows = weight.shape[0]
     n_classes = n_classes if n_classes > 0 else n_weight_rows
     device = hidden.device
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
     z_loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
     compute_grad = grad_scale is not None and (want_grad_hidden or want_grad_weight)
-    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if compute_grad and want_grad_hidden else None
-    grad_weight_acc = (
-        torch.zeros(weight.shape, dtype=torch.float32, device=device) if compute_grad and want_grad_weight else None
-    )
+    grad_hidden = None
+    if compute_grad and want_grad_hidden:
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    if n_rows == 0:
+        grad_weight = torch.zeros_like(weight) if compute_grad and want_grad_weight else None
+        return loss_rows, z_loss_rows, grad_hidden, grad_weight
     if chunk_size <= 0:
-        chunk_size = choose_chunk_rows(n_rows, n_weight_rows, compute_dtype, device)
-    chunk_size = min(chunk_size, max(n_rows, 1))
-    # One buffer for every chunk's logits: allocating per chunk would hold two chunks at once while
-    # the next matmul's output is allocated before the previous one is released. Its rows start on
-    # 16-element boundaries (GPT-2's 50257 columns are stored in 50272), so that the kernel's loads
-    # and its gradient stores over them can be 16-byte vectors; the matmuls take the row stride.
-    row_stride = math.ceil(n_weight_rows / ROW_ALIGNMENT) * ROW_ALIGNMENT
-    logits_buffer = torch.empty((chunk_size, row_stride), dtype=compute_dtype, device=device)[:, :n_weight_rows]
+        chunk_size = choose_chunk_rows(n_rows, n_classes, compute_dtype, device)
+    chunk_size = min(chunk_size, n_rows)
+    n_chunks = cdiv(n_rows, chunk_size)
+    grad_weight = None
+    if compute_grad and want_grad_weight:  # written by the kernel in weight's dtype, or accumulated in fp32
+        grad_weight = torch.empty(weight.shape, dtype=weight.dtype if n_chunks == 1 else torch.float32, device=device)
 
     # Our own autocast-free region: the op decides its dtypes itself (compute_dtype).
     with torch.autocast(device.type, enabled=False):
-        h = hidden.to(compute_dtype)
-        w = weight.to(compute_dtype)
-        for start in range(0, n_rows, chunk_size):
-            stop = min(start + chunk_size, n_rows)
-            h_chunk = h[start:stop]
-            all_logits = torch.mm(h_chunk, w.T, out=logits_buffer[: stop - start])
-            logits = all_logits[:, :n_classes]  # the kernel reads the real classes' columns only
-            chunk_scale = None
-            if compute_grad:
-                chunk_scale = grad_scale if grad_scale.numel() == 1 else grad_scale[start:stop]
-            cross_entropy_forward(
-                logits, targets[start:stop], ignore_index,
-                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-                grad_scale=chunk_scale, grad=logits,  # the gradient overwrites the chunk's own logits
-                loss_rows=loss_rows[start:stop], z_loss_rows=z_loss_rows[start:stop],
+        h = _as_rows(hidden.to(compute_dtype))
+        w = _as_rows(weight.to(compute_dtype))
+    tiles = gemm_tiles(compute_dtype)
+    n_tiles = cdiv(n_classes, tiles.logits.block_n)
+    statistics_block = min(MAX_STATISTICS_BLOCK, next_power_of_2(n_tiles))
+    precision = dict(DOT_PRECISION="tf32" if compute_dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+                     else "ieee", UPCAST_DOT=registry.TRITON_INTERPRETER and compute_dtype == torch.bfloat16,
+                     HAS_SOFTCAP=softcap is not None)
+
+    def launch(tile: GemmTile) -> dict:
+        return dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, NUM_STAGES=tile.num_stages,
+                    num_warps=tile.num_warps, **precision)
+
+    softcap_value = float(softcap or 1.0)
+    # One set of buffers for every chunk. The logits' rows start on 16-element boundaries (GPT-2's
+    # 50257 classes are stored in 50272 columns), so that their tiles load as 16-byte vectors.
+    row_stride = cdiv(n_classes, ROW_ALIGNMENT) * ROW_ALIGNMENT
+    logits = torch.empty((chunk_size, row_stride), dtype=compute_dtype, device=device) if compute_grad else loss_rows
+
+    def per_tile() -> torch.Tensor:
+        return torch.empty((chunk_size, n_tiles), dtype=torch.float32, device=device)
+
+    tile_max, tile_sum = per_tile(), per_tile()
+    tile_sum_z = per_tile() if label_smoothing > 0 else tile_sum  # only written with label smoothing
+    target_z = torch.empty(chunk_size, dtype=torch.float32, device=device)
+    factors = torch.empty((4, chunk_size), dtype=torch.float32, device=device) if compute_grad else loss_rows
+    for chunk, start in enumerate(range(0, n_rows, chunk_size)):
+        stop = min(start + chunk_size, n_rows)
+        rows = stop - start
+        h_chunk, chunk_targets = h[start:stop], targets[start:stop]
+        target_z.fill_(float("nan"))
+        _logits_kernel[(cdiv(rows, tiles.logits.block_m), n_tiles)](
+            h_chunk, h_chunk.stride(0), w, w.stride(0), logits, logits.stride(0) if compute_grad else 0,
+            chunk_targets, chunk_targets.stride(0),
+            tile_max, tile_sum, tile_sum_z, target_z, n_tiles,
+            rows, n_classes, row_stride, width, softcap_value,
+            HAS_SMOOTHING=label_smoothing > 0, STORE_LOGITS=compute_grad, **launch(tiles.logits),
+        )
+        chunk_scale, stride_scale = loss_rows, 0  # a placeholder without gradients
+        if compute_grad:
+            chunk_scale = grad_scale if grad_scale.numel() == 1 else grad_scale[start:stop]
+            stride_scale = chunk_scale.stride(0) if chunk_scale.numel() > 1 else 0
+        _row_statistics_kernel[(rows,)](
+            tile_max, tile_sum, tile_sum_z, target_z, n_tiles,
+            chunk_targets, chunk_targets.stride(0), chunk_scale, stride_scale,
+            loss_rows[start:stop], z_loss_rows[start:stop], factors, factors.stride(0) if compute_grad else 0,
+            n_classes, ignore_index, float(label_smoothing), float(lse_square_scale),
+            HAS_SMOOTHING=label_smoothing > 0, HAS_Z_LOSS=lse_square_scale > 0, COMPUTE_GRAD=compute_grad,
+            TILE_SCALES=compute_grad and softcap is None, BLOCK_T=statistics_block, num_warps=4,
+        )
+        if not compute_grad:
+            continue
+        if grad_hidden is not None:
+            out, tile = grad_hidden[start:stop], tiles.grad_hidden
+            _grad_hidden_kernel[(cdiv(rows, tile.block_m) * cdiv(width, tile.block_n),)](
+                logits, logits.stride(0), w, w.stride(0), out, out.stride(0),
+                chunk_targets, chunk_targets.stride(0), factors, factors.stride(0), tile_max, n_tiles,
+                rows, n_classes, row_stride, n_weight_rows, width, softcap_value,
+                LOGITS_TILE=tiles.logits.block_n, **launch(tile),
             )
-            if compute_grad and n_classes < n_weight_rows:
-                all_logits[:, n_classes:].zero_()  # padding classes: no gradient (a few columns)
-            if grad_hidden is not None:
-                if grad_hidden.dtype == compute_dtype:
-                    torch.mm(all_logits, w, out=grad_hidden[start:stop])
-                else:
-                    grad_hidden[start:stop].copy_(all_logits @ w)
-            if grad_weight_acc is not None:
-                _accumulate_matmul(grad_weight_acc, all_logits.T, h_chunk)
-    grad_weight = grad_weight_acc.to(weight.dtype) if grad_weight_acc is not None else None
+        if grad_weight is not None:
+            tile = tiles.grad_weight
+            _grad_weight_kernel[(cdiv(n_weight_rows, tile.block_m) * cdiv(width, tile.block_n),)](
+                logits, logits.stride(0), h_chunk, h_chunk.stride(0), grad_weight, grad_weight.stride(0),
+                chunk_targets, chunk_targets.stride(0), factors, factors.stride(0), tile_max, n_tiles,
+                rows, n_classes, row_stride, n_weight_rows, width, softcap_value,
+                ACCUMULATE=chunk > 0, LOGITS_TILE=tiles.logits.block_n, **launch(tile),
+            )
+    if grad_weight is not None and grad_weight.dtype != weight.dtype:
+        grad_weight = grad_weight.to(weight.dtype)
     return loss_rows, z_loss_rows, grad_hidden, grad_weight
 
 
@@ -241,7 +606,7 @@ def _linear_cross_entropy_op(
                                 dtype=torch.float32, device=hidden.device)
         if folds_mean_into_forward(reduction, compute_dtype):
             grad_scale = grad_scale / n_valid.clamp_min(1)
-    loss_rows, z_loss_rows, grad_hidden, grad_weight = _chunked_loss_and_grads(
+    loss_rows, z_loss_rows, grad_hidden, grad_weight = _loss_and_grads(
         hidden, weight, targets, ignore_index, label_smoothing, lse_square_scale, softcap, compute_dtype,
         grad_scale, grad_hidden_needed, grad_weight_needed, chunk_size, n_classes,
     )
@@ -286,7 +651,7 @@ def _linear_cross_entropy_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """reduction='none': (grad_hidden, grad_weight) for per-row upstream gradients ``grad_loss``,
     recomputing each chunk's logits (empty tensors where not needed)."""
-    _, _, grad_hidden, grad_weight = _chunked_loss_and_grads(
+    _, _, grad_hidden, grad_weight = _loss_and_grads(
         hidden, weight, targets, ignore_index, label_smoothing, lse_square_scale, softcap, compute_dtype,
         grad_loss.float(), grad_hidden_needed, grad_weight_needed, chunk_size, n_classes,
     )
@@ -312,34 +677,73 @@ def folds_scale_into_forward(compute_dtype: torch.dtype) -> bool:
     return compute_dtype != torch.float16
 
 
-def _forward_cost(args, outputs):
-    """Bytes and FLOPs of the forward as ``_chunked_loss_and_grads`` runs it: the casts to the compute
-    dtype, then per chunk the logits' matmul, the loss kernel over them (gradient written in place),
-    grad_hidden's matmul and the fp32 grad_weight accumulation (read and written per chunk)."""
-    hidden, weight, targets, _, reduction, *_, compute_dtype, want_hidden, want_weight, chunk_size = args[:12]
-    (n, c), v, a = hidden.shape, weight.shape[0], compute_dtype.itemsize
-    with_grads = reduction != "none" and (want_hidden or want_weight)
+# For the ledger's count of weight re-reads: an H100 SXM runs 132 of the grad_hidden programs at once.
+RESIDENT_PROGRAMS = 132
+
+
+def _engine_cost(hidden, weight, targets, label_smoothing, softcap, compute_dtype, chunk_size, n_classes,
+                 want_hidden: bool, want_weight: bool, per_row_scale: bool):
+    """Bytes and FLOPs of ``_loss_and_grads`` on a GPU (Hopper tiles), kernel by kernel. Operands
+    shared by the programs resident at once are counted once per such wave (the grid orders say which):
+    the weight once per chunk in the logits GEMM and once per wave in grad_hidden's, hidden once."""
+    (n, c), v_rows, a = hidden.shape, weight.shape[0], compute_dtype.itemsize
+    v = n_classes if n_classes > 0 else v_rows
+    tiles = hopper_tiles(compute_dtype)
     chunk = chunk_size if chunk_size > 0 else choose_chunk_rows(n, v, compute_dtype, torch.device("cpu"))
-    chunks = math.ceil(n / max(1, chunk))
-    read = registry.tensor_bytes(targets) + n * c * a + chunks * v * c * a  # count_valid; the logits' matmuls
-    written = n * v * a + 2 * n * 4  # logits; per-row loss and z-loss
-    flops = 2 * n * v * c
-    for t in (hidden, weight):
+    chunks = cdiv(n, max(1, chunk))
+    stored, f32 = n * v * a, 4
+    per_tile = n * cdiv(v, tiles.logits.block_n) * f32  # one value per row and logits tile
+    read = written = 0
+    for t in (hidden, weight):  # the casts to the compute dtype
         if t.dtype != compute_dtype:
             read, written = read + registry.tensor_bytes(t), written + t.numel() * a
-    read, written = read + n * v * a, written + (n * v * a if with_grads else 0)  # the loss kernel
-    if with_grads and want_hidden:
-        read, written, flops = read + n * v * a + chunks * v * c * a, written + n * c * hidden.element_size(), flops + 2 * n * v * c
-    if with_grads and want_weight:
-        acc = v * c * 4
-        read += n * v * a + n * c * a + chunks * acc
-        written += acc + chunks * acc  # zeroed, then accumulated per chunk
+    with_grads = want_hidden or want_weight
+    partials = (3 if label_smoothing > 0 else 2) * per_tile
+    # The logits GEMM: hidden once, the weight once per chunk, the targets; the partials, the target
+    # logits (NaN-filled first) and, with gradients, the stored tiles. The row statistics read the
+    # partials back and write the loss, the gradient factors and (without a soft cap) the tile scales.
+    read += n * c * a + chunks * v * c * a + registry.tensor_bytes(targets)
+    written += partials + 2 * n * f32 + (stored if with_grads else 0)
+    read += partials + n * f32 + registry.tensor_bytes(targets) + (n * f32 if per_row_scale else 0)
+    written += 2 * n * f32 + (4 * n * f32 if with_grads else 0)
+    scales = per_tile if with_grads and softcap is None else 0
+    read, written = read + scales, written + scales
+    flops = 2 * n * v * c
+    row_factors = 4 * n * f32 + registry.tensor_bytes(targets) + scales
+    if want_hidden:
+        tile = tiles.grad_hidden
+        programs = cdiv(chunk, tile.block_m) * cdiv(c, tile.block_n)
+        waves = chunks * cdiv(programs, RESIDENT_PROGRAMS)
+        read += stored + waves * v * c * a + row_factors
+        written += n * c * hidden.element_size()
         flops += 2 * n * v * c
-        if weight.dtype != torch.float32:
-            read, written = read + acc, written + registry.tensor_bytes(weight)
+    if want_weight:
+        accumulator = v_rows * c * (weight.element_size() if chunks == 1 else f32)
+        read += stored + n * c * a + row_factors + (chunks - 1) * accumulator
+        written += chunks * accumulator
+        flops += 2 * n * v * c
+        if chunks > 1 and weight.dtype != torch.float32:
+            read, written = read + accumulator, written + registry.tensor_bytes(weight)
     return read, written, flops
 
 
+def _forward_cost(args, outputs):
+    hidden, weight, targets, _, reduction, label_smoothing, _, softcap, compute_dtype, want_hidden, want_weight, \
+        chunk_size, n_classes = args[:13]
+    read, written, flops = _engine_cost(hidden, weight, targets, label_smoothing, softcap, compute_dtype, chunk_size,
+                                        n_classes, reduction != "none" and want_hidden,
+                                        reduction != "none" and want_weight, False)
+    return read + registry.tensor_bytes(targets), written, flops  # count_valid reads the targets first
+
+
+def _backward_cost(args, outputs):
+    _, hidden, weight, targets, _, label_smoothing, _, softcap, compute_dtype, want_hidden, want_weight, chunk_size, \
+        n_classes = args[:13]
+    return _engine_cost(hidden, weight, targets, label_smoothing, softcap, compute_dtype, chunk_size, n_classes,
+                        want_hidden, want_weight, True)
+
+
+registry.register_cost("gpt_triton::linear_cross_entropy_backward", _backward_cost)
 registry.register_cost("gpt_triton::linear_cross_entropy", _forward_cost)
 
 

@@ -2,12 +2,15 @@
 
 Loss, ``d_hidden`` and ``d_weight`` for chunk sizes that do and do not divide N, every reduction
 (a non-uniform upstream gradient for 'none', whose backward recomputes the chunks), the options,
-bf16 autocast (on the CPU too: the matmuls are PyTorch's, the kernel has no ``tl.dot``), frozen
-inputs, opcheck, torch.compile and the GPT model. The GPU adds GPT-2 sizes and peak memory.
+bf16 autocast (on the CPU too: the interpreter's ``tl.dot`` takes the bf16 operands widened to
+fp32, the same products), frozen inputs, buffers poisoned before the kernels run, and the GEMMs'
+sm_90 builds. The contract table adds opcheck, torch.compile and the GPT model; the GPU adds GPT-2
+sizes and peak memory.
 """
 
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 from gpt_kernels import registry
 from gpt_kernels.linear_cross_entropy import choose_chunk_rows, linear_cross_entropy, linear_cross_entropy_reference
+from hopper import ASYNC_VECTOR_COPY, Build, compile_for_hopper, count
 from model_parity import gpt2_width_losses_and_peaks
 from gpt_kernels.tolerances import LONG_SUM_FACTOR as LONG_SUM, LOSS_FACTOR
 from compare import FLOAT_DTYPES, assert_close
@@ -58,9 +62,10 @@ def assert_all_close(ours, reference, dtype, loss_dtype=torch.float32):
         assert_close(actual, want, loss_dtype if name == "loss" else dtype, name, factor=LOSS_FACTOR if name == "loss" else LONG_SUM)
 
 
-# (N, C, V, chunk_size): chunks that divide N, that do not, one row each, all rows in one; GPT-2's
-# vocabulary with a ragged last chunk.
-CHUNK_CASES = [(8, 32, 1000, 4), (7, 32, 1000, 3), (5, 16, 1000, 1), (7, 32, 1000, None), (5, 16, 50257, 2)] + (
+# (N, C, V, chunk_size): chunks that divide N, that do not, one row each, all rows in one; rows and
+# a width over several of the interpreter's tiles; GPT-2's vocabulary (a ragged last tile of classes).
+CHUNK_CASES = [(8, 32, 1000, 4), (7, 32, 1000, 3), (5, 16, 1000, 1), (7, 32, 1000, None), (40, 72, 600, None),
+               (5, 16, 50257, None)] + (
     [(4096, 768, 50257, 1000), (4096, 768, 50257, None)] if DEVICE == "cuda" else []
 )
 
@@ -189,9 +194,10 @@ def test_loss_scale_folded_into_the_forward(dtype, reduction):
 
 
 def test_choose_chunk_rows():
-    # GPT-2 at 16·1024 tokens in bf16: 4 chunks of 4096 rows (512 MiB of logits each); fp32 doubles the count.
-    assert choose_chunk_rows(16384, 50257, torch.bfloat16, torch.device("cpu")) == 4096
-    assert choose_chunk_rows(16384, 50257, torch.float32, torch.device("cpu")) == 2432
+    # GPT-2 at 16·1024 tokens in bf16: one chunk (1.6 GB of logits); fp32 needs two, 32·1024 tokens too.
+    assert choose_chunk_rows(16384, 50257, torch.bfloat16, torch.device("cpu")) == 16384
+    assert choose_chunk_rows(16384, 50257, torch.float32, torch.device("cpu")) == 8192
+    assert choose_chunk_rows(32768, 50257, torch.bfloat16, torch.device("cpu")) == 16384
     assert choose_chunk_rows(7, 50257, torch.bfloat16, torch.device("cpu")) == 7
     assert choose_chunk_rows(0, 50257, torch.bfloat16, torch.device("cpu")) == 1
 
@@ -238,6 +244,60 @@ def test_gpt_model_peak_memory_lower_with_the_fused_loss():
     (fused_loss, fused_peak), (loss, peak) = gpt2_width_losses_and_peaks("linear_cross_entropy", "none")
     assert_close(fused_loss, loss, torch.bfloat16, "loss")
     assert fused_peak < peak, (fused_peak / 2**20, peak / 2**20)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_fresh_buffers_poisoned(monkeypatch, chunk_size):
+    """Every buffer the op allocates starts as NaN (logits, per-tile statistics, gradient factors and
+    both gradients): the kernels must write every element they return, padding rows and ignored rows
+    included, and read nothing they did not write."""
+    hidden, padded, targets = make_inputs(7, 24, 600, torch.float32, n_ignored=2)
+    targets = targets.clamp_max(499)
+    reference = expected(hidden, padded, targets, n_classes=500, label_smoothing=0.1, lse_square_scale=1e-3)
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    ours = run_ours(hidden, padded, targets, n_classes=500, chunk_size=chunk_size, label_smoothing=0.1,
+                    lse_square_scale=1e-3)
+    monkeypatch.undo()
+    assert_all_close(ours, reference, torch.float32)
+    assert torch.equal(ours[2][500:], torch.zeros_like(ours[2][500:]))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
+def test_gemms_compile_for_hopper_pipelined_without_spills():
+    """The Hopper tiles of the three GEMMs build for sm_90a as warpgroup MMAs (wgmma) fed by 16-byte
+    cp.async copies (software-pipelined loads), without spilling registers: bf16 and fp32 (TF32), with
+    and without a soft cap (the largest epilogue). The row statistics build too."""
+    kernels = {"logits": "_logits_kernel", "grad_hidden": "_grad_hidden_kernel", "grad_weight": "_grad_weight_kernel"}
+    scalars = {"softcap|label_smoothing|lse_square_scale": "fp32"}
+    builds = {}
+    for dtype, operand in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+        for softcap in (False, True):
+            tiles = lce_module.hopper_tiles(dtype)
+            for name, kernel in kernels.items():
+                tile = getattr(tiles, name)
+                constexprs = dict(DOT_PRECISION="tf32", UPCAST_DOT=False, HAS_SOFTCAP=softcap, BLOCK_M=tile.block_m,
+                                  BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, NUM_STAGES=tile.num_stages)
+                constexprs.update({"logits": dict(HAS_SMOOTHING=softcap, STORE_LOGITS=True),
+                                   "grad_weight": dict(ACCUMULATE=softcap)}.get(name, {}))
+                types = {"h_ptr|w_ptr|logits_ptr|grad_h_ptr": operand, "targets_ptr": "*i64", ".*_ptr": "*fp32", **scalars}
+                builds[f"{name} {dtype} softcap={softcap} {tile}"] = Build(
+                    "gpt_kernels.linear_cross_entropy", kernel, constexprs, types, [".*_ptr", "stride_.*row", "width", "n_columns"],
+                    dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+    builds["row statistics"] = Build(
+        "gpt_kernels.linear_cross_entropy", "_row_statistics_kernel",
+        dict(HAS_SMOOTHING=True, HAS_Z_LOSS=True, COMPUTE_GRAD=True, TILE_SCALES=True, BLOCK_T=1024),
+        {"targets_ptr": "*i64", ".*_ptr": "*fp32", **scalars}, [".*_ptr"], dict(num_warps=4))
+    for name, result in compile_for_hopper(builds).items():
+        assert result["stack_frame"] == result["spill_stores"] == 0, (name, result["registers"])
+        if name != "row statistics":
+            assert count(r"wgmma\.mma_async", result["ptx"]) > 0, name
+            assert count(ASYNC_VECTOR_COPY, result["ptx"]) > 0, (name, sorted(set(re.findall(r"cp\.async[^;]*", result["ptx"])))[:3])
 
 
 def test_registered_as_the_triton_op():
