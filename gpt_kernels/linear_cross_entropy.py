@@ -1,5 +1,5 @@
 """The lm_head matmul fused with the cross-entropy loss: ``cross_entropy(hidden @ weight.T, targets)``
-and its gradients, in Triton GEMMs that write the ``(N, V)`` logits once and read them twice.
+and its gradients, in Triton GEMMs that write each ``(N, V)`` logits tile once and read it twice.
 
 Eager PyTorch at GPT-2's loss stage (16·1024 tokens, 50257 classes) materializes the logits in bf16,
 an fp32 copy, the log-softmax and the gradient of each. Here, for each chunk of rows of ``hidden``:
@@ -22,12 +22,11 @@ an fp32 copy, the log-softmax and the gradient of each. Here, for each chunk of 
 That is the three matmuls' FLOPs, ``N·V`` exponentials, and in bf16 ``2·N·V`` bytes written and
 ``4·N·V`` read for the stored tiles: ~5 GB at GPT-2's step. Stored as ``exp(z - tile max)`` in
 (0, 1], each value carries bf16's relative rounding (2^-9) into ``dlogits``, as a stored bf16
-gradient would. The design it replaces (cuBLAS logits, a cross-entropy pass writing
-their gradient over them, cuBLAS gradient matmuls into a per-chunk fp32 accumulator) moved 10.6 GB.
-Keeping the logits on chip entirely, as Cut Cross-Entropy does, costs a fourth GEMM (the backward
-recomputes them) plus either fp32 atomic adds of every tile's ``(rows + classes) × C`` products or an
-on-chip ``rows × C`` accumulator for ``grad_hidden`` (384 KB for 128 rows at C = 768, more than an
-H100 SM's 228 KB of shared memory); see the README's ledger section.
+gradient would. Keeping the logits on chip entirely, as Cut Cross-Entropy does, costs a fourth
+GEMM (the backward recomputes them) plus either fp32 atomic adds of every tile's
+``(rows + classes) × C`` products or an on-chip ``rows × C`` accumulator for ``grad_hidden``
+(384 KB for 128 rows at C = 768, more than an H100 SM's 228 KB of shared memory); see the README's
+ledger section.
 
 The loss, ``grad_hidden`` and ``grad_weight`` all come out of the forward (as in Liger-Kernel's fused
 linear cross-entropy), and the backward only multiplies them by the incoming gradient, in place, for
