@@ -4,7 +4,8 @@ The training setup of GPT-2 small: ``hidden`` (B·T, 768) in fp32 (the final Lay
 the fp32 ``lm_head`` weight (V, 768), under bf16 autocast, for B·T = 8·1024 and 16·1024 tokens and
 V = 50304 (the model passes the 50257 real rows; the padded size is the benchmark's shape).
 Competitors: ``lm_head`` + ``F.cross_entropy`` eager and ``torch.compile``d, Liger-Kernel's fused
-linear cross-entropy if importable, and ours (``chunk_size`` automatic).
+linear cross-entropy if importable, and ours (``chunk_size`` automatic): ``triton`` the default
+variant (logits tiles stored once), ``triton (recompute)`` the one that stores nothing of size N x V.
 
 Each row reports the time, TFLOP/s of the three matmuls a training step needs (logits, d_hidden,
 d_weight: ``6·N·V·C``; the forward alone ``2·N·V·C``) and the peak memory above the inputs.
@@ -17,6 +18,7 @@ What the fused op is for: at N = 16·1024 in bf16, a peak at least 4x below eage
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 
 import torch
@@ -24,6 +26,9 @@ import torch.nn.functional as F
 
 from bench.common import BenchContext, Case, competitors, module_runner, run_standalone
 from gpt_kernels.linear_cross_entropy import linear_cross_entropy
+
+# The module, for its variant switch (gpt_kernels exports the op under the same name).
+lce_module = importlib.import_module("gpt_kernels.linear_cross_entropy")
 
 OP = "linear_cross_entropy"
 GPU_SHAPES = [(8192, 768, 50304), (16384, 768, 50304)]  # (N, C, V)
@@ -41,7 +46,15 @@ def implementations(ctx: BenchContext) -> tuple[dict, list[str]]:
 
         return lambda hidden, weight, targets: liger_fused_linear_cross_entropy(hidden, weight, targets)
 
-    return competitors(ctx, eager_linear_cross_entropy, linear_cross_entropy, {"liger": liger})
+    def recomputed(hidden, weight, targets):
+        # The forward computes the gradients too (the backward only scales them): all under the switch.
+        with lce_module.use_variant("recompute"):
+            return linear_cross_entropy(hidden, weight, targets)
+
+    impls, skipped = competitors(ctx, eager_linear_cross_entropy, linear_cross_entropy, {"liger": liger})
+    if "triton" in impls:
+        impls["triton (recompute)"] = recomputed
+    return impls, skipped
 
 
 def cases(ctx: BenchContext):

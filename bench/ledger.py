@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -65,6 +67,9 @@ from gpt.model import GPT
 from gpt.training import fused_loss_on
 from gpt_kernels import registry
 from gpt_kernels.attention import attention_flops
+
+# The module (gpt_kernels exports the op itself under the same name): its variant switch.
+lce = importlib.import_module("gpt_kernels.linear_cross_entropy")
 
 H100_SXM = {"name": "H100 SXM datasheet figures (no GPU run under bench/results)", "copy_gbps": 3000.0,
             "matmul_tflops": 800.0}
@@ -432,16 +437,22 @@ def ideal_ops(config: GPTConfig, batch_size: int, seq_len: int, dtype: torch.dty
 
 
 def configurations(spec: str) -> list[tuple[str, str]]:
-    """(label, kernel spec) pairs: 'all' (the default) is all off, all on, and each op on alone."""
+    """(label, kernel spec) pairs: 'all' (the default) is all off, all on (with the fused loss's
+    default variant, then its recompute one: 'all:recompute'), and each op on alone."""
     model_ops = [op for op in registry.OPS if op not in ("adamw", "decode_attention") and registry.has_triton(op)]
-    every = [("all off", "none"), ("all on", "all")] + [(f"{op} only", op) for op in model_ops]
+    every = [("all off", "none"), ("all on", "all"), ("all on, loss recomputed", "all:recompute")]
+    every += [(f"{op} only", op) for op in model_ops]
     if spec in ("", "all"):
         return every
     chosen = []
     for name in spec.split(","):
         name = name.strip()
-        label = {"none": "all off", "all": "all on"}.get(name, f"{name} only")
-        registry.parse_kernels(name)  # a ValueError for an unknown op
+        kernels, _, variant = name.partition(":")
+        label = {"none": "all off", "all": "all on"}.get(kernels, f"{kernels} only")
+        registry.parse_kernels(kernels)  # a ValueError for an unknown op
+        if variant:
+            with lce.use_variant(variant):  # a ValueError for an unknown variant
+                label += {"recompute": ", loss recomputed"}.get(variant, f", loss {variant}")
         chosen.append((label, name))
     return chosen
 
@@ -513,7 +524,8 @@ def run_ledger(config: GPTConfig, batch_size: int, seq_len: int, grad_accum: int
         idx = torch.zeros((batch_size, seq_len), dtype=torch.long)
         targets = torch.zeros((batch_size, seq_len), dtype=torch.long)
         for label, spec in configs:
-            with registry.use_kernels(spec):
+            kernels, _, variant = spec.partition(":")
+            with registry.use_kernels(kernels), lce.use_variant(variant or lce.VARIANT):
                 # As the training step: the loss comes back scaled by 1/grad_accum and loss.backward() is called.
                 fused_loss = fused_loss_on("cpu")  # the fake tensors' device, where Triton is assumed to run
                 ops = record_micro_step(lambda: model(idx, targets, check_inputs=False, loss_scale=1 / grad_accum,
@@ -683,7 +695,7 @@ def plot(results: dict, directory: Path, top: int = 10) -> list[str]:
                        f"{row['ratio_to_ideal']:.2f}x ideal")
         axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         figure.tight_layout()
-        name = "ledger-" + row["label"].replace(" ", "-") + ".png"
+        name = "ledger-" + re.sub(r"[^a-z0-9_]+", "-", row["label"].lower()) + ".png"  # a safe file name
         _atomic(directory / name, lambda path: figure.savefig(path, dpi=90))
         plt.close(figure)
         files.append(name)

@@ -22,11 +22,15 @@ an fp32 copy, the log-softmax and the gradient of each. Here, for each chunk of 
 That is the three matmuls' FLOPs, ``N·V`` exponentials, and in bf16 ``2·N·V`` bytes written and
 ``4·N·V`` read for the stored tiles: ~5 GB at GPT-2's step. Stored as ``exp(z - tile max)`` in
 (0, 1], each value carries bf16's relative rounding (2^-9) into ``dlogits``, as a stored bf16
-gradient would. Keeping the logits on chip entirely, as Cut Cross-Entropy does, costs a fourth
-GEMM (the backward recomputes them) plus either fp32 atomic adds of every tile's
-``(rows + classes) × C`` products or an on-chip ``rows × C`` accumulator for ``grad_hidden``
-(384 KB for 128 rows at C = 768, more than an H100 SM's 228 KB of shared memory); see the README's
-ledger section.
+gradient would.
+
+The recompute variant (``GPT_LINEAR_CROSS_ENTROPY=recompute``, ``use_variant``) stores nothing of
+size ``N × V``, as Cut Cross-Entropy does: step 1 keeps its tiles on chip, and one backward kernel,
+``_recomputed_grads_kernel``, computes each logits tile again (a fourth GEMM), makes its ``dlogits``
+and adds both gradients' shares of it with fp32 atomics (so their last bits vary from run to run).
+The other way to keep the logits on chip, a ``rows × C`` accumulator for ``grad_hidden``, does not
+fit (384 KB for 128 rows at C = 768, against an H100 SM's 228 KB). The README's ledger section
+weighs the two variants.
 
 The loss, ``grad_hidden`` and ``grad_weight`` all come out of the forward (as in Liger-Kernel's fused
 linear cross-entropy), and the backward only multiplies them by the incoming gradient, in place, for
@@ -54,12 +58,14 @@ Options, the z-loss return (``return_z_loss=True`` -> ``(loss, z_loss)``), ``che
 input checks are those of ``gpt_kernels.cross_entropy.cross_entropy``.
 
 Public: ``linear_cross_entropy`` (the differentiable custom op ``gpt_triton::linear_cross_entropy``),
-``linear_cross_entropy_reference``, ``choose_chunk_rows``.
+``linear_cross_entropy_reference``, ``choose_chunk_rows``, ``use_variant`` and ``VARIANTS``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,6 +95,33 @@ CHUNK_LOGITS_BYTES = 2 * 2**30
 CHUNK_ROW_MULTIPLE = 128  # whole GEMM tiles
 ROW_ALIGNMENT = 16  # elements: Triton marks a row stride divisible by 16 as aligned
 
+# How the gradient GEMMs get the logits (GPT_LINEAR_CROSS_ENTROPY): "stored" (the default), or
+# "recompute": nothing of size N x V is ever stored (for memory), the backward recomputes each logits
+# tile (a fourth GEMM) and adds both gradients' shares of it with fp32 atomics (not bit-reproducible).
+# The default stays until a GPU times both (bench/bench_linear_cross_entropy.py).
+VARIANTS = ("stored", "recompute")
+
+
+def _checked_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"GPT_LINEAR_CROSS_ENTROPY must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    return variant
+
+
+VARIANT = _checked_variant(os.environ.get("GPT_LINEAR_CROSS_ENTROPY", "stored"))
+
+
+@contextlib.contextmanager
+def use_variant(variant: str):
+    """GPT_LINEAR_CROSS_ENTROPY's choice for the calls made inside the block (the ledger's and the
+    tests' switch)."""
+    global VARIANT
+    before, VARIANT = VARIANT, _checked_variant(variant)
+    try:
+        yield
+    finally:
+        VARIANT = before
+
 
 @dataclass(frozen=True)
 class GemmTile:
@@ -108,6 +141,7 @@ class Tiles:
     logits: GemmTile
     grad_hidden: GemmTile
     grad_weight: GemmTile
+    recompute: GemmTile  # the recompute variant's backward (its logits tile; RECOMPUTE_COLUMNS per atomic step)
 
     def __post_init__(self):
         # The gradient GEMMs read one scale per row and logits tile: their steps over the classes
@@ -124,15 +158,20 @@ def hopper_tiles(dtype: torch.dtype) -> Tiles:
     gradient tile is transposed in registers) and three stages of cp.async pipelining: logits 128x64
     on one warpgroup (its epilogue holds the tile three times: 128x128 spills); the gradient GEMMs
     256 columns wide on two warpgroups, which halves how often each recomputes a gradient tile
-    against 128. Starting points until a GPU times them (bench/bench_linear_cross_entropy.py, against
-    eager, torch.compile and Liger); a retuned entry must pass the sm_90 build test."""
+    against 128; the recompute variant's backward 128x128 (two stages in fp32). Starting points
+    until a GPU times them (bench/bench_linear_cross_entropy.py, against eager, torch.compile and
+    Liger); a retuned entry must pass the sm_90 build test."""
     step = 128 // dtype.itemsize
-    return Tiles(GemmTile(128, 64, step, 4, 3), GemmTile(128, 256, step, 8, 3), GemmTile(64, 256, 32, 8, 3))
+    return Tiles(GemmTile(128, 64, step, 4, 3), GemmTile(128, 256, step, 8, 3), GemmTile(64, 256, 32, 8, 3),
+                 GemmTile(128, 128, step, 8, 3 if dtype.itemsize < 4 else 2))
 
 
 # The interpreter's cost is per program and per step, hardly per element: wide tiles along the
 # classes, one stage. The tests' shapes span several tiles of each GEMM in every direction.
-INTERPRETER_TILES = Tiles(GemmTile(16, 256, 32, 4, 1), GemmTile(16, 32, 256, 4, 1), GemmTile(256, 32, 16, 4, 1))
+INTERPRETER_TILES = Tiles(GemmTile(16, 256, 32, 4, 1), GemmTile(16, 32, 256, 4, 1), GemmTile(256, 32, 16, 4, 1),
+                          GemmTile(16, 256, 32, 4, 1))
+# The recompute variant adds its gradients' shares this many columns at a time (64 spills).
+RECOMPUTE_COLUMNS = 32
 # The row statistics kernel reduces a row's tiles in blocks of at most this many.
 MAX_STATISTICS_BLOCK = 1024
 
@@ -175,6 +214,25 @@ def _column_in_tile(targets, first_class, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _logits_tile(h_ptr, stride_h_row, w_ptr, stride_w_row, rows, classes, n_rows, n_classes, width,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The fp32 ``hidden[rows] @ weight[classes].T`` tile. Rows and classes past the end read a row
+    from the start of their operand instead (wrapped, as in Triton's matmul tutorial), so that the
+    loads are masked along K only; their results are for the caller to drop."""
+    ks = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + (rows % n_rows).to(tl.int64)[:, None] * stride_h_row
+    w_rows = w_ptr + (classes % n_classes).to(tl.int64)[:, None] * stride_w_row
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, width, BLOCK_K, num_stages=NUM_STAGES):
+        k_ok = (k + ks) < width
+        h = tl.load(h_rows + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
+        acc = _mma(h, tl.trans(w), acc, DOT_PRECISION, UPCAST_DOT)
+    return acc
+
+
+@triton.jit
 def _logits_kernel(
     h_ptr, stride_h_row, w_ptr, stride_w_row, logits_ptr, stride_logits_row,
     targets_ptr, stride_targets,
@@ -190,20 +248,10 @@ def _logits_kernel(
     pid_classes = tl.program_id(1)
     rows = pid_rows * BLOCK_M + tl.arange(0, BLOCK_M)
     classes = pid_classes * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     row_ok = rows < n_rows
     class_ok = classes < n_classes
-
-    # Rows and classes past the end read a row from the start of their operand instead (wrapped, as in
-    # Triton's matmul tutorial), so that the loads are masked along K only; their results are dropped.
-    h_rows = h_ptr + (rows % n_rows).to(tl.int64)[:, None] * stride_h_row
-    w_rows = w_ptr + (classes % n_classes).to(tl.int64)[:, None] * stride_w_row
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in tl.range(0, width, BLOCK_K, num_stages=NUM_STAGES):
-        k_ok = (k + ks) < width
-        h = tl.load(h_rows + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
-        acc = _mma(h, tl.trans(w), acc, DOT_PRECISION, UPCAST_DOT)
+    acc = _logits_tile(h_ptr, stride_h_row, w_ptr, stride_w_row, rows, classes, n_rows, n_classes, width,
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT, NUM_STAGES)
 
     # The logits as the compute dtype holds them (what hidden @ weight.T would give): the loss is theirs.
     # What the gradient kernels need is stored when gradients are wanted: exp(z - tile max), in (0, 1],
@@ -213,7 +261,7 @@ def _logits_kernel(
     # end (n_columns), not n_classes, so that they are 16-byte vectors (the columns past n_classes are
     # never read as classes), through a block pointer: a (BLOCK_M, BLOCK_N) tensor of 64-bit addresses
     # spills.
-    x = acc.to(logits_ptr.dtype.element_ty)
+    x = acc.to(h_ptr.dtype.element_ty)  # h is in the compute dtype (the logits buffer may be a placeholder)
     out = tl.make_block_ptr(logits_ptr, (n_rows, n_columns), (stride_logits_row, 1),
                             (pid_rows * BLOCK_M, pid_classes * BLOCK_N), (BLOCK_M, BLOCK_N), (1, 0))
     if STORE_LOGITS and HAS_SOFTCAP:
@@ -322,15 +370,17 @@ def _row_factors(factors_ptr, stride_factors, targets_ptr, stride_targets, rows,
 
 @triton.jit
 def _dlogits(x, first_class, ok, row_max, softmax_factor, tile_scale, target_weight, uniform, targets, softcap,
-             HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """The gradient of a (rows, classes) tile of what _logits_kernel stored, whose classes start at
-    ``first_class``: ``exp(z - tile max)`` to scale by the rows' ``tile_scale``, or under a soft cap
-    the logits themselves. 0 where ``ok`` is false."""
-    if HAS_SOFTCAP:
-        z = soft_cap(x.to(tl.float32), softcap)
+             FROM_LOGITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """The gradient of a (rows, classes) tile whose classes start at ``first_class``, from ``x``: the
+    logits (FROM_LOGITS), or what _logits_kernel stored, ``exp(z - tile max)``, to scale by the rows'
+    ``tile_scale``. 0 where ``ok`` is false."""
+    z = x.to(tl.float32)
+    if FROM_LOGITS:
+        if HAS_SOFTCAP:
+            z = soft_cap(z, softcap)
         softmax = tl.exp(z - row_max[:, None]) * softmax_factor[:, None]
     else:
-        softmax = x.to(tl.float32) * tile_scale[:, None]
+        softmax = z * tile_scale[:, None]
     onehot = tl.arange(0, BLOCK)[None, :] == _column_in_tile(targets, first_class, BLOCK)[:, None]
     grad = softmax - tl.where(onehot, target_weight[:, None], 0.0) - uniform[:, None]
     if HAS_SOFTCAP:
@@ -373,7 +423,7 @@ def _grad_hidden_kernel(
         # The rows' scales of the logits tile these classes lie in (BLOCK_K divides LOGITS_TILE).
         tile_scale = tl.load(tile_scales + k // LOGITS_TILE)
         grad = _dlogits(x, k, class_ok[None, :], row_max, softmax_factor, tile_scale, target_weight, uniform,
-                        targets, softcap, HAS_SOFTCAP, BLOCK_K)
+                        targets, softcap, HAS_SOFTCAP, HAS_SOFTCAP, BLOCK_K)
         acc = _mma(grad.to(w.dtype), w, acc, DOT_PRECISION, UPCAST_DOT)
     tl.store(grad_h_ptr + rows.to(tl.int64)[:, None] * stride_grad_h_row + cols[None, :],
              acc.to(grad_h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -412,13 +462,60 @@ def _grad_weight_kernel(
             tile_scale = tl.load(tile_scale_ptr + rows.to(tl.int64) * n_tiles + first_class // LOGITS_TILE,
                                  mask=row_ok, other=0.0)
             grad = _dlogits(x, first_class, row_ok[:, None] & class_ok[None, :], row_max, softmax_factor,
-                            tile_scale, target_weight, uniform, targets, softcap, HAS_SOFTCAP, BLOCK_M)
+                            tile_scale, target_weight, uniform, targets, softcap, HAS_SOFTCAP, HAS_SOFTCAP, BLOCK_M)
             acc = _mma(tl.trans(grad.to(h.dtype)), h, acc, DOT_PRECISION, UPCAST_DOT)
     out = grad_w_ptr + classes.to(tl.int64)[:, None] * stride_grad_w_row + cols[None, :]
     out_mask = (classes < n_weight_rows)[:, None] & col_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(out, mask=out_mask, other=0.0)
     tl.store(out, acc.to(grad_w_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _recomputed_grads_kernel(
+    h_ptr, stride_h_row, w_ptr, stride_w_row, grad_h_ptr, grad_w_ptr,
+    targets_ptr, stride_targets, factors_ptr, stride_factors,
+    n_rows, n_classes, width, softcap,
+    HAS_SOFTCAP: tl.constexpr, WANT_HIDDEN: tl.constexpr, WANT_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """The recompute variant's backward, one (rows, classes) tile per program: the logits tile again,
+    its dlogits, then both gradients' shares of it, added with fp32 atomics into ``grad_h`` (N, C)
+    and ``grad_w`` (V, C), both contiguous fp32 and zeroed. Row blocks are the fast grid axis, so the
+    programs resident at once update one block of grad_w rows, which stays in L2."""
+    pid_rows = tl.program_id(0)
+    pid_classes = tl.program_id(1)
+    rows = pid_rows * BLOCK_M + tl.arange(0, BLOCK_M)
+    classes = pid_classes * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    class_ok = classes < n_classes
+    acc = _logits_tile(h_ptr, stride_h_row, w_ptr, stride_w_row, rows, classes, n_rows, n_classes, width,
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT, NUM_STAGES)
+    row_max, softmax_factor, target_weight, uniform, targets = _row_factors(
+        factors_ptr, stride_factors, targets_ptr, stride_targets, rows, row_ok)
+    x = acc.to(h_ptr.dtype.element_ty)  # the logits as the forward's statistics saw them
+    grad = _dlogits(x, pid_classes * BLOCK_N, row_ok[:, None] & class_ok[None, :], row_max, softmax_factor,
+                    softmax_factor, target_weight, uniform, targets, softcap, True, HAS_SOFTCAP, BLOCK_N)
+    grad = grad.to(h_ptr.dtype.element_ty)
+    rows64 = rows.to(tl.int64)[:, None]
+    classes64 = classes.to(tl.int64)[:, None]
+    for start in range(0, width, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        col_ok = cols < width
+        if WANT_HIDDEN:
+            w = tl.load(w_ptr + classes64 * stride_w_row + cols[None, :], mask=class_ok[:, None] & col_ok[None, :],
+                        other=0.0)
+            grad_h = _mma(grad, w, tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), DOT_PRECISION, UPCAST_DOT)
+            tl.atomic_add(grad_h_ptr + rows64 * width + cols[None, :], grad_h, mask=row_ok[:, None] & col_ok[None, :],
+                          sem="relaxed")
+        if WANT_WEIGHT:
+            h = tl.load(h_ptr + rows64 * stride_h_row + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0)
+            grad_w = _mma(tl.trans(grad), h, tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32), DOT_PRECISION,
+                          UPCAST_DOT)
+            tl.atomic_add(grad_w_ptr + classes64 * width + cols[None, :], grad_w,
+                          mask=class_ok[:, None] & col_ok[None, :], sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -464,9 +561,16 @@ def _loss_and_grads(
         chunk_size = choose_chunk_rows(n_rows, n_classes, compute_dtype, device)
     chunk_size = min(chunk_size, n_rows)
     n_chunks = cdiv(n_rows, chunk_size)
+    recompute = compute_grad and VARIANT == "recompute"
     grad_weight = None
     if compute_grad and want_grad_weight:  # written by the kernel in weight's dtype, or accumulated in fp32
-        grad_weight = torch.empty(weight.shape, dtype=weight.dtype if n_chunks == 1 else torch.float32, device=device)
+        if recompute:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+        else:
+            grad_weight = torch.empty(weight.shape, dtype=weight.dtype if n_chunks == 1 else torch.float32,
+                                      device=device)
+    if recompute and want_grad_hidden:  # the atomics add into fp32, grad_hidden's too
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device)
 
     # Our own autocast-free region: the op decides its dtypes itself (compute_dtype).
     with torch.autocast(device.type, enabled=False):
@@ -487,7 +591,8 @@ def _loss_and_grads(
     # One set of buffers for every chunk. The logits' rows start on 16-element boundaries (GPT-2's
     # 50257 classes are stored in 50272 columns), so that their tiles load as 16-byte vectors.
     row_stride = cdiv(n_classes, ROW_ALIGNMENT) * ROW_ALIGNMENT
-    logits = torch.empty((chunk_size, row_stride), dtype=compute_dtype, device=device) if compute_grad else loss_rows
+    store = compute_grad and not recompute
+    logits = torch.empty((chunk_size, row_stride), dtype=compute_dtype, device=device) if store else loss_rows
 
     def per_tile() -> torch.Tensor:
         return torch.empty((chunk_size, n_tiles), dtype=torch.float32, device=device)
@@ -502,11 +607,11 @@ def _loss_and_grads(
         h_chunk, chunk_targets = h[start:stop], targets[start:stop]
         target_z.fill_(float("nan"))
         _logits_kernel[(cdiv(rows, tiles.logits.block_m), n_tiles)](
-            h_chunk, h_chunk.stride(0), w, w.stride(0), logits, logits.stride(0) if compute_grad else 0,
+            h_chunk, h_chunk.stride(0), w, w.stride(0), logits, logits.stride(0) if store else 0,
             chunk_targets, chunk_targets.stride(0),
             tile_max, tile_sum, tile_sum_z, target_z, n_tiles,
             rows, n_classes, row_stride, width, softcap_value,
-            HAS_SMOOTHING=label_smoothing > 0, STORE_LOGITS=compute_grad, **launch(tiles.logits),
+            HAS_SMOOTHING=label_smoothing > 0, STORE_LOGITS=store, **launch(tiles.logits),
         )
         chunk_scale, stride_scale = loss_rows, 0  # a placeholder without gradients
         if compute_grad:
@@ -518,9 +623,19 @@ def _loss_and_grads(
             loss_rows[start:stop], z_loss_rows[start:stop], factors, factors.stride(0) if compute_grad else 0,
             n_classes, ignore_index, float(label_smoothing), float(lse_square_scale),
             HAS_SMOOTHING=label_smoothing > 0, HAS_Z_LOSS=lse_square_scale > 0, COMPUTE_GRAD=compute_grad,
-            TILE_SCALES=compute_grad and softcap is None, BLOCK_T=statistics_block, num_warps=4,
+            TILE_SCALES=store and softcap is None, BLOCK_T=statistics_block, num_warps=4,
         )
         if not compute_grad:
+            continue
+        if recompute:
+            tile = tiles.recompute
+            _recomputed_grads_kernel[(cdiv(rows, tile.block_m), cdiv(n_classes, tile.block_n))](
+                h_chunk, h_chunk.stride(0), w, w.stride(0),
+                grad_hidden[start:stop] if grad_hidden is not None else loss_rows, grad_weight if grad_weight is not None
+                else loss_rows, chunk_targets, chunk_targets.stride(0), factors, factors.stride(0),
+                rows, n_classes, width, softcap_value, WANT_HIDDEN=grad_hidden is not None,
+                WANT_WEIGHT=grad_weight is not None, BLOCK_C=RECOMPUTE_COLUMNS, **launch(tile),
+            )
             continue
         if grad_hidden is not None:
             out, tile = grad_hidden[start:stop], tiles.grad_hidden
@@ -540,6 +655,8 @@ def _loss_and_grads(
             )
     if grad_weight is not None and grad_weight.dtype != weight.dtype:
         grad_weight = grad_weight.to(weight.dtype)
+    if grad_hidden is not None and grad_hidden.dtype != hidden.dtype:
+        grad_hidden = grad_hidden.to(hidden.dtype)
     return loss_rows, z_loss_rows, grad_hidden, grad_weight
 
 
@@ -685,7 +802,10 @@ def _engine_cost(hidden, weight, targets, label_smoothing, softcap, compute_dtyp
                  want_hidden: bool, want_weight: bool, per_row_scale: bool):
     """Bytes and FLOPs of ``_loss_and_grads`` on a GPU (Hopper tiles), kernel by kernel. Operands
     shared by the programs resident at once are counted once per such wave (the grid orders say which):
-    the weight once per chunk in the logits GEMM and once per wave in grad_hidden's, hidden once."""
+    the weight once per chunk in the logits GEMM and once per wave in grad_hidden's, hidden once. The
+    recompute variant's fp32 atomics are counted as the accumulators they reach in HBM (zeroed, then
+    read and written once each, the block of rows being updated staying in L2), not as the
+    ``2·N·V·C / 128`` adds that go to L2."""
     (n, c), v_rows, a = hidden.shape, weight.shape[0], compute_dtype.itemsize
     v = n_classes if n_classes > 0 else v_rows
     tiles = hopper_tiles(compute_dtype)
@@ -698,6 +818,9 @@ def _engine_cost(hidden, weight, targets, label_smoothing, softcap, compute_dtyp
         if t.dtype != compute_dtype:
             read, written = read + registry.tensor_bytes(t), written + t.numel() * a
     with_grads = want_hidden or want_weight
+    recompute = with_grads and VARIANT == "recompute"
+    if recompute:
+        stored = 0
     partials = (3 if label_smoothing > 0 else 2) * per_tile
     # The logits GEMM: hidden once, the weight once per chunk, the targets; the partials, the target
     # logits (NaN-filled first) and, with gradients, the stored tiles. The row statistics read the
@@ -706,10 +829,21 @@ def _engine_cost(hidden, weight, targets, label_smoothing, softcap, compute_dtyp
     written += partials + 2 * n * f32 + (stored if with_grads else 0)
     read += partials + n * f32 + registry.tensor_bytes(targets) + (n * f32 if per_row_scale else 0)
     written += 2 * n * f32 + (4 * n * f32 if with_grads else 0)
-    scales = per_tile if with_grads and softcap is None else 0
+    scales = per_tile if with_grads and not recompute and softcap is None else 0
     read, written = read + scales, written + scales
     flops = 2 * n * v * c
     row_factors = 4 * n * f32 + registry.tensor_bytes(targets) + scales
+    if recompute:  # the logits again (hidden and the weight once each), then the atomics
+        read += n * c * a + v * c * a + row_factors
+        flops += 2 * n * v * c
+        for wanted, t, rows in ((want_hidden, hidden, n), (want_weight, weight, v_rows)):
+            if wanted:
+                accumulator = rows * c * f32
+                read, written = read + accumulator, written + 2 * accumulator
+                flops += 2 * n * v * c
+                if t.dtype != torch.float32:
+                    read, written = read + accumulator, written + registry.tensor_bytes(t)
+        return read, written, flops
     if want_hidden:
         tile = tiles.grad_hidden
         programs = cdiv(chunk, tile.block_m) * cdiv(c, tile.block_n)
@@ -871,4 +1005,13 @@ def linear_cross_entropy_reference(
     return (result[0] * loss_scale, result[1]) if return_z_loss else result * loss_scale
 
 
-registry.register("linear_cross_entropy", reference=linear_cross_entropy_reference, triton=linear_cross_entropy)
+def variant_note() -> str:
+    """The registry report's word on which variant runs (GPT_LINEAR_CROSS_ENTROPY)."""
+    if VARIANT == "recompute":
+        return ("logits recomputed in the backward (4 GEMMs, fp32 atomics, not bit-reproducible; "
+                "GPT_LINEAR_CROSS_ENTROPY=recompute)")
+    return "logits stored once (3 GEMMs; GPT_LINEAR_CROSS_ENTROPY=recompute stores nothing)"
+
+
+registry.register("linear_cross_entropy", reference=linear_cross_entropy_reference, triton=linear_cross_entropy,
+                  note=variant_note)

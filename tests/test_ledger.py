@@ -123,6 +123,23 @@ def test_gpt_step_ledger_totals_add_up_and_kernels_move_less():
     assert "aten._scaled_dot_product_flash_attention_for_cpu" not in names
 
 
+def test_recomputed_loss_moves_less_and_computes_more():
+    """'all:recompute' runs the fused loss's recompute variant: no (N, V) tile stored (6 bytes per
+    logit in bf16: written, read twice), one more GEMM, and fp32 atomics into gradient accumulators
+    (V x C zeroed, read and written: 8 bytes per weight element more than writing it once). With more
+    rows than 4/3 of the width it moves less: here 512 rows of width 128."""
+    configs = ledger.configurations("all,all:recompute")
+    assert [label for label, _ in configs] == ["all on", "all on, loss recomputed"]
+    config = preset("tiny", n_layer=2, block_size=64)
+    results = ledger.run_ledger(config, batch_size=8, seq_len=64, grad_accum=4, configs=configs)
+    stored, recomputed = (row["micro_step"] for row in results["configs"])
+    n, v, c = 8 * 64, config.padded_vocab_size, config.n_embd
+    assert recomputed["flops"] - stored["flops"] == pytest.approx(2 * n * v * c, rel=0.01)
+    assert recomputed["bytes"] < stored["bytes"] - (6 * n - 8 * c) * v * 0.9
+    with pytest.raises(ValueError, match="GPT_LINEAR_CROSS_ENTROPY"):
+        ledger.configurations("all:nonsense")
+
+
 def test_ledger_command_writes_json_markdown_and_plots(tmp_path):
     out = tmp_path / "ledger"
     result = subprocess.run(

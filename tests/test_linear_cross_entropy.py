@@ -5,10 +5,12 @@ Loss, ``d_hidden`` and ``d_weight`` for chunk sizes that do and do not divide N,
 bf16 autocast (on the CPU too: the interpreter's ``tl.dot`` takes the bf16 operands widened to
 fp32, the same products), frozen inputs, buffers poisoned before the kernels run, and the GEMMs'
 sm_90 builds. The contract table adds opcheck, torch.compile and the GPT model; the GPU adds GPT-2
-sizes and peak memory.
+sizes and peak memory. Every numerical test runs both variants (the logits stored once, or recomputed
+in the backward with atomics).
 """
 
 
+import contextlib
 import importlib
 import re
 
@@ -29,6 +31,13 @@ from compare import FLOAT_DTYPES, assert_close
 lce_module = importlib.import_module("gpt_kernels.linear_cross_entropy")
 
 ALL_OPTIONS = {"label_smoothing": 0.1, "lse_square_scale": 1e-3, "softcap": 20.0}
+
+
+@pytest.fixture(params=lce_module.VARIANTS)
+def variant(request):
+    """Each variant of the op (GPT_LINEAR_CROSS_ENTROPY): the logits stored once, or recomputed."""
+    with lce_module.use_variant(request.param):
+        yield request.param
 
 
 def make_inputs(n_rows, width, n_classes, dtype, n_ignored=1):
@@ -72,7 +81,7 @@ CHUNK_CASES = [(8, 32, 1000, 4), (7, 32, 1000, 3), (5, 16, 1000, 1), (7, 32, 100
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("n_rows, width, n_classes, chunk_size", CHUNK_CASES, ids=str)
-def test_chunks_match_full_logits(n_rows, width, n_classes, chunk_size, dtype):
+def test_chunks_match_full_logits(n_rows, width, n_classes, chunk_size, dtype, variant):
     hidden, weight, targets = make_inputs(n_rows, width, n_classes, dtype)
     ours = run_ours(hidden, weight, targets, chunk_size=chunk_size)
     assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == dtype
@@ -86,7 +95,7 @@ def test_chunks_match_full_logits(n_rows, width, n_classes, chunk_size, dtype):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", ["plain", "all"])
-def test_every_reduction_and_option(reduction, options):
+def test_every_reduction_and_option(reduction, options, variant):
     hidden, weight, targets = make_inputs(7, 24, 500, torch.float32, n_ignored=2)
     kwargs = dict(reduction=reduction, **(ALL_OPTIONS if options == "all" else {}))
     upstream = torch.rand(7, device=DEVICE) + 0.5 if reduction == "none" else torch.tensor(0.37, device=DEVICE)
@@ -106,7 +115,7 @@ def test_z_loss_is_returned_for_logging():
 
 @pytest.mark.gpu_smoke
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bf16_autocast(reduction):
+def test_bf16_autocast(reduction, variant):
     """The model's training call: fp32 hidden and weight under bf16 autocast. The matmuls run in bf16
     (like ``hidden @ weight.T`` under autocast), the loss is fp32, each gradient has its input's dtype."""
     hidden, weight, targets = make_inputs(9, 64, 1000, torch.float32)
@@ -124,7 +133,7 @@ def test_bf16_autocast(reduction):
         assert_close(ours, ref, torch.bfloat16, name)
 
 
-def test_frozen_inputs_and_no_grad():
+def test_frozen_inputs_and_no_grad(variant):
     hidden, weight, targets = make_inputs(6, 16, 200, torch.float32)
     loss_ref, dh_ref, dw_ref = expected(hidden, weight, targets)
     h = hidden.clone().requires_grad_()
@@ -139,7 +148,23 @@ def test_frozen_inputs_and_no_grad():
     assert_close(loss, loss_ref, torch.float32, "loss", factor=2)
 
 
-def test_all_rows_ignored_and_empty_batch():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_loss_alone_rounds_the_logits_as_training_does(dtype, variant):
+    """Without gradients nothing is stored, and the loss is still that of the logits rounded to the
+    compute dtype, bit for bit the training call's (bf16 under autocast: widened operands in the
+    interpreter)."""
+    hidden, weight, targets = make_inputs(9, 32, 700, torch.float32)
+    autocast = torch.autocast(DEVICE, dtype=dtype) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    if dtype != torch.bfloat16:
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    with autocast:
+        trained = linear_cross_entropy(hidden.clone().requires_grad_(), weight, targets, label_smoothing=0.1)
+        with torch.no_grad():
+            evaluated = linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1)
+    assert torch.equal(trained.detach(), evaluated)
+
+
+def test_all_rows_ignored_and_empty_batch(variant):
     hidden, weight, targets = make_inputs(5, 16, 100, torch.float32)
     for reduction in ("mean", "sum", "none"):
         loss, dh, dw = run_ours(hidden, weight, torch.full_like(targets, -100), reduction=reduction, chunk_size=2)
@@ -162,7 +187,7 @@ def test_model_weight_slice_int32_and_strided_targets():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_padding_rows_masked(reduction):
+def test_padding_rows_masked(reduction, variant):
     """The model passes its whole padded table with ``n_classes``: the padding rows' logits stay out
     of the loss and their gradient is exactly zero; the rest equals the loss over ``weight[:n_classes]``."""
     hidden, padded, targets = make_inputs(7, 16, 1024, torch.float32)
@@ -178,7 +203,7 @@ def test_padding_rows_masked(reduction):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_loss_scale_folded_into_the_forward(dtype, reduction):
+def test_loss_scale_folded_into_the_forward(dtype, reduction, variant):
     """``loss_scale`` returns the scaled loss with the scaled gradients (folded into the forward's
     gradients; in fp16 applied by the backward, like the mean's 1/n), as ``loss * loss_scale`` would."""
     hidden, weight, targets = make_inputs(7, 16, 300, dtype)
@@ -213,7 +238,7 @@ def test_chunk_count_follows_the_budget(monkeypatch):
 
 @pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPT-2-sized logits and peak memory need CUDA")
-def test_gpt2_loss_stage_memory_and_values():
+def test_gpt2_loss_stage_memory_and_values(variant):
     """At GPT-2's loss stage (16·1024 tokens, C = 768, V = 50257, bf16 autocast): the values agree
     with lm_head + F.cross_entropy, and the peak memory is at least 4x lower."""
     hidden, weight, targets = make_inputs(16384, 768, 50257, torch.float32)
@@ -247,7 +272,7 @@ def test_gpt_model_peak_memory_lower_with_the_fused_loss():
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
-def test_fresh_buffers_poisoned(monkeypatch, chunk_size):
+def test_fresh_buffers_poisoned(monkeypatch, chunk_size, variant):
     """Every buffer the op allocates starts as NaN (logits, per-tile statistics, gradient factors and
     both gradients): the kernels must write every element they return, padding rows and ignored rows
     included, and read nothing they did not write."""
@@ -270,10 +295,12 @@ def test_fresh_buffers_poisoned(monkeypatch, chunk_size):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
 def test_gemms_compile_for_hopper_pipelined_without_spills():
-    """The Hopper tiles of the three GEMMs build for sm_90a as warpgroup MMAs (wgmma) fed by 16-byte
+    """The Hopper tiles of the GEMMs build for sm_90a as warpgroup MMAs (wgmma) fed by 16-byte
     cp.async copies (software-pipelined loads), without spilling registers: bf16 and fp32 (TF32), with
-    and without a soft cap (the largest epilogue). The row statistics build too."""
-    kernels = {"logits": "_logits_kernel", "grad_hidden": "_grad_hidden_kernel", "grad_weight": "_grad_weight_kernel"}
+    and without a soft cap (the largest epilogue). The recompute variant's atomics are vector
+    adds (atom.global...add.v4.f32), not one per element. The row statistics build too."""
+    kernels = {"logits": "_logits_kernel", "grad_hidden": "_grad_hidden_kernel", "grad_weight": "_grad_weight_kernel",
+               "recompute": "_recomputed_grads_kernel"}
     scalars = {"softcap|label_smoothing|lse_square_scale": "fp32"}
     builds = {}
     for dtype, operand in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
@@ -284,7 +311,10 @@ def test_gemms_compile_for_hopper_pipelined_without_spills():
                 constexprs = dict(DOT_PRECISION="tf32", UPCAST_DOT=False, HAS_SOFTCAP=softcap, BLOCK_M=tile.block_m,
                                   BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, NUM_STAGES=tile.num_stages)
                 constexprs.update({"logits": dict(HAS_SMOOTHING=softcap, STORE_LOGITS=True),
-                                   "grad_weight": dict(ACCUMULATE=softcap)}.get(name, {}))
+                                   "grad_weight": dict(ACCUMULATE=softcap, LOGITS_TILE=tiles.logits.block_n),
+                                   "grad_hidden": dict(LOGITS_TILE=tiles.logits.block_n),
+                                   "recompute": dict(WANT_HIDDEN=True, WANT_WEIGHT=True,
+                                                     BLOCK_C=lce_module.RECOMPUTE_COLUMNS)}[name])
                 types = {"h_ptr|w_ptr|logits_ptr|grad_h_ptr": operand, "targets_ptr": "*i64", ".*_ptr": "*fp32", **scalars}
                 builds[f"{name} {dtype} softcap={softcap} {tile}"] = Build(
                     "gpt_kernels.linear_cross_entropy", kernel, constexprs, types, [".*_ptr", "stride_.*row", "width", "n_columns"],
@@ -298,6 +328,8 @@ def test_gemms_compile_for_hopper_pipelined_without_spills():
         if name != "row statistics":
             assert count(r"wgmma\.mma_async", result["ptx"]) > 0, name
             assert count(ASYNC_VECTOR_COPY, result["ptx"]) > 0, (name, sorted(set(re.findall(r"cp\.async[^;]*", result["ptx"])))[:3])
+        if name.startswith("recompute"):
+            assert count(r"(?:red|atom)\.global[^;]*\.add\.v[24]\.f32", result["ptx"]) > 0, name
 
 
 def test_registered_as_the_triton_op():
