@@ -214,12 +214,17 @@ def _column_in_tile(targets, first_class, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(h_ptr, stride_h_row, w_ptr, stride_w_row, rows, classes, n_rows, n_classes, width,
+def _logits_tile(h_ptr, stride_h_row, w_ptr, stride_w_row, n_rows, n_classes, width,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """The fp32 ``hidden[rows] @ weight[classes].T`` tile. Rows and classes past the end read a row
-    from the start of their operand instead (wrapped, as in Triton's matmul tutorial), so that the
-    loads are masked along K only; their results are for the caller to drop."""
+    """This program's fp32 ``hidden[rows] @ weight[classes].T`` tile, with ``rows``, ``classes`` and
+    their masks: program (i, j) takes row block i and class block j. Row blocks are the fast grid
+    axis, so the programs resident at once share one block of classes: each weight tile comes from
+    HBM about once, while hidden (25 MB at GPT-2) stays in L2. Rows and classes past the end read a
+    row from the start of their operand instead (wrapped, as in Triton's matmul tutorial), so that
+    the loads are masked along K only; their results are for the caller to drop."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    classes = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + (rows % n_rows).to(tl.int64)[:, None] * stride_h_row
     w_rows = w_ptr + (classes % n_classes).to(tl.int64)[:, None] * stride_w_row
@@ -229,7 +234,7 @@ def _logits_tile(h_ptr, stride_h_row, w_ptr, stride_w_row, rows, classes, n_rows
         h = tl.load(h_rows + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
         w = tl.load(w_rows + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
         acc = _mma(h, tl.trans(w), acc, DOT_PRECISION, UPCAST_DOT)
-    return acc
+    return acc, rows, classes, rows < n_rows, classes < n_classes
 
 
 @triton.jit
@@ -242,16 +247,10 @@ def _logits_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # Row blocks are the fast grid axis: the programs resident at once share one block of classes,
-    # so each weight tile comes from HBM about once, while hidden (25 MB at GPT-2) stays in L2.
-    pid_rows = tl.program_id(0)
-    pid_classes = tl.program_id(1)
-    rows = pid_rows * BLOCK_M + tl.arange(0, BLOCK_M)
-    classes = pid_classes * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    class_ok = classes < n_classes
-    acc = _logits_tile(h_ptr, stride_h_row, w_ptr, stride_w_row, rows, classes, n_rows, n_classes, width,
-                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT, NUM_STAGES)
+    acc, rows, classes, row_ok, class_ok = _logits_tile(
+        h_ptr, stride_h_row, w_ptr, stride_w_row, n_rows, n_classes, width,
+        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT, NUM_STAGES)
+    pid_rows, pid_classes = tl.program_id(0), tl.program_id(1)
 
     # The logits as the compute dtype holds them (what hidden @ weight.T would give): the loss is theirs.
     # What the gradient kernels need is stored when gradients are wanted: exp(z - tile max), in (0, 1],
@@ -484,18 +483,13 @@ def _recomputed_grads_kernel(
     its dlogits, then both gradients' shares of it, added with fp32 atomics into ``grad_h`` (N, C)
     and ``grad_w`` (V, C), both contiguous fp32 and zeroed. Row blocks are the fast grid axis, so the
     programs resident at once update one block of grad_w rows, which stays in L2."""
-    pid_rows = tl.program_id(0)
-    pid_classes = tl.program_id(1)
-    rows = pid_rows * BLOCK_M + tl.arange(0, BLOCK_M)
-    classes = pid_classes * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    class_ok = classes < n_classes
-    acc = _logits_tile(h_ptr, stride_h_row, w_ptr, stride_w_row, rows, classes, n_rows, n_classes, width,
-                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT, NUM_STAGES)
+    acc, rows, classes, row_ok, class_ok = _logits_tile(
+        h_ptr, stride_h_row, w_ptr, stride_w_row, n_rows, n_classes, width,
+        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT, NUM_STAGES)
     row_max, softmax_factor, target_weight, uniform, targets = _row_factors(
         factors_ptr, stride_factors, targets_ptr, stride_targets, rows, row_ok)
     x = acc.to(h_ptr.dtype.element_ty)  # the logits as the forward's statistics saw them
-    grad = _dlogits(x, pid_classes * BLOCK_N, row_ok[:, None] & class_ok[None, :], row_max, softmax_factor,
+    grad = _dlogits(x, tl.program_id(1) * BLOCK_N, row_ok[:, None] & class_ok[None, :], row_max, softmax_factor,
                     softmax_factor, target_weight, uniform, targets, softcap, True, HAS_SOFTCAP, BLOCK_N)
     grad = grad.to(h_ptr.dtype.element_ty)
     rows64 = rows.to(tl.int64)[:, None]
