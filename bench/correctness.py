@@ -16,6 +16,7 @@ process pool, so every Triton variant the checks need is compiled before they ar
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ from gpt_kernels.tolerances import (
     fresh_buffers_poisoned,
     relative_error,
 )
+
+# The module, for the fused loss's variant switch (gpt_kernels exports the op under the same name).
+lce_module = importlib.import_module("gpt_kernels.linear_cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -225,21 +229,29 @@ def _linear_cross_entropy(s: Shapes, dtype, device, _):
                   weight=_randn(s.vocab, s.width, device=device, dtype=dtype, scale=3.0 / math.sqrt(s.width)),
                   targets=_targets(n, s.vocab, device))
     names = ("hidden", "weight")
+    # Both variants (the logits stored once; recomputed with atomics), the second's rows suffixed.
+    suffixes = {variant: "" if variant == "stored" else f" ({variant})" for variant in lce_module.VARIANTS}
 
     def kernel(t):
-        t = _leaves(t, names)
-        loss = linear_cross_entropy(t["hidden"], t["weight"], t["targets"])
-        loss.backward()
-        return {"loss": loss, **_grads(t, names)}
+        out = {}
+        for variant, suffix in suffixes.items():
+            with lce_module.use_variant(variant):
+                leaves = _leaves(t, names)
+                loss = linear_cross_entropy(leaves["hidden"], leaves["weight"], leaves["targets"])
+                loss.backward()
+            out.update({f"{name}{suffix}": value for name, value in {"loss": loss, **_grads(leaves, names)}.items()})
+        return out
 
     def reference(t):
         t = _leaves(t, names, double=True)
         loss = linear_cross_entropy_reference(t["hidden"], t["weight"], t["targets"])
         loss.backward()
-        return {"loss": loss, **_grads(t, names)}
+        expected = {"loss": loss, **_grads(t, names)}
+        return {f"{name}{suffix}": value for suffix in suffixes.values() for name, value in expected.items()}
 
-    return inputs, kernel, reference, {"loss": (dtype, LOSS_FACTOR), "dhidden": (dtype, LONG_SUM_FACTOR),
-                                       "dweight": (dtype, LONG_SUM_FACTOR)}
+    tolerances = {"loss": (dtype, LOSS_FACTOR), "dhidden": (dtype, LONG_SUM_FACTOR), "dweight": (dtype, LONG_SUM_FACTOR)}
+    return inputs, kernel, reference, {f"{name}{suffix}": tolerance for suffix in suffixes.values()
+                                       for name, tolerance in tolerances.items()}
 
 
 def _adamw(s: Shapes, dtype, device, _):
