@@ -545,10 +545,8 @@ def _loss_and_grads(
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
     z_loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
     compute_grad = grad_scale is not None and (want_grad_hidden or want_grad_weight)
-    grad_hidden = None
-    if compute_grad and want_grad_hidden:
-        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     if n_rows == 0:
+        grad_hidden = torch.empty_like(hidden) if compute_grad and want_grad_hidden else None
         grad_weight = torch.zeros_like(weight) if compute_grad and want_grad_weight else None
         return loss_rows, z_loss_rows, grad_hidden, grad_weight
     if chunk_size <= 0:
@@ -556,15 +554,18 @@ def _loss_and_grads(
     chunk_size = min(chunk_size, n_rows)
     n_chunks = cdiv(n_rows, chunk_size)
     recompute = compute_grad and VARIANT == "recompute"
-    grad_weight = None
-    if compute_grad and want_grad_weight:  # written by the kernel in weight's dtype, or accumulated in fp32
+    # The gradients: written once by their kernels in their inputs' dtypes, or accumulated in fp32 (by
+    # grad_weight's kernel over several chunks; by the recompute variant's atomics) and cast at the end.
+    grad_hidden = grad_weight = None
+    if compute_grad and want_grad_hidden:
+        grad_hidden = (torch.zeros(hidden.shape, dtype=torch.float32, device=device) if recompute
+                       else torch.empty_like(hidden, memory_format=torch.contiguous_format))
+    if compute_grad and want_grad_weight:
         if recompute:
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
         else:
             grad_weight = torch.empty(weight.shape, dtype=weight.dtype if n_chunks == 1 else torch.float32,
                                       device=device)
-    if recompute and want_grad_hidden:  # the atomics add into fp32, grad_hidden's too
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device)
 
     # Our own autocast-free region: the op decides its dtypes itself (compute_dtype).
     with torch.autocast(device.type, enabled=False):
@@ -621,12 +622,13 @@ def _loss_and_grads(
         )
         if not compute_grad:
             continue
-        if recompute:
+        if recompute:  # a gradient not wanted gets a placeholder pointer the kernel never touches
             tile = tiles.recompute
+            grad_h_chunk = grad_hidden[start:stop] if grad_hidden is not None else loss_rows
             _recomputed_grads_kernel[(cdiv(rows, tile.block_m), cdiv(n_classes, tile.block_n))](
-                h_chunk, h_chunk.stride(0), w, w.stride(0),
-                grad_hidden[start:stop] if grad_hidden is not None else loss_rows, grad_weight if grad_weight is not None
-                else loss_rows, chunk_targets, chunk_targets.stride(0), factors, factors.stride(0),
+                h_chunk, h_chunk.stride(0), w, w.stride(0), grad_h_chunk,
+                grad_weight if grad_weight is not None else loss_rows,
+                chunk_targets, chunk_targets.stride(0), factors, factors.stride(0),
                 rows, n_classes, width, softcap_value, WANT_HIDDEN=grad_hidden is not None,
                 WANT_WEIGHT=grad_weight is not None, BLOCK_C=RECOMPUTE_COLUMNS, **launch(tile),
             )
